@@ -246,19 +246,20 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_hf(self) -> dict[str, Any]:
-        """The `config.json` dict (published DeepSeek layout; transformers reads it)."""
+    def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """The `config.json` dict (published DeepSeek layout; transformers reads it); `dtype`
+        names the dtype of the weights stored beside it (transformers loads in that dtype)."""
         d = self.to_dict()
         v2 = self.scoring_func == "softmax"
         d["model_type"] = "deepseek_v2" if v2 else "deepseek_v3"
         d["architectures"] = ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"]
         d["num_key_value_heads"] = self.num_attention_heads
         d["moe_layer_freq"] = 1
-        d["torch_dtype"] = "bfloat16"
+        d["torch_dtype"] = dtype
         return d
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+    def save(self, path: str | Path, dtype: str = "bfloat16") -> None:
+        Path(path).write_text(json.dumps(self.to_hf(dtype), indent=2) + "\n")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

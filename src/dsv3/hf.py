@@ -1,0 +1,253 @@
+"""Hugging Face checkpoint interop: the one place where dsv3 names meet checkpoint names.
+
+dsv3 modules already use the checkpoint's names inside a layer (self_attn.q_a_proj,
+mlp.gate.e_score_correction_bias, ...). What differs is a table:
+
+    dsv3                                  HF / DeepSeek checkpoint
+    embed_tokens.weight                   model.embed_tokens.weight
+    layers.{i}.<name>                     model.layers.{i}.<name>
+    norm.weight                           model.norm.weight
+    lm_head.weight                        lm_head.weight
+    ...mlp.experts.gate_up_proj [E,2I,H]  ...mlp.experts.{e}.gate_proj.weight [I,H] + up_proj.weight
+    ...mlp.experts.down_proj    [E,H,I]   ...mlp.experts.{e}.down_proj.weight [H,I]
+    mtp.{k}.<name>                        model.layers.{num_hidden_layers + k}.<name>
+    (shared with the main model)          model.layers.{L+k}.embed_tokens.weight, .shared_head.head.weight
+
+The MTP layer is exported with its copies of embedding and head, as in the released
+checkpoint (converters that drop `model.layers.61` lose it). A checkpoint without MTP weights
+(transformers' save_pretrained omits them) loads with freshly initialized MTP modules.
+
+DeepSeek's FP8 release stores Linear weights as float8_e4m3fn [out, in] with a float32
+`weight_scale_inv` [ceil(out/128), ceil(in/128)]; the real weight is block * scale. Loading
+dequantizes on the CPU, no GPU or Triton needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsv3.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+FP8_BLOCK = 128
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+# ---------------------------------------------------------------------- names
+def _hf_prefix(name: str, n_layers: int) -> str:
+    """dsv3 name -> HF name (experts not split here)."""
+    if name.startswith("mtp."):
+        k, rest = name[4:].split(".", 1)
+        return f"model.layers.{n_layers + int(k)}.{rest}"
+    if name == "lm_head.weight":
+        return name
+    return "model." + name
+
+
+def _dsv3_prefix(name: str, n_layers: int) -> str | None:
+    """HF name -> dsv3 name, or None for entries dsv3 does not store (MTP copies of emb/head)."""
+    if name == "lm_head.weight":
+        return name
+    if not name.startswith("model."):
+        raise ConfigError(f"unexpected checkpoint key {name!r}: expected 'model.*' or 'lm_head.weight'")
+    name = name[len("model.") :]
+    m = re.match(r"layers\.(\d+)\.(.*)", name)
+    if m and int(m.group(1)) >= n_layers:
+        rest = m.group(2)
+        if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            return None
+        return f"mtp.{int(m.group(1)) - n_layers}.{rest}"
+    return name
+
+
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """dsv3 model -> HF-named tensors (experts split per expert, MTP copies added)."""
+    cfg: ModelConfig = model.cfg
+    L = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        hf = _hf_prefix(name, L)
+        if hf.endswith("experts.gate_up_proj"):
+            base = hf[: -len(".gate_up_proj")]
+            for e, w in enumerate(t):
+                gate, up = w.chunk(2, dim=0)
+                out[f"{base}.{e}.gate_proj.weight"] = gate
+                out[f"{base}.{e}.up_proj.weight"] = up
+        elif hf.endswith("experts.down_proj"):
+            base = hf[: -len(".down_proj")]
+            for e, w in enumerate(t):
+                out[f"{base}.{e}.down_proj.weight"] = w
+        else:
+            out[hf] = t
+    for k in range(cfg.num_nextn_predict_layers):
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = model.embed_tokens.weight
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = model.lm_head.weight
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def from_hf_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """HF-named tensors (streamed) -> dsv3 state dict; experts are stacked as they arrive."""
+    L = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, t in tensors:
+        m = _EXPERT_RE.match(name)
+        if m:
+            base = _dsv3_prefix(m.group(1), L)
+            experts.setdefault(base, {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+            continue
+        ours = _dsv3_prefix(name, L)
+        if ours is not None:
+            out[ours] = t
+    for base, by_expert in experts.items():
+        if sorted(by_expert) != list(range(cfg.n_routed_experts)):
+            raise ConfigError(f"{base}: checkpoint has experts {sorted(by_expert)[:8]}..., expected 0..{cfg.n_routed_experts - 1}")
+        try:
+            out[f"{base}.gate_up_proj"] = torch.stack(
+                [torch.cat((by_expert[e]["gate_proj"], by_expert[e]["up_proj"])) for e in range(cfg.n_routed_experts)]
+            )
+            out[f"{base}.down_proj"] = torch.stack([by_expert[e]["down_proj"] for e in range(cfg.n_routed_experts)])
+        except KeyError as missing:
+            raise ConfigError(f"{base}: an expert lacks its {missing} weight") from None
+    if cfg.tie_word_embeddings and "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    return out
+
+
+# ---------------------------------------------------------------------- FP8 block scales
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """float8 weight [out, in] * per-128x128-block scale [ceil(out/128), ceil(in/128)] -> float32."""
+    rows, cols = weight.shape
+    if scale_inv.shape != (-(-rows // block), -(-cols // block)):
+        raise ConfigError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not tile weight {tuple(weight.shape)} in {block}x{block} blocks")
+    scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return weight.float() * scale
+
+
+# ---------------------------------------------------------------------- files
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"no *.safetensors checkpoint in {path}")
+    return files
+
+
+def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (HF name, tensor) from a checkpoint folder, one shard open at a time, with FP8
+    block-scaled weights dequantized to float32 and their scale tensors consumed."""
+    for file in _checkpoint_files(Path(path)):
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for name in sorted(keys):
+                if name.endswith(".weight_scale_inv"):
+                    continue
+                t = f.get_tensor(name)
+                scale_name = name[: -len("weight")] + "weight_scale_inv"
+                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    if scale_name not in keys:
+                        raise ConfigError(f"{file.name}: FP8 tensor {name} has no {scale_name}")
+                    t = dequantize_fp8_block(t, f.get_tensor(scale_name))
+                yield name, t
+
+
+def save_pretrained(model, path: str | Path, max_shard_bytes: int | None = None) -> None:
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes) atomically:
+    everything goes to a temporary sibling folder that replaces `path` only when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.cfg.save(tmp / "config.json", dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."))
+        tensors = to_hf_state_dict(model)
+        shards = _shard(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """Split into shards of at most max_bytes (a tensor larger than that gets its own shard).
+    Tensors that share storage (the MTP copies of emb/head) are cloned: safetensors refuses aliases."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size, seen = 0, set()
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        t = t.clone() if key in seen else t
+        seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
+    """Build a Transformer from a HF-layout folder (ours or transformers'), on `device`."""
+    from dsv3.model.transformer import Transformer
+
+    path = Path(path)
+    cfg = ModelConfig.from_hf(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    state = from_hf_tensors(cfg, iter_checkpoint(path))
+    expected = set(model.state_dict())
+    unexpected = sorted(set(state) - expected)
+    missing = sorted(expected - set(state))
+    if unexpected:
+        raise ConfigError(f"{path}: checkpoint has tensors the config does not describe: {unexpected[:5]}")
+    mtp_missing = [k for k in missing if k.startswith("mtp.")]
+    if mtp_missing and len(mtp_missing) == sum(k.startswith("mtp.") for k in expected):
+        log.warning("%s has no MTP weights; the MTP modules keep their fresh initialization", path)
+        missing = [k for k in missing if not k.startswith("mtp.")]
+    if missing:
+        raise ConfigError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+    if dtype is not None:
+        model.to(dtype)
+        for m in model.modules():  # the router stays in FP32, as in the paper
+            if type(m).__name__ == "Router":
+                m.float()
+    return model

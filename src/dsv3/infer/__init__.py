@@ -1,0 +1,1 @@
+"""Inference: the latent KV cache, generation and (later) the serving engine."""

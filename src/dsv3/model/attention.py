@@ -1,0 +1,132 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V2/V3's answer to the KV-cache problem.
+
+Per token, keys and values of all heads are generated from one small latent
+    c_kv = RMSNorm(W_DKV h)                  [kv_lora_rank = 512 in V3]
+plus one RoPE key shared by all heads
+    k_pe = RoPE(W_KR h)                      [qk_rope_head_dim = 64],
+(both come out of `kv_a_proj_with_mqa`), and per head i
+    k_i = [W_UK_i c_kv ; k_pe],   v_i = W_UV_i c_kv     (W_UK, W_UV stacked in `kv_b_proj`).
+Queries go through their own low-rank bottleneck with an RMSNorm (`q_a_proj`, `q_a_layernorm`,
+`q_b_proj`), or through one plain projection `q_proj` when q_lora_rank is None (V2-Lite):
+    q_i = [q_nope_i ; RoPE(q_pe_i)].
+Only (c_kv, k_pe) need caching: 576 values per token per layer for V3, against
+128 heads x (192 + 128) = 40,960 for the expanded per-head K/V.
+
+Two ways to compute the same attention:
+  * naive (training and prefill): expand the latent to per-head K/V with kv_b_proj and run
+    `scaled_dot_product_attention`. Compute-friendly when queries and keys are the same tokens.
+  * absorbed (decode): q_nope_i . (W_UK_i c) = (W_UK_i^T q_nope_i) . c, so W_UK is folded
+    into the query and attention runs directly over the cached latents as multi-query
+    attention with 576-wide keys and 512-wide values; W_UV is applied after the weighted sum.
+    No per-head K/V is ever materialized: memory-bound decode reads only the latent cache.
+Both use the softmax scale 1/sqrt(d_nope + d_rope), times mscale^2 under YaRN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.rope_interleave = cfg.rope_interleave
+        self.softmax_scale = cfg.softmax_scale
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache=None,
+        layer_idx: int = 0,
+        start_pos: int = 0,
+        absorb: bool = False,
+    ) -> torch.Tensor:
+        """x [B, T, hidden]; cos/sin [T, d_rope/2] for positions start_pos..start_pos+T-1.
+
+        Without a cache, causal attention over the T tokens. With a cache (see
+        `dsv3.infer.cache.LatentCache`), the new latents are written at start_pos and the
+        queries attend to everything cached up to their own position."""
+        B, T, _ = x.shape
+        H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, dn + dr)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], self.rope_interleave)  # [B, T, H, dr]
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, dr], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B, T, r]
+        k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [B, T, dr]
+        if cache is not None:
+            c_kv, k_pe = cache.update(layer_idx, c_kv, k_pe, start_pos)  # [B, S, r], [B, S, dr]
+        if absorb:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos)
+        else:
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos)
+        return self.o_proj(out.reshape(B, T, H * self.v_head_dim))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
+        """Per-head K/V from the latent, then SDPA. Returns [B, T, H, dv]."""
+        B, T, H, _ = q_nope.shape
+        S = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, dqk]
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, self.qk_rope_head_dim)), dim=-1)
+        mask = None if S == T else _causal_mask(T, S, start_pos, q.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+        )  # fmt: skip
+        return out.transpose(1, 2)  # [B, T, H, dv]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, dn, r] and W_UV [H, dv, r]: views of kv_b_proj.weight, nothing copied."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
+        """Attention over the latent cache with W_UK folded into q and W_UV applied after."""
+        T, S = q_nope.shape[1], c_kv.shape[1]
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, r]
+        scores = torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
+        scores = scores.float() * self.softmax_scale
+        scores = scores.masked_fill(~_causal_mask(T, S, start_pos, scores.device), float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)  # [B, H, T, S]
+        out_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)  # [B, T, H, r]
+        return torch.einsum("bthc,hdc->bthd", out_lat, w_uv.to(out_lat.dtype))  # [B, T, H, dv]
+
+
+def _causal_mask(T: int, S: int, start_pos: int, device) -> torch.Tensor:
+    """[T, S] bool, True where query start_pos+t may see key s (s <= start_pos + t)."""
+    q_pos = torch.arange(start_pos, start_pos + T, device=device)[:, None]
+    return torch.arange(S, device=device)[None, :] <= q_pos

@@ -1,0 +1,217 @@
+"""DeepSeekMoE: fine-grained routed experts plus always-on shared experts (V3R section 2.1.2).
+
+    h' = h + sum_{shared} FFN_s(h) + sum_{i in TopK} g_i FFN_i(h)
+
+Routing (`Router`, module name `gate` as in the checkpoint), in FP32:
+    s_i = sigmoid(u . e_i)  (V3)  or  softmax_i(u . e)  (V2)
+    choice_i = s_i + b_i    b = e_score_correction_bias, used for *selection only*
+Group-limited (node-limited) routing: the experts form n_group groups (one per node in V3); a
+group scores the sum of its top-2 choice values (V3, "noaux_tc") or its max (V2); the best
+topk_group groups are kept and every expert of the others is masked with -inf (not 0: with a
+zero mask a negative bias could make a masked expert win), then top-k over what is left.
+The gate weights are the *unbiased* s_i of the chosen experts, normalized to sum 1
+(norm_topk_prob) and multiplied by routed_scaling_factor (2.5 in V3).
+
+Balancing without an auxiliary loss: after each optimizer step the trainer calls
+`update_router_bias(model, gamma)`, which moves b_i down by gamma for overloaded experts and up
+for underloaded ones (V3R eq. 16). A small sequence-wise balance loss remains (eq. 17-20):
+    L_bal = alpha * sum_i f_i P_i,  f_i = N_r/(K_r T) * #{t: i in TopK(t)},  P_i = mean_t s'_{i,t}
+with s' the affinities normalized over all experts, computed per sequence and averaged.
+
+Execution is split as router -> dispatcher -> experts -> combine. The single-device
+`LocalDispatcher` sorts the N*K (token, expert) pairs by expert so `GroupedExperts` runs all
+experts as two grouped GEMMs (`torch.nn.functional.grouped_mm`) with no Python loop over
+experts and no host sync; expert parallelism replaces only the dispatcher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense FFN layers and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k expert selection. forward(x [N, H]) -> RouterOutput (all FP32)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.topk_method = cfg.topk_method
+        self.scoring_func = cfg.scoring_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        if self.topk_method == "noaux_tc":  # V2 checkpoints have no selection bias
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # tokens routed to each expert since the last update_router_bias() (training only)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> "RouterOutput":
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
+        if self.n_group > 1 and self.topk_method != "greedy":
+            choice = self._mask_groups(choice.detach())
+        indices = choice.topk(self.top_k, dim=-1).indices  # [N, K]
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts)
+        return RouterOutput(weights, indices, scores)
+
+    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        N = choice.shape[0]
+        grouped = choice.view(N, self.n_group, -1)  # [N, G, E/G]
+        if self.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        keep = group_scores.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
+        masked = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        return grouped.masked_fill(masked[..., None], float("-inf")).view(N, -1)
+
+
+@dataclass
+class RouterOutput:
+    weights: torch.Tensor  # [N, K] gate weights of the chosen experts
+    indices: torch.Tensor  # [N, K] chosen experts
+    scores: torch.Tensor  # [N, E] unbiased affinities s_i
+
+
+class GroupedExperts(nn.Module):
+    """All routed experts as stacked weights, computed with grouped GEMMs.
+
+    gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I], each expert laid out like
+    an nn.Linear weight. forward(x [M, H] sorted by expert, offs int32 [E] cumulative ends)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        gate_up = F.grouped_mm(x, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offs)  # [M, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offs)  # [M, H]
+
+    def forward_reference(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Plain loop over experts, one F.linear each: the reference for `forward`."""
+        out, start = [], 0
+        for e, end in enumerate(offs.tolist()):
+            gate, up = F.linear(x[start:end], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start = end
+        return torch.cat(out)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would pick for a GEMM on x (grouped_mm is not on autocast's lists)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class LocalDispatcher:
+    """Single-device dispatch: sort (token, expert) pairs by expert; combine by weighted sum.
+
+    The seam for expert parallelism: an all-to-all dispatcher offers the same two methods."""
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
+        """x [N, H], indices [N, K] -> x_sorted [N*K, H], offs [E], state for combine."""
+        flat = indices.flatten()  # [N*K]
+        order = flat.argsort(stable=True)
+        offs = torch.bincount(flat, minlength=n_experts).cumsum(0).to(torch.int32)
+        return x[order // indices.shape[1]], offs, order
+
+    def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """y_sorted [N*K, H] in dispatch order, weights [N, K] -> [N, H] = sum_k w_k y_k."""
+        N, K = weights.shape
+        y = torch.empty_like(y_sorted)
+        y[order] = y_sorted  # back to (token, k) order
+        return torch.bmm(weights.to(y.dtype).unsqueeze(1), y.view(N, K, -1)).squeeze(1)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_routed_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.aux_loss_alpha = cfg.aux_loss_alpha if cfg.seq_aux else 0.0
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor, with_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, H] -> (y [B, T, H], sequence-wise balance loss or None)."""
+        B, T, H = x.shape
+        flat = x.reshape(B * T, H)
+        route = self.gate(flat)
+        x_sorted, offs, state = self.dispatcher.dispatch(flat, route.indices, self.n_routed_experts)
+        y = self.dispatcher.combine(self.experts(x_sorted, offs), route.weights, state).view(B, T, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        aux = None
+        if with_aux and self.aux_loss_alpha > 0:
+            aux = self.aux_loss_alpha * sequence_balance_loss(route.scores.view(B, T, -1), route.indices.view(B, T, -1))
+        return y.to(x.dtype), aux
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """sum_i f_i P_i averaged over sequences (V3R eq. 17-20), without alpha.
+
+    scores [B, T, E] affinities, indices [B, T, K] chosen experts."""
+    B, T, E = scores.shape
+    K = indices.shape[-1]
+    counts = torch.zeros(B, E, device=scores.device).scatter_add_(
+        1, indices.reshape(B, T * K), torch.ones(B, T * K, device=scores.device)
+    )
+    f = counts * (E / (K * T))  # [B, E]
+    P = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
+    return (f * P).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, gamma: float) -> torch.Tensor:
+    """Auxiliary-loss-free balancing step (V3R eq. 16), called after each optimizer step.
+
+    For every router: b_i += gamma * sign(mean load - load_i), over the tokens counted since the
+    last call; the counters are reset. Returns the loads [n_routers, E] (main layers in order,
+    then MTP modules). gamma = 0 only reads and resets."""
+    loads = []
+    for router in (m for m in model.modules() if isinstance(m, Router)):
+        load = router.tokens_per_expert.clone()
+        if gamma and router.topk_method == "noaux_tc":
+            router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        router.tokens_per_expert.zero_()
+        loads.append(load)
+    return torch.stack(loads) if loads else torch.zeros(0)

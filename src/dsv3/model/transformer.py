@@ -1,0 +1,176 @@
+"""The DeepSeek-V3 language model: embedding -> blocks -> norm -> head, plus MTP modules.
+
+    out = model(input_ids)                  # out.logits [B, T, vocab]
+    out = model(input_ids, labels=labels)   # + out.loss, out.mtp_loss, out.balance_loss
+
+`labels` are pre-shifted targets: labels[:, t] is the token that follows input_ids[:, t];
+-100 marks a position without a target (padding, or the first token of the next packed
+document). The MTP module of depth k predicts labels[:, t + k] from position t and skips
+positions whose chain t..t+k crosses a -100, so MTP never predicts across a document boundary.
+
+The three losses come back separately so the trainer can weigh them:
+    total = loss + lambda * mtp_loss + balance_loss    (balance_loss already carries alpha).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.block import Block
+from dsv3.model.moe import GroupedExperts, Router
+from dsv3.model.mtp import MTPModule
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import rope_cos_sin, rope_inv_freq
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TransformerOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # last block's output, before the final norm [B, T, H]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)
+        )
+        inv_freq, self.rope_attn_factor = rope_inv_freq(cfg)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero router biases.
+        Also the way to materialize a model built on `meta` after `to_empty()`."""
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.gate_up_proj, 0.0, std, generator=generator)
+                nn.init.normal_(module.down_proj, 0.0, std, generator=generator)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+                if module.topk_method == "noaux_tc":
+                    module.e_score_correction_bias.zero_()
+                module.tokens_per_expert.zero_()
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if self.rope_inv_freq.device.type != "meta":
+            self.rope_inv_freq.copy_(rope_inv_freq(self.cfg)[0])
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts from the modules (works on `meta`), counting what the checkpoint
+        stores (parameters and the routers' bias buffers): the main model's total, those
+        activated per token (all but the unchosen routed experts; with and without the input
+        embedding, which is a lookup), and the MTP modules' own (embedding and head shared)."""
+
+        def count(module: nn.Module) -> int:
+            biases = sum(b.numel() for n, b in module.named_buffers() if n.endswith("e_score_correction_bias"))
+            return sum(p.numel() for p in module.parameters()) + biases
+
+        mtp = count(self.mtp)
+        total = count(self) - mtp
+        inactive = 0
+        for block in self.layers:
+            experts = getattr(block.mlp, "experts", None)
+            if experts is not None:
+                per_expert = sum(p.numel() for p in experts.parameters()) // experts.n_experts
+                inactive += (experts.n_experts - self.cfg.num_experts_per_tok) * per_expert
+        activated = total - inactive
+        return {
+            "total_params": total,
+            "activated_params": activated,
+            "activated_params_without_embedding": activated - self.embed_tokens.weight.numel(),
+            "mtp_params": mtp,
+        }
+
+    # ------------------------------------------------------------------ forward
+    def rope(self, start_pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(start_pos, start_pos + length, device=self.rope_inv_freq.device)
+        return rope_cos_sin(self.rope_inv_freq, self.rope_attn_factor, positions)  # [T, d_rope/2] x 2
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        cache=None,
+        start_pos: int = 0,
+        absorb: bool | None = None,
+    ) -> TransformerOutput:
+        """input_ids [B, T]. With a cache, the tokens sit at positions start_pos.. and attend to
+        the cached ones; `absorb` picks the attention path (default: absorbed when decoding
+        over a non-empty cache, naive otherwise)."""
+        B, T = input_ids.shape
+        if absorb is None:
+            absorb = cache is not None and start_pos > 0
+        cos, sin = self.rope(start_pos, T)
+        with_aux = labels is not None
+        emb = self.embed_tokens(input_ids)  # [B, T, H]
+        h, balance = emb, None
+        for block in self.layers:
+            h, aux = block(h, cos, sin, with_aux, cache, start_pos, absorb)
+            balance = _add(balance, aux)
+        logits = self.lm_head(self.norm(h))  # [B, T, V]
+        if labels is None:
+            return TransformerOutput(logits=logits, hidden=h)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        mtp_loss, mtp_balance = self._mtp_loss(h, emb, labels, cos, sin)
+        return TransformerOutput(logits, loss, mtp_loss, _add(balance, mtp_balance), h)
+
+    def _mtp_loss(self, h, emb, labels, cos, sin):
+        """Mean over depths of the MTP cross entropies, and the MTP blocks' balance loss."""
+        if not len(self.mtp):
+            return None, None
+        T = labels.shape[1]
+        chain_ok = labels != IGNORE_INDEX  # [B, T]: positions i..i+k all have targets
+        losses, balance = [], None
+        for k, module in enumerate(self.mtp, start=1):
+            if T <= k:
+                break
+            chain_ok = chain_ok[:, :-1] & (labels[:, k:] != IGNORE_INDEX)  # [B, T-k]
+            h, aux = module(h[:, :-1], emb[:, k:], cos[k:], sin[k:], with_aux=True)  # [B, T-k, H]
+            balance = _add(balance, aux)
+            logits = self.lm_head(module.shared_head.norm(h))
+            targets = labels[:, k:].masked_fill(~chain_ok, IGNORE_INDEX)
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX))
+        return (torch.stack(losses).mean() if losses else None), balance
+
+    # ------------------------------------------------------------------ checkpoints (HF layout)
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
+        from dsv3.hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        from dsv3.hf import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype)
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else (a if b is None else a + b)
