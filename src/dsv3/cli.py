@@ -1,6 +1,7 @@
-"""`dsv3` command line: one subcommand per module, each with `add_arguments(parser)` and
-`run(args) -> int`. Modules import their heavy dependencies inside `run`, so `dsv3 --help`
-stays fast."""
+"""dsv3: train, serve and analyze DeepSeek-V3-style models.
+
+One subcommand per module, each with `add_arguments(parser)` and `run(args) -> int`; only the
+module of the command being run is imported, so `dsv3 --help` stays fast."""
 
 from __future__ import annotations
 
@@ -12,22 +13,29 @@ import sys
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("info", "dsv3.info", "parameter counts and KV-cache bytes of a preset or config.json"),
     ("demo", "dsv3.demo", "the main job on the embedded default (what `make run` runs)"),
+    ("analyze", "dsv3.analysis.cli", "co-design analyzer: the paper's tables, KV cache, FLOPs, limits, network"),
+    ("train", "dsv3.train.cli", "train a model (tiny preset on the Python stdlib by default)"),
+    ("generate", "dsv3.train.sample", "sample text from a trained checkpoint"),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the module of `command` is imported (its arguments are what parses)."""
     parser = argparse.ArgumentParser(prog="dsv3", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name, help_text in COMMANDS:
-        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     return int(args._run(args) or 0)
 
 

@@ -33,7 +33,7 @@ class LatentCache:
     @property
     def bytes_per_token(self) -> int:
         """Bytes held per cached token position (all layers), from the allocated tensors."""
-        per_pos = lambda t: t[:, 0, 0].numel() * t.shape[-1] * t.element_size()  # noqa: E731
+        per_pos = lambda t: t[:, 0, 0].numel() * t.element_size()  # noqa: E731  [L, width] per position
         return per_pos(self.kv) + per_pos(self.pe)
 
     @property

@@ -119,7 +119,7 @@ class MLA(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, r]
         scores = torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
-        scores = scores.float() * self.softmax_scale
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.softmax_scale
         scores = scores.masked_fill(~_causal_mask(T, S, start_pos, scores.device), float("-inf"))
         probs = scores.softmax(dim=-1).to(c_kv.dtype)  # [B, H, T, S]
         out_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)  # [B, T, H, r]

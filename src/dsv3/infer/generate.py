@@ -1,0 +1,68 @@
+"""Plain autoregressive sampling over the latent cache: prefill the prompt through the naive
+MLA path, then decode one token at a time through the absorbed path. The serving engine
+(continuous batching, speculative decoding) builds on the same model calls."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.infer.cache import LatentCache
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+) -> torch.Tensor:
+    """prompt_ids [B, T] (same length per row) -> [B, T + n] with n <= max_new_tokens; rows that
+    produced eos_token_id are padded with it until all rows stop."""
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be [batch, length>0], got shape {tuple(prompt_ids.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+    B, T = prompt_ids.shape
+    total = T + max_new_tokens
+    if total > model.cfg.max_position_embeddings:
+        raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_position_embeddings={model.cfg.max_position_embeddings}")
+    device = prompt_ids.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    param = next(model.parameters())
+    cache = LatentCache(model.cfg, B, total, dtype=param.dtype, device=device)
+    was_training = model.training
+    model.eval()
+    out, done = prompt_ids, torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(prompt_ids, cache=cache, start_pos=0).logits[:, -1]
+    for pos in range(T, total):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            nxt = nxt.masked_fill(done, eos_token_id)
+            done |= nxt == eos_token_id
+        out = torch.cat((out, nxt[:, None]), dim=1)
+        if bool(done.all()) or pos == total - 1:
+            break
+        logits = model(nxt[:, None], cache=cache, start_pos=pos).logits[:, -1]
+    model.train(was_training)
+    return out
