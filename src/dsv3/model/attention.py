@@ -102,11 +102,14 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, dqk]
         k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, self.qk_rope_head_dim)), dim=-1)
         mask = None if S == T else _causal_mask(T, S, start_pos, q.device)
+        pad = self.qk_head_dim - self.v_head_dim  # fused SDPA kernels need equal q/k/v widths
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
         )  # fmt: skip
-        return out.transpose(1, 2)  # [B, T, H, dv]
+        return out.transpose(1, 2)[..., : self.v_head_dim]  # [B, T, H, dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, dn, r] and W_UV [H, dv, r]: views of kv_b_proj.weight, nothing copied."""

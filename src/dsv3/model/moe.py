@@ -161,7 +161,7 @@ class LocalDispatcher:
         N, K = weights.shape
         y = torch.empty_like(y_sorted)
         y[order] = y_sorted  # back to (token, k) order
-        return torch.bmm(weights.to(y.dtype).unsqueeze(1), y.view(N, K, -1)).squeeze(1)
+        return (y.view(N, K, -1) * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
 
 
 class MoE(nn.Module):
