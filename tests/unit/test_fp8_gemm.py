@@ -1,0 +1,88 @@
+"""FP8 GEMM backends: emulation against the per-K-block reference, the Hopper accumulator model."""
+
+import pytest
+import torch
+
+from dsv3.fp8.gemm import N_C, fp8_gemm, gemm_hopper
+from dsv3.fp8.quant import ACT, WEIGHT, quantize
+
+
+@pytest.fixture(autouse=True)
+def eager(monkeypatch):
+    monkeypatch.setenv("DSV3_FP8_COMPILE", "0")
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
+
+
+def test_emulate_equals_per_k_block_reference() -> None:
+    a, b = quantize(torch.randn(70, 300), ACT), quantize(torch.randn(130, 300), WEIGHT)
+    emulated, reference = fp8_gemm(a, b, backend="emulate"), fp8_gemm(a, b, backend="reference")
+    assert sqnr_db(reference, emulated) > 120  # FP32 summation order only
+
+
+@pytest.mark.parametrize("b_block", [WEIGHT, ACT, None])
+def test_fp8_gemm_accuracy_against_fp64(b_block) -> None:
+    x, w = torch.randn(64, 512), torch.randn(96, 512)
+    out = fp8_gemm(quantize(x, ACT), quantize(w, b_block))
+    assert sqnr_db(x.double() @ w.double().t(), out) > 25  # E4M3 inputs: ~31 dB each
+
+
+def row_sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean over tokens of each token's SQNR: a global SQNR would be ruled by the outlier tokens."""
+    ref, out = ref.double(), out.double()
+    return (10 * torch.log10(ref.pow(2).sum(-1) / (ref - out).pow(2).sum(-1))).mean().item()
+
+
+def test_fine_grained_beats_per_tensor_on_outliers() -> None:
+    x, w = torch.randn(64, 1024), torch.randn(96, 1024) * 0.02
+    x[[0, 9]] *= 1e4  # outlier tokens: massive activations reach 1e4 x the median in LLMs
+    exact = x.double() @ w.double().t()
+    fine = row_sqnr_db(exact, fp8_gemm(quantize(x, ACT), quantize(w, WEIGHT)))
+    coarse = row_sqnr_db(exact, fp8_gemm(quantize(x, None), quantize(w, None)))
+    assert fine > 28 and fine > coarse + 3  # at least half the error power
+
+
+def test_hopper_accumulator_with_promotion_is_close_to_fp32() -> None:
+    a, b = quantize(torch.rand(8, 2048), ACT), quantize(torch.rand(8, 2048), ACT)
+    ref = fp8_gemm(a, b, backend="reference")
+    promoted = gemm_hopper(a, b, promote=True)
+    assert ((promoted - ref).abs().max() / ref.abs().max()).item() < 1e-3
+
+
+def test_hopper_accumulator_without_promotion_loses_precision_on_positive_data() -> None:
+    """Truncation at 13 fraction bits is biased: the sum comes out too small, and more so than promoted."""
+    a, b = quantize(torch.rand(8, 4096), None), quantize(torch.rand(8, 4096), None)
+    ref = fp8_gemm(a, b, backend="reference")
+    limited = gemm_hopper(a, b, promote=False)
+    assert (limited < ref).all()
+    rel = ((ref - limited) / ref).max().item()
+    assert 1e-3 < rel < 5e-2
+    with pytest.raises(ValueError, match="promotion"):
+        gemm_hopper(quantize(torch.rand(2, 256), ACT), quantize(torch.rand(2, 256), ACT), promote=False)
+
+
+def test_hopper_model_is_exact_with_enough_fraction_bits() -> None:
+    a, b = quantize(torch.randn(4, 2 * N_C), ACT), quantize(torch.randn(6, 2 * N_C), ACT)
+    exact = gemm_hopper(a, b, frac_bits=40)
+    assert sqnr_db(fp8_gemm(a, b, backend="reference"), exact) > 120
+
+
+def test_unknown_backend_and_shape_mismatch() -> None:
+    a = quantize(torch.randn(4, 128))
+    with pytest.raises(ValueError, match="backend"):
+        fp8_gemm(a, a, backend="nope")
+    with pytest.raises(ValueError, match="inner"):
+        fp8_gemm(a, quantize(torch.randn(4, 64)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backend_matches_emulation() -> None:
+    x, w = torch.randn(256, 512, device="cuda"), torch.randn(384, 512, device="cuda")
+    a, b = quantize(x, ACT), quantize(w, WEIGHT)
+    out = fp8_gemm(a, b, backend="cuda")
+    emulated = a.dequantize() @ b.dequantize().t()
+    assert sqnr_db(emulated, out.float()) > 40  # BF16 output rounding

@@ -1,0 +1,105 @@
+"""Fp8Linear / Fp8GroupedExperts against their BF16 counterparts, and convert_to_fp8 on a Transformer."""
+
+import pytest
+import torch
+from torch import nn
+
+from dsv3.fp8.linear import Fp8GroupedExperts, Fp8Linear, convert_to_fp8
+
+
+@pytest.fixture(autouse=True)
+def eager(monkeypatch):
+    monkeypatch.setenv("DSV3_FP8_COMPILE", "0")
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
+
+
+def run(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, *args) -> tuple[torch.Tensor, ...]:
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad()
+    y = module(x, *args)
+    y.backward(dy)
+    return y, x.grad, *(p.grad for p in module.parameters())
+
+
+def test_fp8_linear_matches_bf16_module() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(320, 200)  # FP32 master weights, unaligned K and N
+    x, dy = torch.randn(3, 50, 320).bfloat16(), torch.randn(3, 50, 200).bfloat16()
+    y_ref, dx_ref, dw_ref, db_ref = run(linear.bfloat16().float(), x.float(), dy.float())
+    fp8 = Fp8Linear.from_linear(linear)
+    y, dx, dw, db = run(fp8, x, dy)
+    assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    # One E4M3 operand carries ~31.8 dB; a GEMM of two independently rounded ones ~28.8 dB
+    # (errors add: -3 dB); Wgrad re-quantizes the saved FP8 x 128x1, a third rounding (~27 dB).
+    # The brief's 30 dB for the gradients is above these bounds: see the report.
+    assert sqnr_db(y_ref, y) >= 25
+    assert sqnr_db(dx_ref, dx) >= 27.5 and sqnr_db(dw_ref, dw) >= 26.5
+    assert sqnr_db(db_ref, db) >= 40  # bias gradient stays high precision
+
+
+def test_fp8_linear_shares_parameters_and_state_dict() -> None:
+    linear = nn.Linear(128, 64, bias=False)
+    fp8 = Fp8Linear.from_linear(linear)
+    assert fp8.weight is linear.weight and fp8.bias is None
+    assert fp8.state_dict().keys() == linear.state_dict().keys()
+
+
+def test_fp8_linear_saves_fp8_input_not_bf16() -> None:
+    fp8 = Fp8Linear.from_linear(nn.Linear(256, 256, bias=False))
+    x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fp8(x)
+    assert {t.dtype for t in saved if t.numel() >= x.numel()} == {torch.float8_e4m3fn}
+
+
+class LoopExperts(nn.Module):
+    """Plain reference: the BF16 per-expert loop with GroupedExperts' layout."""
+
+    def __init__(self, n_experts: int, dim: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(n_experts, 2 * inter, dim) * dim**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(n_experts, dim, inter) * inter**-0.5)
+
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        out, start = [], 0
+        for e, end in enumerate(offs.tolist()):
+            gate, up = (x[start:end] @ self.gate_up_proj[e].t()).chunk(2, dim=-1)
+            out.append((nn.functional.silu(gate) * up) @ self.down_proj[e].t())
+            start = end
+        return torch.cat(out)
+
+
+def test_fp8_grouped_experts_match_loop_reference() -> None:
+    torch.manual_seed(0)
+    ref = LoopExperts(4, 256, 192)
+    offs = torch.tensor([100, 100, 230, 300], dtype=torch.int32)  # expert 1 gets no tokens
+    x, dy = torch.randn(300, 256), torch.randn(300, 256)
+    y_ref, dx_ref, dgu_ref, dd_ref = run(ref, x, dy, offs)
+    y, dx, dgu, dd = run(Fp8GroupedExperts.from_float(ref), x, dy, offs)
+    # two chained FP8 GEMMs, four quantized operands along each path: ~3 dB below one Fp8Linear
+    assert min(sqnr_db(y_ref, y), sqnr_db(dx_ref, dx), sqnr_db(dgu_ref, dgu), sqnr_db(dd_ref, dd)) >= 22
+    assert (dgu[1] == 0).all() and (dd[1] == 0).all()
+
+
+def test_convert_to_fp8_on_transformer() -> None:
+    from dsv3 import ModelConfig, Transformer
+    from dsv3.model.moe import GroupedExperts
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    names_before = set(model.state_dict())
+    convert_to_fp8(model)
+    assert set(model.state_dict()) == names_before
+    leaf = {n.rsplit(".", 1)[-1]: type(m) for n, m in model.named_modules()}
+    assert leaf.get("o_proj") is Fp8Linear and leaf.get("kv_b_proj") is Fp8Linear
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if short in ("lm_head", "embed_tokens", "gate", "eh_proj"):
+            assert not isinstance(module, (Fp8Linear, Fp8GroupedExperts)), name
+        assert type(module) is not nn.Linear or short in ("lm_head", "eh_proj"), name
+        assert not isinstance(module, GroupedExperts), name
