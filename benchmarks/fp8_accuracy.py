@@ -10,10 +10,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fp8_common import save, sqnr_db  # noqa: E402
+from common import save_result  # noqa: E402
+
 
 from dsv3.fp8.gemm import fp8_gemm, gemm_hopper  # noqa: E402
-from dsv3.fp8.quant import ACT, WEIGHT, quantize  # noqa: E402
+from dsv3.fp8.quant import ACT, WEIGHT, quantize, sqnr_db  # noqa: E402
 
 
 def activations(kind: str, m: int, k: int) -> torch.Tensor:
@@ -68,4 +69,4 @@ def accumulation_table(groups: tuple[int, ...] = (32, 4)) -> list[dict]:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    save("fp8_accuracy", {"sqnr": sqnr_table(), "accumulation": accumulation_table()})
+    save_result("fp8_accuracy", {"sqnr": sqnr_table(), "accumulation": accumulation_table()})

@@ -10,10 +10,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fp8_common import save, sqnr_db  # noqa: E402
+from common import save_result  # noqa: E402
+
 
 from dsv3.fp8 import logfmt  # noqa: E402
-from dsv3.fp8.quant import ACT, quantize  # noqa: E402
+from dsv3.fp8.quant import ACT, quantize, sqnr_db  # noqa: E402
 
 
 def e5m2_1x128(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ def main() -> None:
     print(f"{'data':25s} {'codec':11s} {'SQNR dB':>8s} {'rel L2 err':>10s} {'bytes/el':>8s}")
     for r in rows:
         print(f"{r['data']:25s} {r['codec']:11s} {r['sqnr_db']:8.2f} {r['rel_l2']:10.2e} {r['bytes_per_elem']:8.4f}")
-    save("fp8_logfmt", {"rows": rows})
+    save_result("fp8_logfmt", {"rows": rows})
 
 
 if __name__ == "__main__":

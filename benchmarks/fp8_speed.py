@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fp8_common import save  # noqa: E402
+from common import save_result  # noqa: E402
 
 from dsv3.fp8.linear import Fp8Linear  # noqa: E402
 from dsv3.fp8.quant import ACT, quantize  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> None:
     print(f"\n{'2048x1024 @ 1024x1024, fwd+bwd':36s} {'ms':>8s} {'vs bf16':>7s}")
     for name, sec in s.items():
         print(f"{name:36s} {1e3 * sec:8.1f} {sec / s['nn.Linear bf16 fwd+bwd']:7.2f}")
-    save("fp8_speed", {"quantize_s": t, "linear_step_s": s})
+    save_result("fp8_speed", {"quantize_s": t, "linear_step_s": s})
 
 
 if __name__ == "__main__":

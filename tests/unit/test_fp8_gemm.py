@@ -4,17 +4,13 @@ import pytest
 import torch
 
 from dsv3.fp8.gemm import N_C, fp8_gemm, gemm_hopper
-from dsv3.fp8.quant import ACT, WEIGHT, quantize
+from dsv3.fp8.quant import ACT, WEIGHT, quantize, sqnr_db
 
 
 @pytest.fixture(autouse=True)
 def eager(monkeypatch):
     monkeypatch.setenv("DSV3_FP8_COMPILE", "0")
 
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
 
 
 def test_emulate_equals_per_k_block_reference() -> None:
@@ -30,18 +26,13 @@ def test_fp8_gemm_accuracy_against_fp64(b_block) -> None:
     assert sqnr_db(x.double() @ w.double().t(), out) > 25  # E4M3 inputs: ~31 dB each
 
 
-def row_sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Mean over tokens of each token's SQNR: a global SQNR would be ruled by the outlier tokens."""
-    ref, out = ref.double(), out.double()
-    return (10 * torch.log10(ref.pow(2).sum(-1) / (ref - out).pow(2).sum(-1))).mean().item()
-
 
 def test_fine_grained_beats_per_tensor_on_outliers() -> None:
     x, w = torch.randn(64, 1024), torch.randn(96, 1024) * 0.02
     x[[0, 9]] *= 1e4  # outlier tokens: massive activations reach 1e4 x the median in LLMs
     exact = x.double() @ w.double().t()
-    fine = row_sqnr_db(exact, fp8_gemm(quantize(x, ACT), quantize(w, WEIGHT)))
-    coarse = row_sqnr_db(exact, fp8_gemm(quantize(x, None), quantize(w, None)))
+    fine = sqnr_db(exact, fp8_gemm(quantize(x, ACT), quantize(w, WEIGHT)), per_row=True)
+    coarse = sqnr_db(exact, fp8_gemm(quantize(x, None), quantize(w, None)), per_row=True)
     assert fine > 28 and fine > coarse + 3  # at least half the error power
 
 

@@ -5,16 +5,12 @@ import torch
 from torch import nn
 
 from dsv3.fp8.linear import Fp8GroupedExperts, Fp8Linear, convert_to_fp8
+from dsv3.fp8.quant import sqnr_db
 
 
 @pytest.fixture(autouse=True)
 def eager(monkeypatch):
     monkeypatch.setenv("DSV3_FP8_COMPILE", "0")
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
 
 
 def run(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, *args) -> tuple[torch.Tensor, ...]:

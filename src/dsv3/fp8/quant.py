@@ -197,3 +197,11 @@ def _compile(fn: Callable) -> Callable:
             return compiled(*args)
 
     return run
+
+
+def sqnr_db(ref: Tensor, out: Tensor, per_row: bool = False) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(|ref|^2 / |ref - out|^2) in dB, in float64.
+    per_row: the mean of each row's SQNR (a global one is ruled by the largest rows)."""
+    ref, out = ref.double(), out.double()
+    dims = -1 if per_row else None
+    return (10 * torch.log10(ref.pow(2).sum(dims) / (ref - out).pow(2).sum(dims))).mean().item()
