@@ -73,7 +73,7 @@ def main() -> None:
     labels = torch.roll(ids, -1, dims=1)
     labels[:, -1] = -100
     tokens = args.batch * args.seq
-    peaks = {"fp32": gemm_tflops(torch.float32), "bf16": gemm_tflops(torch.bfloat16)}
+    peaks = {"fp32": gemm_tflops("float32"), "bf16": gemm_tflops("bfloat16")}
     rows = []
     for dt in args.dtypes.split(","):
         autocast = {"fp32": None, "bf16": torch.bfloat16}[dt]

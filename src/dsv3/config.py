@@ -337,7 +337,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=2048,
         rope_scaling=None, initializer_range=0.02,
     ),
-    # A laptop-GPU / patient-CPU model: ~110M total parameters.
+    # A laptop-GPU / patient-CPU model: 135M total, 63M activated parameters.
     "small": dict(
         vocab_size=32768, hidden_size=512, num_hidden_layers=8, intermediate_size=1536,
         num_attention_heads=8, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64,

@@ -122,26 +122,36 @@ def load_catalog(extra: str | Path | None = None) -> Catalog:
     return Catalog(accs, links)
 
 
-def measure_cpu(matmul_size: int = 1024, copy_mb: int = 256, repeats: int = 3) -> Accelerator:
-    """An entry for this machine's CPU: best-of-`repeats` FP32 GEMM TFLOPS and copy bandwidth.
-
-    bf16_tflops holds the measured FP32 rate (CPU BF16 GEMMs are rarely faster); bandwidth counts
-    read + write of the copy."""
+def gemm_tflops(dtype_name: str = "bfloat16", n: int = 2048, repeats: int = 3, device: str = "cpu") -> float:
+    """Measured dense n x n x n matmul throughput (best of `repeats`), in TFLOP/s: the roof for MFU."""
     import torch
 
-    a = torch.randn(matmul_size, matmul_size)
-    b = torch.randn(matmul_size, matmul_size)
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def matmul():
+        a @ b
+        sync()
+
+    matmul()  # warm-up
+    return 2 * n**3 / min(_timed(matmul) for _ in range(repeats)) / 1e12
+
+
+def measure_cpu(matmul_size: int = 1024, copy_mb: int = 256, repeats: int = 3) -> Accelerator:
+    """An entry for this machine's CPU: measured BF16 GEMM TFLOPS and copy bandwidth (read +
+    write of a `copy_mb` copy), best of `repeats`."""
+    import torch
+
     src = torch.empty(copy_mb * 2**20 // 4)
     dst = torch.empty_like(src)
-    a @ b  # warm-up
-    dst.copy_(src)
-    gemm_s = min(_timed(lambda: a @ b) for _ in range(repeats))
+    dst.copy_(src)  # warm-up
     copy_s = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    tflops = 2 * matmul_size**3 / gemm_s / 1e12
     gbps = 2 * src.numel() * 4 / copy_s / 1e9
     return Accelerator(
         name="cpu",
-        bf16_tflops=tflops,
+        bf16_tflops=gemm_tflops("bfloat16", matmul_size, repeats),
         fp8_tflops=None,
         hbm_gb=_memory_gb(),
         hbm_gbps=gbps,
@@ -149,7 +159,7 @@ def measure_cpu(matmul_size: int = 1024, copy_mb: int = 256, repeats: int = 3) -
         scaleup_domain=1,
         nics_per_gpu=0,
         nic_gbps=0.0,
-        source=f"measured: {matmul_size}^3 FP32 matmul, {copy_mb} MB copy, {torch.get_num_threads()} threads",
+        source=f"measured: {matmul_size}^3 BF16 matmul, {copy_mb} MB copy, {torch.get_num_threads()} threads",
     )
 
 
