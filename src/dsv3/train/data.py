@@ -1,0 +1,357 @@
+"""Training data: corpus -> byte-level BPE tokenizer -> token cache (numpy memmap) -> packed batches.
+
+Corpus. A list of source specs, read in a fixed order:
+  * "stdlib"            the `.py` sources (code and docstrings) of the Python standard library that
+                        ships with the interpreter: ~30 MB of real text on every machine, no download;
+  * a file or folder    your own text (folders are walked for TEXT_SUFFIXES files, sorted);
+  * "hf:NAME[:CONFIG]"  a Hugging Face dataset's "text" column, only if `datasets` is installed and
+                        the dataset is already cached (we never download at run time).
+
+Tokenizer. A byte-level BPE (HF `tokenizers`) trained on the corpus on first use, with the special
+tokens <|bos|> = 0 and <|eos|> = 1 (the ids ModelConfig expects), cached under the cache folder by
+corpus fingerprint and vocab size; or a user's `tokenizer.json`.
+
+Token cache. Every document becomes [bos] + tokens + [eos] and is appended to one of two flat uint16
+(uint32 for vocabularies >= 65536) files, train.bin or val.bin: document i goes to validation when
+floor((i + 1) * f) > floor(i * f), i.e. every 1/f-th document is held out, whole. The files are
+written once (with a progress bar) into a temporary folder renamed into place, and then opened as
+memory maps, so a 10 GB corpus costs no RAM.
+
+Packing. The stream is cut into non-overlapping windows of seq_len + 1 tokens; a window gives
+input_ids = w[:-1] and pre-shifted labels = w[1:]. Documents are packed back to back, so where an input
+token is <|eos|> its target would be the first token of the next document: that label is set to -100,
+which both removes it from the loss and cuts the model's multi-token-prediction chains there.
+
+Loader. `Loader` visits the train windows in a seeded random permutation per epoch; its whole state
+is (seed, epoch, cursor), saved in checkpoints, so a resumed run sees exactly the batches it would
+have seen without the interruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BOS, EOS = "<|bos|>", "<|eos|>"
+EOS_ALIASES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>")
+BOS_ALIASES = (BOS, "<s>", "<|begin_of_text|>")
+TEXT_SUFFIXES = frozenset(
+    {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".js", ".ts", ".html", ".tex"}
+)
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Bad data input (missing path, empty corpus, unusable tokenizer); raised before training starts."""
+
+
+# ----------------------------------------------------------------------------------------- corpus
+class Corpus:
+    """The documents named by a list of source specs, in a fixed order (see the module docstring)."""
+
+    def __init__(self, specs: list[str], max_bytes: int | None = None) -> None:
+        if not specs:
+            raise DataError("no data sources given")
+        self.specs = list(specs)
+        self.files: list[Path] = []
+        self.datasets: list[tuple[str, Any]] = []
+        for spec in specs:
+            if spec == "stdlib":
+                self.files += _stdlib_files()
+            elif spec.startswith("hf:"):
+                self.datasets.append((spec, _load_cached_hf_dataset(spec)))
+            else:
+                self.files += _user_files(Path(spec))
+        if max_bytes is not None:
+            self.files = _first_bytes(self.files, max_bytes)
+        if not self.files and not self.datasets:
+            raise DataError(f"data sources {specs} contain no documents")
+        self.max_bytes = max_bytes
+
+    def __len__(self) -> int:
+        return len(self.files) + sum(len(ds) for _, ds in self.datasets)
+
+    def __iter__(self) -> Iterator[str]:
+        for path in self.files:
+            yield path.read_text(encoding="utf-8", errors="replace")
+        for _, ds in self.datasets:
+            for row in ds:
+                yield row["text"]
+
+    def fingerprint(self) -> str:
+        """Changes whenever a document is added, removed or modified."""
+        h = hashlib.sha256(json.dumps([self.specs, self.max_bytes]).encode())
+        for path in self.files:
+            st = path.stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for spec, ds in self.datasets:
+            h.update(f"{spec}\0{getattr(ds, '_fingerprint', len(ds))}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+
+
+def _user_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"data folder {path} has no text files (suffixes {sorted(TEXT_SUFFIXES)})")
+        return files
+    raise DataError(f"data path {path} does not exist (give a file, a folder, 'stdlib' or 'hf:NAME')")
+
+
+def _first_bytes(files: list[Path], max_bytes: int) -> list[Path]:
+    kept, total = [], 0
+    for path in files:
+        if total >= max_bytes:
+            break
+        kept.append(path)
+        total += path.stat().st_size
+    return kept
+
+
+def _load_cached_hf_dataset(spec: str) -> Any:
+    name, _, config = spec[3:].partition(":")
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"{spec}: the `datasets` package is not installed") from e
+    os.environ["HF_DATASETS_OFFLINE"] = "1"  # cached data only: no download at run time
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train")
+    except Exception as e:
+        raise DataError(f"{spec}: not available in the local Hugging Face cache ({e})") from e
+    if "text" not in ds.column_names:
+        raise DataError(f"{spec}: dataset has no 'text' column (columns: {ds.column_names})")
+    return ds
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """A loaded tokenizer with the ids the packer and the sampler need."""
+
+    tokenizer: Any  # tokenizers.Tokenizer
+    bos_id: int | None
+    eos_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+
+def train_tokenizer(corpus: Corpus, vocab_size: int) -> Any:
+    """Train a byte-level BPE with <|bos|> = 0 and <|eos|> = 1 on the corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    print(
+        f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(corpus)} documents ...", flush=True
+    )
+    tok.train_from_iterator(iter(corpus), trainer, length=len(corpus))
+    return tok
+
+
+def load_tokenizer(path: str | Path, max_vocab: int) -> TokenizerInfo:
+    """Load a `tokenizer.json`; its vocabulary must fit the model's embedding."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"tokenizer file {path} does not exist")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise DataError(f"tokenizer file {path} could not be read: {e}") from e
+    if tok.get_vocab_size() > max_vocab:
+        raise DataError(
+            f"tokenizer {path} has {tok.get_vocab_size()} tokens, more than the model's vocab_size={max_vocab}"
+        )
+    eos = _first_token_id(tok, EOS_ALIASES)
+    if eos is None:
+        raise DataError(f"tokenizer {path} has no end-of-text token (one of {EOS_ALIASES})")
+    return TokenizerInfo(tok, _first_token_id(tok, BOS_ALIASES), eos)
+
+
+def _first_token_id(tok: Any, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
+def cached_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) -> Path:
+    """Path of the tokenizer trained on this corpus, training and caching it on first use."""
+    path = cache_dir / f"tokenizer-{corpus.fingerprint()}-{vocab_size}.json"
+    if not path.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        train_tokenizer(corpus, vocab_size).save(str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ token cache
+@dataclass(frozen=True)
+class TokenCache:
+    """The tokenized corpus on disk: train.bin and val.bin (flat token ids) and meta.json."""
+
+    folder: Path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.folder / "meta.json").read_text())
+
+    def tokens(self, split: str) -> np.ndarray:
+        meta = self.meta
+        return np.memmap(self.folder / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(meta[split],))
+
+
+def build_token_cache(corpus: Corpus, tok: TokenizerInfo, val_fraction: float, cache_dir: Path) -> TokenCache:
+    """Tokenize the corpus once into cache_dir (keyed by corpus, tokenizer and split); reuse it after."""
+    key = hashlib.sha256(
+        f"{corpus.fingerprint()}\0{tok.tokenizer.to_str()}\0{val_fraction}".encode()
+    ).hexdigest()[:16]
+    folder = cache_dir / f"tokens-{key}"
+    if (folder / "meta.json").is_file():
+        return TokenCache(folder)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tokens-{key}-", dir=cache_dir))
+    try:
+        meta = _tokenize_into(corpus, tok, val_fraction, tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TokenCache(folder)
+
+
+def _tokenize_into(corpus: Corpus, tok: TokenizerInfo, val_fraction: float, folder: Path) -> dict[str, Any]:
+    from rich.progress import track
+
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    counts = {"train": 0, "val": 0, "documents": 0}
+    with open(folder / "train.bin", "wb") as train_f, open(folder / "val.bin", "wb") as val_f:
+        texts = track(_batched(corpus, 64), total=-(-len(corpus) // 64), description="tokenizing corpus")
+        for batch in texts:
+            for enc in tok.tokenizer.encode_batch(batch, add_special_tokens=False):
+                if not enc.ids:
+                    continue
+                i = counts["documents"]
+                split = "val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train"
+                ids = ([tok.bos_id] if tok.bos_id is not None else []) + enc.ids + [tok.eos_id]
+                (val_f if split == "val" else train_f).write(np.asarray(ids, dtype=dtype).tobytes())
+                counts[split] += len(ids)
+                counts["documents"] += 1
+    return {"dtype": np.dtype(dtype).name, **counts}
+
+
+def _batched(texts: Corpus, n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------------------- packing, loader
+class PackedTokens:
+    """A flat token stream seen as non-overlapping windows of seq_len + 1 tokens."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int, split: str = "train") -> None:
+        self.tokens, self.seq_len, self.eos_id = tokens, seq_len, eos_id
+        if len(self) == 0:
+            raise DataError(
+                f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                "add data, shorten --seq-len or change --val-fraction"
+            )
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and pre-shifted labels [len(indices), seq_len]; -100 after every <|eos|>."""
+        T = self.seq_len
+        windows = np.stack([self.tokens[i * T : i * T + T + 1] for i in indices]).astype(np.int64)
+        x = torch.from_numpy(windows[:, :-1].copy())
+        y = torch.from_numpy(windows[:, 1:].copy())
+        y[x == self.eos_id] = IGNORE_INDEX
+        return x, y
+
+
+class Loader:
+    """Seeded, stateful batches over PackedTokens: an epoch is one random permutation of all windows."""
+
+    def __init__(self, data: PackedTokens, batch_size: int, seed: int) -> None:
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.epoch, self.cursor = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picked: list[np.ndarray] = []
+        need = self.batch_size
+        while need:
+            take = self._perm[self.cursor : self.cursor + need]
+            picked.append(take)
+            need -= len(take)
+            self.cursor += len(take)
+            if self.cursor == len(self._perm):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._perm = self._permutation()
+        return self.data.batch(np.concatenate(picked))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.cursor = int(state["seed"]), int(state["epoch"]), int(state["cursor"])
+        self._perm = self._permutation()
+
+
+def validation_batches(
+    data: PackedTokens, batch_size: int, max_batches: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first max_batches batches of the validation windows, in order (the same every evaluation)."""
+    n = min(len(data), batch_size * max_batches)
+    for start in range(0, n, batch_size):
+        yield data.batch(np.arange(start, min(start + batch_size, n)))
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross entropy (nats/token) of the best context-free model: the baseline learning must beat."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -1,0 +1,200 @@
+"""What a training run shows and records: progress, JSONL metrics, TensorBoard, MFU, and a PNG report.
+
+* `MetricsLog` appends one JSON object per logged step to `metrics.jsonl` (always `step`, `loss`,
+  `lr`; plus MTP and balance losses, grad norm, tokens/s, MFU, per-layer expert-load MaxVio and
+  the raw expert-load matrix; `val_loss` on evaluation steps). On resume, records after the
+  checkpoint's step are dropped, so the file tells one consistent history. TensorBoard scalars are
+  mirrored when asked (tensorboard is imported only then).
+* `Progress` is a live rich bar (step, loss, tokens/s, MFU, ETA) on a terminal, and plain lines
+  when the output is a file or a pipe.
+* MFU = achieved training FLOP/s over the device's peak. FLOP per token follows the convention that
+  reproduces the paper's Table 2: 6 x activated parameters (input embedding excluded, head and MTP
+  included, routed experts counted k/N) + causal attention 3 x layers x 2 x heads x (d_qk + d_v)
+  x seq/2. The peak is measured with a GEMM at start (or given).
+* MaxVio (V3R section 4.5.1) of one MoE layer = (max_i load_i - mean load) / mean load.
+* `write_report` draws loss curves, learning rate, MaxVio over training, and expert-load heat maps
+  (MoE layer x expert) at the first and last logged step, i.e. before and after the router biases
+  have balanced the load. matplotlib is imported only there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MetricsLog:
+    """Append-only JSONL log (and optional TensorBoard mirror) of per-step records."""
+
+    def __init__(self, path: Path, keep_up_to_step: int | None, tensorboard_dir: Path | None = None) -> None:
+        self.path = path
+        kept = [r for r in read_metrics(path) if keep_up_to_step is not None and r["step"] <= keep_up_to_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(path, "a")  # noqa: SIM115 - open for the whole run
+        self._tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(tensorboard_dir), purge_step=keep_up_to_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def max_violation(load: torch.Tensor) -> list[float]:
+    """MaxVio per MoE layer of an expert-load matrix [layers, experts]."""
+    mean = load.float().mean(dim=1).clamp_min(1e-9)
+    return ((load.float().max(dim=1).values - mean) / mean).tolist()
+
+
+# ------------------------------------------------------------------------------------------ MFU
+def activated_params(model: nn.Module, experts_per_token: int, routed_experts: int) -> int:
+    """Parameters one token uses: all but input embeddings, routed experts counted k/N."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    total = 0.0
+    for name, p in model.named_parameters():
+        if id(p) in embeddings:
+            continue
+        routed = ".experts." in f".{name}" and "shared_experts" not in name
+        total += p.numel() * (experts_per_token / routed_experts if routed else 1.0)
+    return int(total)
+
+
+def train_flops_per_token(model: nn.Module, cfg: Any, seq_len: int) -> float:
+    """Training FLOP per token (forward + backward) of a DeepSeek-style model, paper's convention."""
+    dense = 6 * activated_params(model, cfg.num_experts_per_tok, cfg.n_routed_experts)
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    attention = 3 * layers * 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    return dense + attention
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of a square GEMM in `dtype` on `device`: the roofline MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------- progress
+class Progress:
+    """A live rich progress bar on a terminal; one plain line per logged step otherwise."""
+
+    def __init__(self, total: int, start: int, live: bool | None = None) -> None:
+        self.total = total
+        self.live = sys.stdout.isatty() if live is None else live
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+            )  # fmt: skip
+            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, step: int, info: str, logged: bool) -> None:
+        if self.live:
+            self._bar.update(self._task, completed=step, info=info)
+        elif logged:
+            print(f"step {step}/{self.total} {info}", flush=True)
+
+    def print(self, message: str) -> None:
+        if self.live:
+            self._bar.console.print(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            self._bar.stop()
+
+
+# --------------------------------------------------------------------------------------- report
+def write_report(metrics_path: Path, png_path: Path, title: str = "") -> Path:
+    """Loss curves, learning rate, MaxVio and before/after expert-load heat maps in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    if not records:
+        raise ValueError(f"{metrics_path} has no records to plot")
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    _plot_losses(axes[0, 0], records)
+    _plot_series(axes[0, 1], records, ["lr"], "learning rate")
+    _plot_series(axes[0, 2], records, ["maxvio"], "expert-load MaxVio (mean over MoE layers)")
+    _plot_series(axes[1, 0], records, ["grad_norm"], "gradient norm (before clipping)")
+    loads = [r for r in records if "expert_load" in r]
+    if loads:
+        vmax = max(max(map(max, r["expert_load"])) for r in (loads[0], loads[-1]))
+        for ax, r, when in ((axes[1, 1], loads[0], "first"), (axes[1, 2], loads[-1], "last")):
+            im = ax.imshow(r["expert_load"], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+            ax.set(
+                title=f"expert load, {when} logged step {r['step']}",
+                xlabel="expert",
+                ylabel="MoE layer (then MTP)",
+                yticks=range(len(r["expert_load"])),
+            )
+            fig.colorbar(im, ax=ax, label="tokens")
+    else:
+        for ax in axes[1, 1:]:
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def _plot_losses(ax: Any, records: list[dict[str, Any]]) -> None:
+    _plot_series(ax, records, ["loss", "mtp_loss", "val_loss"], "loss (nats/token)")
+    baseline = [r["unigram_loss"] for r in records if "unigram_loss" in r]
+    if baseline:
+        ax.axhline(baseline[-1], color="gray", linestyle="--", label="unigram baseline")
+        ax.legend()
+
+
+def _plot_series(ax: Any, records: list[dict[str, Any]], keys: list[str], title: str) -> None:
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if key == "val_loss" else None, label=key)
+    ax.set(title=title, xlabel="step")
+    ax.legend()

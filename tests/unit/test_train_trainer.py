@@ -1,0 +1,144 @@
+"""The training loop (dsv3.train.trainer): exact resume, balancing, metrics, and checks before work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_helpers import MICRO_MODEL, micro_config, write_corpus
+
+from dsv3.config import ConfigError
+from dsv3.train.checkpoint import CheckpointError
+from dsv3.train.data import DataError
+from dsv3.train.metrics import read_metrics
+from dsv3.train.trainer import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    return write_corpus(root / "corpus"), root / "cache"
+
+
+def losses(run) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl")]
+
+
+def test_resume_continues_bitwise_exactly(corpus, tmp_path):
+    data, cache = corpus
+    full = Trainer(micro_config(tmp_path / "a", data, cache, steps=6))
+    full.fit()
+    part = Trainer(micro_config(tmp_path / "b", data, cache, steps=6, stop_after=3))
+    part.fit()
+    assert part.step == 3 and not (tmp_path / "b" / "run" / "hf").exists()
+    resumed = Trainer(micro_config(tmp_path / "b", data, cache, steps=6, resume=True))
+    resumed.fit()
+    a, b = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    assert [s for s, _ in a] == list(range(1, 7)) and a == b  # exact float equality, every step
+    sa, sb = full.model.state_dict(), resumed.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    assert any("e_score_correction_bias" in k and sa[k].abs().sum() > 0 for k in sa), (
+        "router biases never moved"
+    )
+
+
+def test_time_budget_stops_with_a_checkpoint_and_resumes(corpus, tmp_path):
+    data, cache = corpus
+    first = Trainer(micro_config(tmp_path, data, cache, steps=6, max_minutes=1e-9))
+    first.fit()
+    assert first.step == 1 and (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000001"
+    resumed = Trainer(micro_config(tmp_path, data, cache, steps=6, resume=True))
+    resumed.fit()
+    assert resumed.step == 6 and [s for s, _ in losses(tmp_path / "run")] == list(range(1, 7))
+
+
+def test_metrics_records_and_exports(corpus, tmp_path):
+    data, cache = corpus
+    trainer = Trainer(micro_config(tmp_path, data, cache, steps=4, eval_every=2, report=True))
+    summary = trainer.fit()
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert {
+            "loss",
+            "lr",
+            "mtp_loss",
+            "balance_loss",
+            "grad_norm",
+            "tokens_per_s",
+            "mfu",
+            "maxvio",
+        } <= r.keys()
+        assert len(r["expert_load"]) == len(r["maxvio_per_layer"]) == 2  # 1 MoE layer + 1 MTP block
+        assert sum(r["expert_load"][0]) == 4 * 32 * 2  # batch x seq x top-k routed tokens
+    assert "val_loss" in records[1] and "val_loss" not in records[2]
+    assert (run / "report.png").stat().st_size > 10_000 and summary["report"] == str(run / "report.png")
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["train"]["steps"] == 4 and saved["model"]["hidden_size"] == 64
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (run / "hf" / name).is_file()
+    from dsv3 import Transformer
+
+    reloaded = Transformer.from_pretrained(run / "hf")
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_tensorboard_mirrors_the_scalars(corpus, tmp_path):
+    pytest.importorskip("tensorboard")  # an optional extra: dsv3[tensorboard]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data, cache = corpus
+    Trainer(micro_config(tmp_path, data, cache, steps=3, tensorboard=True)).fit()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert {"lr", "grad_norm", "maxvio", "val_loss"} <= set(events.Tags()["scalars"])
+
+
+def test_bias_update_lowers_expert_load_violation(corpus, tmp_path):
+    data, cache = corpus
+    ungrouped = {**MICRO_MODEL, "n_group": 1, "topk_group": 1}
+
+    def final_maxvio(name: str, gamma: float) -> float:
+        cfg = micro_config(tmp_path / name, data, cache, steps=60, batch_size=16, lr=1e-3, bias_gamma=gamma,
+                           eval_every=60, save_every=60, schedule="cosine", min_lr_ratio=1.0,
+                           model_overrides=ungrouped)  # fmt: skip
+        Trainer(cfg).fit()
+        tail = read_metrics(tmp_path / name / "run" / "metrics.jsonl")[-10:]
+        return sum(r["maxvio"] for r in tail) / len(tail)
+
+    off, on = final_maxvio("off", 0.0), final_maxvio("on", 0.003)
+    assert on < 0.6 * off, (on, off)
+
+
+def test_bad_options_fail_before_any_work(corpus, tmp_path):
+    data, cache = corpus
+    cases = [
+        (dict(preset="huge"), ConfigError, "unknown preset"),
+        (dict(lr=-1.0), ConfigError, "lr=-1.0"),
+        (dict(seq_len=4096), ConfigError, "max_position_embeddings=128"),
+        (dict(steps=0), ConfigError, "steps=0"),
+        (dict(data=[str(tmp_path / "missing")]), DataError, "does not exist"),
+        (dict(resume=True), CheckpointError, "no checkpoint"),
+        (dict(model_overrides={"vocab_size": 100}), DataError, "vocab_size=100"),
+    ]
+    for overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            Trainer(micro_config(tmp_path, data, cache, **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_needs_resume_and_config_file_rejects_unknown_keys(corpus, tmp_path):
+    data, cache = corpus
+    Trainer(micro_config(tmp_path, data, cache, steps=1)).fit()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(micro_config(tmp_path, data, cache, steps=2))
+    bad = tmp_path / "run.json"
+    bad.write_text(json.dumps({"steps": 5, "learning_rate": 1e-3}))
+    with pytest.raises(ConfigError, match=r"unknown keys \['learning_rate'\]"):
+        TrainConfig.from_file(bad)
