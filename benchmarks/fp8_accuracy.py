@@ -11,8 +11,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import save_result  # noqa: E402
-
-
 from dsv3.fp8.gemm import fp8_gemm, gemm_hopper  # noqa: E402
 from dsv3.fp8.quant import ACT, WEIGHT, quantize, sqnr_db  # noqa: E402
 
@@ -37,8 +35,14 @@ def sqnr_table() -> list[dict]:
             "bf16": x.bfloat16().float() @ w.bfloat16().float().t(),
         }
         for name, out in outs.items():
-            rows.append({"data": kind, "gemm": name, "sqnr_db": sqnr_db(exact, out),
-                         "token_sqnr_db": sqnr_db(exact, out, per_row=True)})
+            rows.append(
+                {
+                    "data": kind,
+                    "gemm": name,
+                    "sqnr_db": sqnr_db(exact, out),
+                    "token_sqnr_db": sqnr_db(exact, out, per_row=True),
+                }
+            )
     print(f"{'data':18s} {'GEMM':20s} {'SQNR dB':>8s} {'per-token dB':>12s}")
     for r in rows:
         print(f"{r['data']:18s} {r['gemm']:20s} {r['sqnr_db']:8.2f} {r['token_sqnr_db']:12.2f}")
@@ -54,10 +58,16 @@ def accumulation_table(groups: tuple[int, ...] = (32, 4)) -> list[dict]:
             row = {"dist": dist, "K": k}
             for group in groups:
                 for promote in (False, True):
-                    qa, qb = (quantize(a, ACT), quantize(b, ACT)) if promote else (quantize(a, None), quantize(b, None))
+                    qa, qb = (
+                        (quantize(a, ACT), quantize(b, ACT))
+                        if promote
+                        else (quantize(a, None), quantize(b, None))
+                    )
                     exact = qa.dequantize().double() @ qb.dequantize().double().t()
                     out = gemm_hopper(qa, qb, promote=promote, group=group).double()
-                    row[f"g{group}{'_promoted' if promote else ''}"] = ((out - exact).abs().max() / exact.abs().max()).item()
+                    row[f"g{group}{'_promoted' if promote else ''}"] = (
+                        (out - exact).abs().max() / exact.abs().max()
+                    ).item()
             rows.append(row)
     cols = [c for c in rows[0] if c not in ("dist", "K")]
     print("\nmax relative error of the FP22 accumulator (13 fraction bits, truncation), g = products per add")

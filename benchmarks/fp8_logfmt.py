@@ -11,8 +11,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import save_result  # noqa: E402
-
-
 from dsv3.fp8 import logfmt  # noqa: E402
 from dsv3.fp8.quant import ACT, quantize, sqnr_db  # noqa: E402
 
@@ -42,10 +40,20 @@ def main() -> None:
         for codec, (fn, nbytes) in codecs.items():
             y = fn(x)
             rel = ((y - x).norm() / x.norm()).item()
-            rows.append({"data": name, "codec": codec, "sqnr_db": sqnr_db(x, y), "rel_l2": rel, "bytes_per_elem": nbytes})
+            rows.append(
+                {
+                    "data": name,
+                    "codec": codec,
+                    "sqnr_db": sqnr_db(x, y),
+                    "rel_l2": rel,
+                    "bytes_per_elem": nbytes,
+                }
+            )
     print(f"{'data':25s} {'codec':11s} {'SQNR dB':>8s} {'rel L2 err':>10s} {'bytes/el':>8s}")
     for r in rows:
-        print(f"{r['data']:25s} {r['codec']:11s} {r['sqnr_db']:8.2f} {r['rel_l2']:10.2e} {r['bytes_per_elem']:8.4f}")
+        print(
+            f"{r['data']:25s} {r['codec']:11s} {r['sqnr_db']:8.2f} {r['rel_l2']:10.2e} {r['bytes_per_elem']:8.4f}"
+        )
     save_result("fp8_logfmt", {"rows": rows})
 
 

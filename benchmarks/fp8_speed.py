@@ -10,7 +10,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import save_result  # noqa: E402
-
 from dsv3.fp8.linear import Fp8Linear  # noqa: E402
 from dsv3.fp8.quant import ACT, quantize  # noqa: E402
 
@@ -37,12 +36,14 @@ def torch_cast_quantize(x: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     x = torch.randn(4096, 4096)
     q = quantize(x, ACT)
-    t = best({
-        "quantize 1x128 (fused, compiled)": lambda: quantize(x, ACT),
-        "quantize 1x128 (eager torch cast)": lambda: torch_cast_quantize(x),
-        "dequantize (fused bit decode)": lambda: q.dequantize(),
-        "dequantize (torch cast)": lambda: q.data.float() * q.scale.repeat_interleave(128, 1),
-    })
+    t = best(
+        {
+            "quantize 1x128 (fused, compiled)": lambda: quantize(x, ACT),
+            "quantize 1x128 (eager torch cast)": lambda: torch_cast_quantize(x),
+            "dequantize (fused bit decode)": lambda: q.dequantize(),
+            "dequantize (torch cast)": lambda: q.data.float() * q.scale.repeat_interleave(128, 1),
+        }
+    )
     gb = x.numel() * 4 / 1e9
     print(f"{'op, 4096x4096 fp32':36s} {'ms':>8s} {'GB/s':>6s}")
     for name, s in t.items():
@@ -56,7 +57,13 @@ def main() -> None:
     def step(module):
         return lambda: module(xs).sum().backward()
 
-    s = best({"Fp8Linear fwd+bwd": step(fp8), "nn.Linear bf16 fwd+bwd": step(bf16), "nn.Linear fp32 fwd+bwd": lambda: linear(xs.float()).sum().backward()})
+    s = best(
+        {
+            "Fp8Linear fwd+bwd": step(fp8),
+            "nn.Linear bf16 fwd+bwd": step(bf16),
+            "nn.Linear fp32 fwd+bwd": lambda: linear(xs.float()).sum().backward(),
+        }
+    )
     print(f"\n{'2048x1024 @ 1024x1024, fwd+bwd':36s} {'ms':>8s} {'vs bf16':>7s}")
     for name, sec in s.items():
         print(f"{name:36s} {1e3 * sec:8.1f} {sec / s['nn.Linear bf16 fwd+bwd']:7.2f}")

@@ -25,17 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import gemm_tflops, save_result  # noqa: E402
-
 from dsv3 import ModelConfig, Transformer  # noqa: E402
-
-
-def training_flops_per_token(model: Transformer, seq: int) -> float:
-    """6 x matmul parameters touched per token + causal attention (3 x L x 2 x H x (dqk+dv) x seq/2)."""
-    cfg = model.cfg
-    counts = model.num_params()
-    matmul_params = counts["activated_params_without_embedding"]
-    attn = 3 * cfg.num_hidden_layers * 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq / 2
-    return 6 * matmul_params + attn
 
 
 def make_step(model, ids, labels, autocast_dtype, is_hf: bool):
@@ -82,14 +72,14 @@ def main() -> None:
             ours.save_pretrained(d)
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
         ours_mtp = Transformer(ModelConfig.from_preset(args.preset)).train()
-        fpt = training_flops_per_token(ours, args.seq)
+        fpt = ours.training_flops_per_token(args.seq)
         runs = {
             "dsv3": make_step(torch.compile(ours) if args.compile else ours, ids, labels, autocast, False),
             "hf": make_step(hf, ids, labels, autocast, True),
             "dsv3+mtp": make_step(ours_mtp, ids, labels, autocast, False),
         }
         times = {k: [] for k in runs}
-        for name, step in runs.items():  # warm-up
+        for step in runs.values():  # warm-up
             step(), step()
         for _ in range(args.steps):
             for name, step in runs.items():

@@ -13,7 +13,11 @@ import sys
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("info", "dsv3.info", "parameter counts and KV-cache bytes of a preset or config.json"),
     ("demo", "dsv3.demo", "the main job on the embedded default (what `make run` runs)"),
-    ("analyze", "dsv3.analysis.cli", "co-design analyzer: the paper's tables, KV cache, FLOPs, limits, network"),
+    (
+        "analyze",
+        "dsv3.analysis.cli",
+        "co-design analyzer: the paper's tables, KV cache, FLOPs, limits, network",
+    ),
     ("train", "dsv3.train.cli", "train a model (tiny preset on the Python stdlib by default)"),
     ("generate", "dsv3.train.sample", "sample text from a trained checkpoint"),
 )

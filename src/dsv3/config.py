@@ -143,12 +143,14 @@ class ModelConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
         need(
             self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
-            "q_lora_rank", "must be a positive integer, or null for a plain query projection",
+            "q_lora_rank",
+            "must be a positive integer, or null for a plain query projection",
         )
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         need(
             0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-            "first_k_dense_replace", f"must be in [0, num_hidden_layers={self.num_hidden_layers}]",
+            "first_k_dense_replace",
+            f"must be in [0, num_hidden_layers={self.num_hidden_layers}]",
         )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         need(self.hidden_act in HIDDEN_ACTS, "hidden_act", f"must be one of {HIDDEN_ACTS}")
@@ -165,12 +167,14 @@ class ModelConfig:
         need(self.topk_method in TOPK_METHODS, "topk_method", f"must be one of {TOPK_METHODS}")
         need(
             1 <= self.num_experts_per_tok <= self.n_routed_experts,
-            "num_experts_per_tok", f"must be in [1, n_routed_experts={self.n_routed_experts}]",
+            "num_experts_per_tok",
+            f"must be in [1, n_routed_experts={self.n_routed_experts}]",
         )
         need(self.n_group >= 1, "n_group", "must be >= 1")
         need(
             self.n_routed_experts % self.n_group == 0,
-            "n_routed_experts", f"must be divisible by n_group={self.n_group}",
+            "n_routed_experts",
+            f"must be divisible by n_group={self.n_group}",
         )
         need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]")
         if self.topk_method != "greedy":
@@ -181,13 +185,17 @@ class ModelConfig:
                 f"must be <= topk_group x experts per group = {self.topk_group} x {per_group}",
             )
             if self.topk_method == "noaux_tc" and self.n_group > 1:
-                need(per_group >= 2, "n_group", "noaux_tc scores a group by its top-2 experts: needs >= 2 per group")
+                need(
+                    per_group >= 2,
+                    "n_group",
+                    "noaux_tc scores a group by its top-2 experts: needs >= 2 per group",
+                )
         need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
         need(self.aux_loss_alpha >= 0, "aux_loss_alpha", "must be >= 0")
 
     # ---------------------------------------------------------------- presets and files
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         kwargs = copy.deepcopy(PRESETS[name])
@@ -195,7 +203,7 @@ class ModelConfig:
         return cls.from_dict(kwargs)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Strict constructor for our own files: unknown keys are errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -204,7 +212,7 @@ class ModelConfig:
         return cls(**d)
 
     @classmethod
-    def from_hf(cls, source: str | Path | dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, source: str | Path | dict[str, Any]) -> ModelConfig:
         """Read a Hugging Face DeepSeek V2/V3 `config.json` (a path, its folder, or the dict).
 
         Extra HF keys are ignored. Keys that transformers omits because they equal its class
@@ -221,7 +229,9 @@ class ModelConfig:
             d, where = json.loads(path.read_text()), str(path)
         model_type = d.get("model_type")
         if model_type not in HF_DEFAULTS and model_type is not None:
-            raise ConfigError(f"{where}: model_type={model_type!r} is not a DeepSeek model; expected one of {sorted(HF_DEFAULTS)}")
+            raise ConfigError(
+                f"{where}: model_type={model_type!r} is not a DeepSeek model; expected one of {sorted(HF_DEFAULTS)}"
+            )
         merged = dict(HF_DEFAULTS.get(model_type, {}))
         merged.update({k: v for k, v in d.items() if v is not None or k == "q_lora_rank"})
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
@@ -274,7 +284,9 @@ def _normalize_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
     if kind in (None, "default"):
         raise ConfigError(f"rope_scaling={rs!r}: needs a 'type' ('yarn'), or set rope_scaling to null")
     if kind != "yarn":
-        raise ConfigError(f"rope_scaling.type={kind!r}: only 'yarn' is supported (DeepSeek's long-context RoPE)")
+        raise ConfigError(
+            f"rope_scaling.type={kind!r}: only 'yarn' is supported (DeepSeek's long-context RoPE)"
+        )
     for key in ("factor", "original_max_position_embeddings"):
         if key not in rs:
             raise ConfigError(f"rope_scaling is missing {key!r} (required for yarn)")

@@ -115,12 +115,19 @@ def from_hf_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]
             out[ours] = t
     for base, by_expert in experts.items():
         if sorted(by_expert) != list(range(cfg.n_routed_experts)):
-            raise ConfigError(f"{base}: checkpoint has experts {sorted(by_expert)[:8]}..., expected 0..{cfg.n_routed_experts - 1}")
+            raise ConfigError(
+                f"{base}: checkpoint has experts {sorted(by_expert)[:8]}..., expected 0..{cfg.n_routed_experts - 1}"
+            )
         try:
             out[f"{base}.gate_up_proj"] = torch.stack(
-                [torch.cat((by_expert[e]["gate_proj"], by_expert[e]["up_proj"])) for e in range(cfg.n_routed_experts)]
+                [
+                    torch.cat((by_expert[e]["gate_proj"], by_expert[e]["up_proj"]))
+                    for e in range(cfg.n_routed_experts)
+                ]
             )
-            out[f"{base}.down_proj"] = torch.stack([by_expert[e]["down_proj"] for e in range(cfg.n_routed_experts)])
+            out[f"{base}.down_proj"] = torch.stack(
+                [by_expert[e]["down_proj"] for e in range(cfg.n_routed_experts)]
+            )
         except KeyError as missing:
             raise ConfigError(f"{base}: an expert lacks its {missing} weight") from None
     if cfg.tie_word_embeddings and "lm_head.weight" not in out:
@@ -129,11 +136,15 @@ def from_hf_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------- FP8 block scales
-def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+def dequantize_fp8_block(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK
+) -> torch.Tensor:
     """float8 weight [out, in] * per-128x128-block scale [ceil(out/128), ceil(in/128)] -> float32."""
     rows, cols = weight.shape
     if scale_inv.shape != (-(-rows // block), -(-cols // block)):
-        raise ConfigError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not tile weight {tuple(weight.shape)} in {block}x{block} blocks")
+        raise ConfigError(
+            f"weight_scale_inv shape {tuple(scale_inv.shape)} does not tile weight {tuple(weight.shape)} in {block}x{block} blocks"
+        )
     scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     return weight.float() * scale
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a preset (tiny, small, v2-lite, v3-671b) or a config.json / checkpoint folder")
+    p.add_argument(
+        "model", help="a preset (tiny, small, v2-lite, v3-671b) or a config.json / checkpoint folder"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -21,7 +23,9 @@ def load_config(spec: str):
         return ModelConfig.from_preset(spec)
     if Path(spec).exists():
         return ModelConfig.from_hf(spec)
-    raise ConfigError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing config.json or folder")
+    raise ConfigError(
+        f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing config.json or folder"
+    )
 
 
 def model_info(cfg) -> dict:
@@ -61,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(label, f"{info[key]:,} ({info[key] / 1e9:.2f}B)")
     ratio = info["expanded_kv_bytes_per_token"] / info["kv_cache_bytes_per_token"]
     table.add_row("KV cache / token, latent (BF16)", f"{info['kv_cache_bytes_per_token']:,} B")
-    table.add_row("KV cache / token, expanded K/V (BF16)", f"{info['expanded_kv_bytes_per_token']:,} B ({ratio:.1f}x)")
+    table.add_row(
+        "KV cache / token, expanded K/V (BF16)", f"{info['expanded_kv_bytes_per_token']:,} B ({ratio:.1f}x)"
+    )
     Console().print(table)
     return 0

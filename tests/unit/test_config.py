@@ -56,7 +56,9 @@ def test_from_hf_ignores_extras_fills_class_defaults_and_requires_architecture(t
     assert (v2.scoring_func, v2.topk_method, v2.num_nextn_predict_layers) == ("softmax", "greedy", 0)
     # without a model_type every architecture key must be there
     with pytest.raises(ConfigError, match="missing required keys \\['intermediate_size'"):
-        ModelConfig.from_hf({"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1})
+        ModelConfig.from_hf(
+            {"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}
+        )
     with pytest.raises(ConfigError, match="not a DeepSeek model"):
         ModelConfig.from_hf({"model_type": "llama"})
     with pytest.raises(ConfigError, match="no config.json"):

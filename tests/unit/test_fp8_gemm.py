@@ -12,7 +12,6 @@ def eager(monkeypatch):
     monkeypatch.setenv("DSV3_FP8_COMPILE", "0")
 
 
-
 def test_emulate_equals_per_k_block_reference() -> None:
     a, b = quantize(torch.randn(70, 300), ACT), quantize(torch.randn(130, 300), WEIGHT)
     emulated, reference = fp8_gemm(a, b, backend="emulate"), fp8_gemm(a, b, backend="reference")
@@ -24,7 +23,6 @@ def test_fp8_gemm_accuracy_against_fp64(b_block) -> None:
     x, w = torch.randn(64, 512), torch.randn(96, 512)
     out = fp8_gemm(quantize(x, ACT), quantize(w, b_block))
     assert sqnr_db(x.double() @ w.double().t(), out) > 25  # E4M3 inputs: ~31 dB each
-
 
 
 def test_fine_grained_beats_per_tensor_on_outliers() -> None:

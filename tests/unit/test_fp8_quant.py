@@ -18,6 +18,7 @@ from dsv3.fp8.quant import (
     quantize_reference,
 )
 
+
 @pytest.fixture(autouse=True)
 def eager(monkeypatch):
     """The tile-by-tile checks run the codec eagerly; test_compiled_path_* covers torch.compile."""
@@ -95,7 +96,12 @@ def test_quantize_bf16_input_equals_reference() -> None:
 
 
 @settings(max_examples=20, deadline=None)
-@given(rows=st.integers(1, 300), cols=st.integers(1, 300), log_scale=st.integers(-30, 30), seed=st.integers(0, 999))
+@given(
+    rows=st.integers(1, 300),
+    cols=st.integers(1, 300),
+    log_scale=st.integers(-30, 30),
+    seed=st.integers(0, 999),
+)
 def test_quantize_equals_reference_fuzzed(rows, cols, log_scale, seed) -> None:
     x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale
     for block in (ACT, WEIGHT):

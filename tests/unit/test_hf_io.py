@@ -46,12 +46,19 @@ def test_mtp_layer_is_exported_with_checkpoint_names(tmp_path):
     for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "shared_head.head.weight",
                  "embed_tokens.weight", "self_attn.kv_b_proj.weight", "mlp.experts.7.down_proj.weight"):  # fmt: skip
         assert f"model.layers.{L}.{name}" in keys
-    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in keys and "model.layers.1.mlp.gate.e_score_correction_bias" in keys
+    assert (
+        "model.layers.1.mlp.experts.0.gate_proj.weight" in keys
+        and "model.layers.1.mlp.gate.e_score_correction_bias" in keys
+    )
 
 
 def test_checkpoint_without_mtp_loads_with_fresh_mtp(tmp_path, caplog):
     m = _model()
-    tensors = {k: v for k, v in hf_io.to_hf_state_dict(m).items() if not k.startswith(f"model.layers.{m.cfg.num_hidden_layers}.")}
+    tensors = {
+        k: v
+        for k, v in hf_io.to_hf_state_dict(m).items()
+        if not k.startswith(f"model.layers.{m.cfg.num_hidden_layers}.")
+    }
     m.cfg.save(tmp_path / "config.json", dtype="float32")
     save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
     loaded = Transformer.from_pretrained(tmp_path)

@@ -79,7 +79,9 @@ def test_published_rope_scaling_format_loads_like_rope_parameters(tmp_path):
     same model as the transformers-5 layout (rope_parameters)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    hf, ours = _hf_and_ours(DeepseekV3ForCausalLM, DeepseekV3Config(**BASE, **V3_CASES["qlora-grouped-dense-first"]), tmp_path)
+    hf, ours = _hf_and_ours(
+        DeepseekV3ForCausalLM, DeepseekV3Config(**BASE, **V3_CASES["qlora-grouped-dense-first"]), tmp_path
+    )
     published = ours.cfg.to_hf()
     assert "rope_scaling" in published and "rope_parameters" not in published
     assert published["rope_scaling"]["type"] == "yarn"

@@ -6,7 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv3 import ModelConfig
-from dsv3.model.moe import GroupedExperts, LocalDispatcher, MoE, Router, sequence_balance_loss, update_router_bias
+from dsv3.model.moe import (
+    GroupedExperts,
+    LocalDispatcher,
+    MoE,
+    Router,
+    sequence_balance_loss,
+    update_router_bias,
+)
 
 
 def _cfg(**kw):
@@ -55,7 +62,9 @@ def test_moe_equals_dense_per_token_reference():
     for n in range(10):
         for w, e in zip(route.weights[n], route.indices[n]):
             gate, up = torch.nn.functional.linear(x.view(10, 32)[n], moe.experts.gate_up_proj[e]).chunk(2)
-            ref[n] += w * torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, moe.experts.down_proj[e])
+            ref[n] += w * torch.nn.functional.linear(
+                torch.nn.functional.silu(gate) * up, moe.experts.down_proj[e]
+            )
     ref += moe.shared_experts(x.view(10, 32))
     torch.testing.assert_close(y.view(10, 32), ref, rtol=1e-5, atol=1e-5)
 
@@ -107,7 +116,13 @@ def test_router_invariants(n_group, topk_group_frac, k, method, scoring, seed):
     per_group = 16 // n_group
     if method != "greedy" and k > topk_group * per_group:
         return
-    cfg = _cfg(n_group=n_group, topk_group=topk_group, num_experts_per_tok=k, topk_method=method, scoring_func=scoring)
+    cfg = _cfg(
+        n_group=n_group,
+        topk_group=topk_group,
+        num_experts_per_tok=k,
+        topk_method=method,
+        scoring_func=scoring,
+    )
     router = _router(cfg, seed)
     if method == "noaux_tc":
         router.e_score_correction_bias.normal_(0, 1, generator=torch.Generator().manual_seed(seed))
@@ -115,7 +130,7 @@ def test_router_invariants(n_group, topk_group_frac, k, method, scoring, seed):
     assert out.indices.shape == (32, k)
     assert all(len(set(row.tolist())) == k for row in out.indices)  # k distinct experts
     if method != "greedy":
-        assert ((out.indices // per_group).unique(dim=None).numel() <= 32 * topk_group)
+        assert (out.indices // per_group).unique(dim=None).numel() <= 32 * topk_group
         assert all(len(set((row // per_group).tolist())) <= topk_group for row in out.indices)
     assert (out.weights >= 0).all()
 

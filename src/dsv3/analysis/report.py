@@ -408,8 +408,8 @@ def params_table(summary: dict[str, Any]) -> Table:
 # ---------------------------------------------------------------------------------- other reports
 def ep_limit_table(lims: dict[str, limits.EPDecodeLimit]) -> Table:
     rows = [
-        [name, l.bytes_per_layer / 1e6, l.comm_us, l.layer_us, l.tpot_ms, l.tokens_per_s]
-        for name, l in lims.items()
+        [name, lim.bytes_per_layer / 1e6, lim.comm_us, lim.layer_us, lim.tpot_ms, lim.tokens_per_s]
+        for name, lim in lims.items()
     ]
     columns = ["link", "MB per layer", "all-to-all us", "layer us", "TPOT ms", "tokens/s"]
     return Table("Expert-parallel decode speed limit", columns, rows)

@@ -32,7 +32,7 @@ Hopper FP8 MMA instruction (wgmma m64nNk32); it is not fitted to the paper's 2%.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -44,7 +44,9 @@ FRAC_BITS = 13  # fraction bits the Hopper FP8 accumulator keeps ("FP22")
 MMA_K = 32  # products per Hopper FP8 MMA instruction and output element
 
 
-def fp8_gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype = torch.float32, backend: str | None = None) -> Tensor:
+def fp8_gemm(
+    a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype = torch.float32, backend: str | None = None
+) -> Tensor:
     """``A[M, K] @ B[N, K]^T`` with the scales of both operands applied per K-block."""
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"inner dimensions differ: A {tuple(a.shape)}, B {tuple(b.shape)}")

@@ -87,7 +87,11 @@ class Fp8GroupedExperts(nn.Module):
 
     def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, backend: str | None = None):
         super().__init__()
-        self.gate_up_proj, self.down_proj, self.backend = gate_up_proj, down_proj, backend  # [E, 2I, H], [E, H, I]
+        self.gate_up_proj, self.down_proj, self.backend = (
+            gate_up_proj,
+            down_proj,
+            backend,
+        )  # [E, 2I, H], [E, H, I]
 
     @classmethod
     def from_float(cls, experts: nn.Module, backend: str | None = None) -> Fp8GroupedExperts:
@@ -104,7 +108,9 @@ class Fp8GroupedExperts(nn.Module):
         return torch.cat(out)
 
 
-def convert_to_fp8(model: nn.Module, keep: Iterable[str] = KEEP_HIGH_PRECISION, backend: str | None = None) -> nn.Module:
+def convert_to_fp8(
+    model: nn.Module, keep: Iterable[str] = KEEP_HIGH_PRECISION, backend: str | None = None
+) -> nn.Module:
     """Swap, in place, every ``nn.Linear`` for ``Fp8Linear`` and every ``GroupedExperts`` for
     ``Fp8GroupedExperts``, except modules whose attribute name or dotted path is in ``keep``."""
     from dsv3.model.moe import GroupedExperts

@@ -54,7 +54,9 @@ def encode(x: Tensor, bits: int = 8) -> LogFmtTensor:
     nonzero = mag > 0
     log_mag = torch.where(nonzero, torch.log2(mag.clamp(min=torch.finfo(torch.float32).tiny)), torch.nan)
     log_max = torch.nan_to_num(log_mag.nan_to_num(-torch.inf).amax(-1), neginf=0.0)
-    log_min = torch.maximum(torch.nan_to_num(log_mag.nan_to_num(torch.inf).amin(-1), posinf=0.0), log_max - LOG2_RANGE)
+    log_min = torch.maximum(
+        torch.nan_to_num(log_mag.nan_to_num(torch.inf).amin(-1), posinf=0.0), log_max - LOG2_RANGE
+    )
     top = 2 ** (bits - 1) - 1
     codes = _nearest_code(mag, log_min[:, None], log_max[:, None], top)
     codes = codes | ((tiles < 0).int() << (bits - 1))

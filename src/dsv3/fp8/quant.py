@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,9 @@ from dsv3.config import ModelConfig
 class LatentCache:
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
         if max_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+            raise ValueError(
+                f"max_len={max_len} exceeds max_position_embeddings={cfg.max_position_embeddings}"
+            )
         n_layers = cfg.num_hidden_layers
         self.max_len = max_len
         self.kv = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)

@@ -9,7 +9,9 @@ import torch
 from dsv3.infer.cache import LatentCache
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator
+) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -46,7 +48,9 @@ def generate(
     B, T = prompt_ids.shape
     total = T + max_new_tokens
     if total > model.cfg.max_position_embeddings:
-        raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_position_embeddings={model.cfg.max_position_embeddings}")
+        raise ValueError(
+            f"prompt + max_new_tokens = {total} exceeds max_position_embeddings={model.cfg.max_position_embeddings}"
+        )
     device = prompt_ids.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     param = next(model.parameters())

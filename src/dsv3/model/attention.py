@@ -54,7 +54,9 @@ class MLA(nn.Module):
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False
+        )
         self.o_proj = nn.Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
 
     def forward(
@@ -102,18 +104,17 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, dqk]
         k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, self.qk_rope_head_dim)), dim=-1)
         mask = None if S == T else _causal_mask(T, S, start_pos, q.device)
-        pad = self.qk_head_dim - self.v_head_dim  # fused SDPA kernels need equal q/k/v widths
-        if pad > 0:
-            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
         )  # fmt: skip
-        return out.transpose(1, 2)[..., : self.v_head_dim]  # [B, T, H, dv]
+        return out.transpose(1, 2)  # [B, T, H, dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, dn, r] and W_UV [H, dv, r]: views of kv_b_proj.weight, nothing copied."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w = self.kv_b_proj.weight.view(
+            self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank
+        )
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:

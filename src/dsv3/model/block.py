@@ -22,7 +22,14 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, cos, sin, with_aux: bool = False, cache=None, start_pos: int = 0, absorb: bool = False
+        self,
+        x: torch.Tensor,
+        cos,
+        sin,
+        with_aux: bool = False,
+        cache=None,
+        start_pos: int = 0,
+        absorb: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, H] -> (x [B, T, H], balance loss of this layer or None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx, start_pos, absorb)

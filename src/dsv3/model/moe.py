@@ -62,11 +62,13 @@ class Router(nn.Module):
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
         if self.topk_method == "noaux_tc":  # V2 checkpoints have no selection bias
-            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+            self.register_buffer(
+                "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
+            )
         # tokens routed to each expert since the last update_router_bias() (training only)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> "RouterOutput":
+    def forward(self, x: torch.Tensor) -> RouterOutput:
         dtype = torch.promote_types(x.dtype, torch.float32)  # FP32, or FP64 in exactness tests
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(dtype), self.weight.to(dtype))  # [N, E]
@@ -120,9 +122,9 @@ class GroupedExperts(nn.Module):
         if dtype not in GROUPED_MM_DTYPES:  # e.g. float64 for exactness tests
             return self.forward_reference(x, offs)
         x = x.to(dtype)
-        gate_up = F.grouped_mm(x, self.gate_up_proj.to(dtype).transpose(-2, -1), offs=offs)  # [M, 2I]
+        gate_up = _grouped_mm(x, self.gate_up_proj.to(dtype).transpose(-2, -1), offs)  # [M, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offs)  # [M, H]
+        return _grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs)  # [M, H]
 
     def forward_reference(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Plain loop over experts, one F.linear each: the reference for `forward`."""
@@ -135,6 +137,13 @@ class GroupedExperts(nn.Module):
 
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.compiler.disable
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm, run eagerly under torch.compile: its meta function (torch 2.13) accepts
+    only BF16, and on CPU the kernel is a loop of aten::mm that compiling cannot improve."""
+    return F.grouped_mm(a, b, offs=offs)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -173,7 +182,9 @@ class MoE(nn.Module):
         self.gate = Router(cfg)
         self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
         )
         self.dispatcher = LocalDispatcher()
 
@@ -188,7 +199,9 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         aux = None
         if with_aux and self.aux_loss_alpha > 0:
-            aux = self.aux_loss_alpha * sequence_balance_loss(route.scores.view(B, T, -1), route.indices.view(B, T, -1))
+            aux = self.aux_loss_alpha * sequence_balance_loss(
+                route.scores.view(B, T, -1), route.indices.view(B, T, -1)
+            )
         return y.to(x.dtype), aux
 
 

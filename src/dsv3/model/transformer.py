@@ -3,6 +3,9 @@
     out = model(input_ids)                  # out.logits [B, T, vocab]
     out = model(input_ids, labels=labels)   # + out.loss, out.mtp_loss, out.balance_loss
 
+With labels, the head and the cross entropy run fused chunk by chunk (model/loss.py) and the
+full logits are not materialized; pass `return_logits=True` to get them as well.
+
 `labels` are pre-shifted targets: labels[:, t] is the token that follows input_ids[:, t];
 -100 marks a position without a target (padding, or the first token of the next packed
 document). The MTP module of depth k predicts labels[:, t + k] from position t and skips
@@ -18,22 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.block import Block
+from dsv3.model.loss import IGNORE_INDEX, linear_cross_entropy
 from dsv3.model.moe import GroupedExperts, Router
 from dsv3.model.mtp import MTPModule
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import rope_cos_sin, rope_inv_freq
 
-IGNORE_INDEX = -100
-
 
 @dataclass
 class TransformerOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # [B, T, V]; None when computing losses unless asked for
     loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None
@@ -85,27 +86,46 @@ class Transformer(nn.Module):
         """Parameter counts from the modules (works on `meta`), counting what the checkpoint
         stores (parameters and the routers' bias buffers): the main model's total, those
         activated per token (all but the unchosen routed experts; with and without the input
-        embedding, which is a lookup), and the MTP modules' own (embedding and head shared)."""
+        embedding, which is a lookup), and the MTP modules' own (embedding and head shared),
+        all and activated."""
 
         def count(module: nn.Module) -> int:
-            biases = sum(b.numel() for n, b in module.named_buffers() if n.endswith("e_score_correction_bias"))
+            biases = sum(
+                b.numel() for n, b in module.named_buffers() if n.endswith("e_score_correction_bias")
+            )
             return sum(p.numel() for p in module.parameters()) + biases
+
+        def inactive(blocks) -> int:  # parameters of the routed experts a token does not use
+            n = 0
+            for block in blocks:
+                experts = getattr(block.mlp, "experts", None)
+                if experts is not None:
+                    per_expert = sum(p.numel() for p in experts.parameters()) // experts.n_experts
+                    n += (experts.n_experts - self.cfg.num_experts_per_tok) * per_expert
+            return n
 
         mtp = count(self.mtp)
         total = count(self) - mtp
-        inactive = 0
-        for block in self.layers:
-            experts = getattr(block.mlp, "experts", None)
-            if experts is not None:
-                per_expert = sum(p.numel() for p in experts.parameters()) // experts.n_experts
-                inactive += (experts.n_experts - self.cfg.num_experts_per_tok) * per_expert
-        activated = total - inactive
+        activated = total - inactive(self.layers)
         return {
             "total_params": total,
             "activated_params": activated,
             "activated_params_without_embedding": activated - self.embed_tokens.weight.numel(),
             "mtp_params": mtp,
+            "mtp_activated_params": mtp - inactive(self.mtp),
         }
+
+    def training_flops_per_token(self, seq_len: int) -> float:
+        """Forward + backward FLOPs per token in the paper's convention (ISCA Table 2): 6 x the
+        activated matmul parameters (head included, input embedding not; MTP modules included
+        when present) + causal attention 3 x layers x 2 x heads x (d_qk + d_v) x seq_len / 2."""
+        counts = self.num_params()
+        matmul = counts["activated_params_without_embedding"] + counts["mtp_activated_params"]
+        if len(self.mtp):  # each MTP depth runs the shared head once more
+            matmul += len(self.mtp) * self.lm_head.weight.numel()
+        layers = self.cfg.num_hidden_layers + len(self.mtp)
+        heads, d = self.cfg.num_attention_heads, self.cfg.qk_head_dim + self.cfg.v_head_dim
+        return 6 * matmul + 3 * layers * 2 * heads * d * seq_len / 2
 
     # ------------------------------------------------------------------ forward
     def rope(self, start_pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +140,7 @@ class Transformer(nn.Module):
         cache=None,
         start_pos: int = 0,
         absorb: bool | None = None,
+        return_logits: bool = False,
     ) -> TransformerOutput:
         """input_ids [B, T]. With a cache, the tokens sit at positions start_pos.. and attend to
         the cached ones; `absorb` picks the attention path (default: absorbed when decoding
@@ -134,10 +155,11 @@ class Transformer(nn.Module):
         for block in self.layers:
             h, aux = block(h, cos, sin, with_aux, cache, start_pos, absorb)
             balance = _add(balance, aux)
-        logits = self.lm_head(self.norm(h))  # [B, T, V]
         if labels is None:
-            return TransformerOutput(logits=logits, hidden=h)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            return TransformerOutput(logits=self.lm_head(self.norm(h)), hidden=h)  # [B, T, V]
+        hn = self.norm(h)
+        loss = linear_cross_entropy(hn, self.lm_head.weight, labels)
+        logits = self.lm_head(hn) if return_logits else None
         mtp_loss, mtp_balance = self._mtp_loss(h, emb, labels, cos, sin)
         return TransformerOutput(logits, loss, mtp_loss, _add(balance, mtp_balance), h)
 
@@ -154,9 +176,8 @@ class Transformer(nn.Module):
             chain_ok = chain_ok[:, :-1] & (labels[:, k:] != IGNORE_INDEX)  # [B, T-k]
             h, aux = module(h[:, :-1], emb[:, k:], cos[k:], sin[k:], with_aux=True)  # [B, T-k, H]
             balance = _add(balance, aux)
-            logits = self.lm_head(module.shared_head.norm(h))
             targets = labels[:, k:].masked_fill(~chain_ok, IGNORE_INDEX)
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX))
+            losses.append(linear_cross_entropy(module.shared_head.norm(h), self.lm_head.weight, targets))
         return (torch.stack(losses).mean() if losses else None), balance
 
     # ------------------------------------------------------------------ checkpoints (HF layout)
@@ -166,7 +187,9 @@ class Transformer(nn.Module):
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ):
         from dsv3.hf import load_pretrained
 
         return load_pretrained(path, device=device, dtype=dtype)

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 
 class MetricsLog:
@@ -67,46 +65,6 @@ def max_violation(load: torch.Tensor) -> list[float]:
     """MaxVio per MoE layer of an expert-load matrix [layers, experts]."""
     mean = load.float().mean(dim=1).clamp_min(1e-9)
     return ((load.float().max(dim=1).values - mean) / mean).tolist()
-
-
-# ------------------------------------------------------------------------------------------ MFU
-def activated_params(model: nn.Module, experts_per_token: int, routed_experts: int) -> int:
-    """Parameters one token uses: all but input embeddings, routed experts counted k/N."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    total = 0.0
-    for name, p in model.named_parameters():
-        if id(p) in embeddings:
-            continue
-        routed = ".experts." in f".{name}" and "shared_experts" not in name
-        total += p.numel() * (experts_per_token / routed_experts if routed else 1.0)
-    return int(total)
-
-
-def train_flops_per_token(model: nn.Module, cfg: Any, seq_len: int) -> float:
-    """Training FLOP per token (forward + backward) of a DeepSeek-style model, paper's convention."""
-    dense = 6 * activated_params(model, cfg.num_experts_per_tok, cfg.n_routed_experts)
-    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    attention = 3 * layers * 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
-    return dense + attention
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """FLOP/s of a square GEMM in `dtype` on `device`: the roofline MFU is measured against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------- progress

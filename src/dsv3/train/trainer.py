@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from dsv3.analysis.hardware import gemm_tflops
 from dsv3.config import ConfigError, ModelConfig
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.data import (
@@ -52,8 +53,6 @@ from dsv3.train.metrics import (
     MetricsLog,
     Progress,
     max_violation,
-    measure_peak_flops,
-    train_flops_per_token,
     write_report,
 )  # fmt: skip
 from dsv3.train.optim import Schedule, bias_gamma_at, build_optimizer, mtp_lambda_at
@@ -336,8 +335,10 @@ class Trainer:
         log = MetricsLog(self.out / "metrics.jsonl", self.step if self.resume_from else None,
                          self.out / "tensorboard" if cfg.tensorboard else None)  # fmt: skip
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-        flops_per_step = train_flops_per_token(self.model, self.model_cfg, cfg.seq_len) * tokens_per_step
-        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_peak_flops(self.device, self.dtype)
+        flops_per_step = self.model.training_flops_per_token(cfg.seq_len) * tokens_per_step
+        peak = 1e12 * (
+            cfg.peak_tflops or gemm_tflops(str(self.dtype).removeprefix("torch."), device=self.device.type)
+        )
         progress = Progress(cfg.steps, self.step)
         summary: dict[str, Any] = {"start_step": self.step, "unigram_loss": self.unigram_loss}
         window_seconds, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
