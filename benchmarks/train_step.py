@@ -101,7 +101,9 @@ def main() -> None:
             f" (peak {peaks[dt]:.3f} TFLOP/s, {fpt / 1e6:.1f} MFLOP/token)",
             flush=True,
         )
-    path = save_result(f"train_step_{args.preset}", {"args": vars(args), "rows": rows})
+    path = save_result(
+        f"train_step_{args.preset}{'_compile' if args.compile else ''}", {"args": vars(args), "rows": rows}
+    )
     print(f"wrote {path}")
 
 

@@ -9,7 +9,7 @@ from dsv3.model.loss import linear_cross_entropy, linear_cross_entropy_reference
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_equals_reference(autocast, monkeypatch):
-    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 7 * 50)  # several chunks, a ragged last one
+    monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 7)  # several chunks, a ragged last one
     torch.manual_seed(0)
     h = torch.randn(3, 11, 16, requires_grad=True)
     w = (torch.randn(50, 16) * 0.3).requires_grad_()

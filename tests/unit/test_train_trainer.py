@@ -11,7 +11,7 @@ from train_helpers import MICRO_MODEL, micro_config, write_corpus
 from dsv3.config import ConfigError
 from dsv3.train.checkpoint import CheckpointError
 from dsv3.train.data import DataError
-from dsv3.train.metrics import read_metrics
+from dsv3.train.metrics import read_metrics, write_report
 from dsv3.train.trainer import TrainConfig, Trainer
 
 
@@ -100,7 +100,10 @@ def test_tensorboard_mirrors_the_scalars(corpus, tmp_path):
     assert {"lr", "grad_norm", "maxvio", "val_loss"} <= set(events.Tags()["scalars"])
 
 
-def test_bias_update_lowers_expert_load_violation(corpus, tmp_path):
+def test_bias_update_lowers_expert_load_violation_and_report_shows_both(corpus, tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
     data, cache = corpus
     ungrouped = {**MICRO_MODEL, "n_group": 1, "topk_group": 1}
 
@@ -114,6 +117,14 @@ def test_bias_update_lowers_expert_load_violation(corpus, tmp_path):
 
     off, on = final_maxvio("off", 0.0), final_maxvio("on", 0.003)
     assert on < 0.6 * off, (on, off)
+    # the balancing report (benchmarks/balance.py): the on-run with the off-run as baseline in one PNG
+    on_log, off_log = (tmp_path / n / "run" / "metrics.jsonl" for n in ("on", "off"))
+    single = write_report(on_log, tmp_path / "single.png")
+    both = write_report(on_log, tmp_path / "both.png", baseline=off_log, label="on", baseline_label="off")
+    (w1, h1), (w2, h2) = Image.open(single).size, Image.open(both).size
+    assert w2 == w1 and h2 > 1.4 * h1, ((w1, h1), (w2, h2))  # a third row: losses, off-run load, MaxVio
+    with pytest.raises(ValueError, match="no records"):
+        write_report(on_log, tmp_path / "bad.png", baseline=tmp_path / "missing.jsonl")
 
 
 def test_bad_options_fail_before_any_work(corpus, tmp_path):

@@ -14,7 +14,9 @@
 * MaxVio (V3R section 4.5.1) of one MoE layer = (max_i load_i - mean load) / mean load.
 * `write_report` draws loss curves, learning rate, MaxVio over training, and expert-load heat maps
   (MoE layer x expert) at the first and last logged step, i.e. before and after the router biases
-  have balanced the load. matplotlib is imported only there.
+  have balanced the load; given a baseline run (e.g. the bias update off, benchmarks/balance.py), it
+  also draws the baseline's MaxVio curve, losses and end-of-run load next to this run's.
+  matplotlib is imported only there.
 """
 
 from __future__ import annotations
@@ -103,8 +105,16 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------- report
-def write_report(metrics_path: Path, png_path: Path, title: str = "") -> Path:
-    """Loss curves, learning rate, MaxVio and before/after expert-load heat maps in one PNG."""
+def write_report(
+    metrics_path: Path, png_path: Path, title: str = "", baseline: Path | None = None,
+    label: str = "", baseline_label: str = "baseline",
+) -> Path:  # fmt: skip
+    """Loss curves, learning rate, MaxVio and before/after expert-load heat maps in one PNG.
+
+    With `baseline` (another run's metrics.jsonl, e.g. the same run with the router-bias update
+    off), a third row compares the two: both loss curves, the baseline's expert-load heat map at
+    its last logged step next to this run's, and the final MaxVio per MoE layer of both; the
+    MaxVio panel shows both curves. `label` and `baseline_label` name the runs in the legends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,31 +123,73 @@ def write_report(metrics_path: Path, png_path: Path, title: str = "") -> Path:
     records = read_metrics(metrics_path)
     if not records:
         raise ValueError(f"{metrics_path} has no records to plot")
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    base = read_metrics(baseline) if baseline is not None else None
+    if base == []:
+        raise ValueError(f"{baseline} has no records to plot")
+    fig, axes = plt.subplots(3 if base else 2, 3, figsize=(16, 12.75 if base else 8.5), squeeze=False)
     _plot_losses(axes[0, 0], records)
     _plot_series(axes[0, 1], records, ["lr"], "learning rate")
-    _plot_series(axes[0, 2], records, ["maxvio"], "expert-load MaxVio (mean over MoE layers)")
+    maxvio = "expert-load MaxVio (mean over MoE layers)"
+    _plot_series(axes[0, 2], records, ["maxvio"], maxvio, label)
     _plot_series(axes[1, 0], records, ["grad_norm"], "gradient norm (before clipping)")
     loads = [r for r in records if "expert_load" in r]
+    base_loads = [r for r in base or [] if "expert_load" in r]
+    shown = [loads[0], loads[-1]] if loads else []
+    shown += base_loads[-1:]
+    vmax = max((max(map(max, r["expert_load"])) for r in shown), default=1)
     if loads:
-        vmax = max(max(map(max, r["expert_load"])) for r in (loads[0], loads[-1]))
         for ax, r, when in ((axes[1, 1], loads[0], "first"), (axes[1, 2], loads[-1], "last")):
-            im = ax.imshow(r["expert_load"], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-            ax.set(
-                title=f"expert load, {when} logged step {r['step']}",
-                xlabel="expert",
-                ylabel="MoE layer (then MTP)",
-                yticks=range(len(r["expert_load"])),
-            )
-            fig.colorbar(im, ax=ax, label="tokens")
+            _plot_load(fig, ax, r, f"expert load{_named(label)}, {when} logged step {r['step']}", vmax)
     else:
         for ax in axes[1, 1:]:
             ax.axis("off")
+    if base:
+        _plot_series(axes[0, 2], base, ["maxvio"], maxvio, baseline_label)
+        _plot_series(axes[2, 0], records, ["loss", "val_loss"], "loss (nats/token)", label)
+        _plot_series(axes[2, 0], base, ["loss", "val_loss"], "loss (nats/token)", baseline_label)
+        if base_loads:
+            r = base_loads[-1]
+            _plot_load(
+                fig, axes[2, 1], r, f"expert load{_named(baseline_label)}, last logged step {r['step']}", vmax
+            )
+        else:
+            axes[2, 1].axis("off")
+        _plot_final_maxvio(axes[2, 2], [(records, label or "this run"), (base, baseline_label)])
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+def _named(label: str) -> str:
+    return f" ({label})" if label else ""
+
+
+def _plot_load(fig: Any, ax: Any, record: dict[str, Any], title: str, vmax: float) -> None:
+    im = ax.imshow(record["expert_load"], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+    ax.set(
+        title=title, xlabel="expert", ylabel="MoE layer (then MTP)", yticks=range(len(record["expert_load"]))
+    )
+    fig.colorbar(im, ax=ax, label="tokens")
+
+
+def _plot_final_maxvio(ax: Any, runs: list[tuple[list[dict[str, Any]], str]]) -> None:
+    """Grouped bars: MaxVio per MoE layer at each run's last logged step."""
+    width = 0.8 / len(runs)
+    for i, (records, name) in enumerate(runs):
+        last = [r for r in records if "maxvio_per_layer" in r]
+        if last:
+            vio = last[-1]["maxvio_per_layer"]
+            ax.bar(
+                [j + i * width for j in range(len(vio))], vio, width, label=f"{name}, step {last[-1]['step']}"
+            )
+    layers = max(
+        (len(r[-1]["maxvio_per_layer"]) for r, _ in runs if r and "maxvio_per_layer" in r[-1]), default=0
+    )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(layers)], [str(j) for j in range(layers)])
+    ax.set(title="final expert-load MaxVio per MoE layer", xlabel="MoE layer (then MTP)")
+    ax.legend()
 
 
 def _plot_losses(ax: Any, records: list[dict[str, Any]]) -> None:
@@ -148,11 +200,13 @@ def _plot_losses(ax: Any, records: list[dict[str, Any]]) -> None:
         ax.legend()
 
 
-def _plot_series(ax: Any, records: list[dict[str, Any]], keys: list[str], title: str) -> None:
+def _plot_series(
+    ax: Any, records: list[dict[str, Any]], keys: list[str], title: str, label: str = ""
+) -> None:
     for key in keys:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if key == "val_loss" else None, label=key)
+            ax.plot(steps, values, marker="o" if key == "val_loss" else None, label=key + _named(label))
     ax.set(title=title, xlabel="step")
     ax.legend()
