@@ -43,13 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsv3.model.loss import IGNORE_INDEX
+
 BOS, EOS = "<|bos|>", "<|eos|>"
 EOS_ALIASES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>")
 BOS_ALIASES = (BOS, "<s>", "<|begin_of_text|>")
 TEXT_SUFFIXES = frozenset(
     {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".js", ".ts", ".html", ".tex"}
 )
-IGNORE_INDEX = -100
 
 
 class DataError(ValueError):
