@@ -1,7 +1,7 @@
 """`dsv3 generate`: sample text from a trained model (the simple sampler; the serving engine is in
 dsv3.infer).
 
-    dsv3 generate --checkpoint runs/tiny --prompt "def fibonacci(n):" --max-new-tokens 80
+    dsv3 generate --checkpoint runs/tiny --prompt "def fibonacci(n):" --max-tokens 80
 
 `--checkpoint` may be a run folder (its latest checkpoint, else its hf/ export), a checkpoint
 folder, or any Hugging Face-layout folder with config.json, model.safetensors and tokenizer.json.
@@ -18,7 +18,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or HF folder")
     parser.add_argument("--prompt", default="", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.train.data import DataError
 
     if args.max_new_tokens < 1 or args.temperature < 0:
-        print("error: --max-new-tokens must be >= 1 and --temperature >= 0", file=sys.stderr)
+        print("error: --max-tokens must be >= 1 and --temperature >= 0", file=sys.stderr)
         return 2
     try:
         folder = resolve_model_folder(Path(args.checkpoint))
