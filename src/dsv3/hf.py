@@ -235,6 +235,7 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict
 
 def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
     """Build a Transformer from a HF-layout folder (ours or transformers'), on `device`."""
+    from dsv3.model.moe import Router
     from dsv3.model.transformer import Transformer
 
     path = Path(path)
@@ -259,6 +260,6 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
     if dtype is not None:
         model.to(dtype)
         for m in model.modules():  # the router stays in FP32, as in the paper
-            if type(m).__name__ == "Router":
+            if isinstance(m, Router):
                 m.float()
     return model
