@@ -19,7 +19,13 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "co-design analyzer: the paper's tables, KV cache, FLOPs, limits, network",
     ),
     ("train", "dsv3.train.cli", "train a model (tiny preset on the Python stdlib by default)"),
-    ("generate", "dsv3.train.sample", "sample text from a trained checkpoint"),
+    ("generate", "dsv3.infer.cli", "generate text or chat with a checkpoint (streams to the terminal)"),
+    ("serve", "dsv3.infer.server", "OpenAI-compatible HTTP server (completions, chat, streaming)"),
+    (
+        "convert",
+        "dsv3.infer.convert",
+        "convert a checkpoint: ours -> HF, BF16 <-> DeepSeek FP8 (shard by shard)",
+    ),
 )
 
 

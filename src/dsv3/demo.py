@@ -62,7 +62,8 @@ def calibrate_steps(out: str, seed: int, budget_s: float) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.train.sample import resolve_model_folder, sample
+    from dsv3.hf import resolve_model_folder
+    from dsv3.infer.cli import sample
     from dsv3.train.trainer import Trainer
 
     out = Path(args.out)

@@ -17,9 +17,14 @@ The MTP layer is exported with its copies of embedding and head, as in the relea
 checkpoint (converters that drop `model.layers.61` lose it). A checkpoint without MTP weights
 (transformers' save_pretrained omits them) loads with freshly initialized MTP modules.
 
-DeepSeek's FP8 release stores Linear weights as float8_e4m3fn [out, in] with a float32
-`weight_scale_inv` [ceil(out/128), ceil(in/128)]; the real weight is block * scale. Loading
-dequantizes on the CPU, no GPU or Triton needed.
+DeepSeek's FP8 release stores the Linear weights of attention (q_a/q_b/kv_a/kv_b/o_proj) and
+of every MLP (dense, shared and routed experts, the MTP layer's too) as float8_e4m3fn [out, in]
+with a float32 `weight_scale_inv` [ceil(out/128), ceil(in/128)]: one scale per 128x128 block,
+scale = amax/448 of the block (edge blocks zero-padded, which leaves the amax unchanged), and the
+real weight is block * scale. Everything else is BF16 (embeddings, lm_head, norms, the router's
+gate.weight, the MTP eh_proj) except the router's e_score_correction_bias (FP32); config.json
+carries FP8_QUANTIZATION_CONFIG. Writing reuses the 128x128 quantizer of dsv3.fp8.quant; loading
+dequantizes on the CPU, no GPU or Triton needed (the official converter needs a GPU).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +47,18 @@ from dsv3.config import ConfigError, ModelConfig
 log = logging.getLogger(__name__)
 
 FP8_BLOCK = 128
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIX = "_scale_inv"  # weight name + suffix = its block scales
+_FP8_WEIGHT_RE = re.compile(
+    r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp(\.shared_experts|\.experts\.\d+)?\.(gate_proj|up_proj|down_proj))\.weight$"
+)
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -136,10 +153,49 @@ def from_hf_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------- FP8 block scales
+def is_fp8_weight(name: str) -> bool:
+    """Whether DeepSeek's FP8 release stores the HF tensor `name` as E4M3 128x128 blocks."""
+    return _FP8_WEIGHT_RE.search(name) is not None
+
+
+def release_dtype(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor the release keeps unquantized, in its release dtype: BF16, but the router's
+    e_score_correction_bias in FP32 (integer and FP8 tensors unchanged)."""
+    if not t.is_floating_point() or t.dtype in FP8_DTYPES:
+        return t
+    return t.float() if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
+
+
+def quantize_fp8_block(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (float8_e4m3fn codes [out, in], float32 weight_scale_inv
+    [ceil(out/128), ceil(in/128)]) in the release format (dsv3.fp8.quant's WEIGHT tiles)."""
+    from dsv3.fp8.quant import WEIGHT, quantize
+
+    q = quantize(weight, WEIGHT)
+    return q.data.contiguous(), q.scale.contiguous()
+
+
+def to_fp8_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors -> the FP8 release format: quantized weights followed by their
+    `_scale_inv`, every other tensor in its release dtype (already-FP8 tensors pass unchanged)."""
+    for name, t in tensors:
+        if is_fp8_weight(name) and t.dtype not in FP8_DTYPES:
+            codes, scale = quantize_fp8_block(t)
+            yield name, codes
+            yield name + SCALE_SUFFIX, scale
+        else:
+            yield name, release_dtype(name, t)
+
+
 def dequantize_fp8_block(
     weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK
 ) -> torch.Tensor:
-    """float8 weight [out, in] * per-128x128-block scale [ceil(out/128), ceil(in/128)] -> float32."""
+    """float8 weight [out, in] * per-128x128-block scale [ceil(out/128), ceil(in/128)] -> float32.
+    Edge blocks are partial: the scale grid is expanded to whole blocks and cropped to the weight."""
+    if weight.dim() != 2 or scale_inv.dim() != 2:
+        raise ConfigError(
+            f"FP8 block dequantization needs a 2-D weight and 2-D scales, got {tuple(weight.shape)} and {tuple(scale_inv.shape)}"
+        )
     rows, cols = weight.shape
     if scale_inv.shape != (-(-rows // block), -(-cols // block)):
         raise ConfigError(
@@ -150,7 +206,28 @@ def dequantize_fp8_block(
 
 
 # ---------------------------------------------------------------------- files
-def _checkpoint_files(path: Path) -> list[Path]:
+def resolve_model_folder(path: str | Path) -> Path:
+    """The HF-layout folder (config.json + safetensors) that `path` designates: the folder
+    itself, else a run folder's latest training checkpoint, else its hf/ export."""
+    from dsv3.train.checkpoint import CheckpointError, latest_checkpoint
+
+    path = Path(path)
+    if (path / "config.json").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    ):
+        return path
+    latest = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    if latest is not None:
+        return latest
+    if (path / "hf" / "config.json").is_file():
+        return path / "hf"
+    raise CheckpointError(
+        f"{path} holds no model: expected config.json + model.safetensors (or model.safetensors.index.json), "
+        "or a run folder with checkpoints/ or hf/"
+    )
+
+
+def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -162,44 +239,52 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (HF name, tensor) from a checkpoint folder, one shard open at a time, with FP8
-    block-scaled weights dequantized to float32 and their scale tensors consumed."""
-    for file in _checkpoint_files(Path(path)):
+    """Stream (HF name, tensor) from a checkpoint folder, one shard open at a time. An FP8
+    weight is dequantized to float32 with its `weight_scale_inv` (looked up in another shard
+    through the index if it lives there)."""
+    path = Path(path)
+    for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
             keys = set(f.keys())
             for name in sorted(keys):
-                if name.endswith(".weight_scale_inv"):
+                if name.endswith(".weight" + SCALE_SUFFIX):
                     continue
                 t = f.get_tensor(name)
-                scale_name = name[: -len("weight")] + "weight_scale_inv"
-                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    if scale_name not in keys:
-                        raise ConfigError(f"{file.name}: FP8 tensor {name} has no {scale_name}")
-                    t = dequantize_fp8_block(t, f.get_tensor(scale_name))
+                if t.dtype in FP8_DTYPES:
+                    sname = name + SCALE_SUFFIX
+                    scale = f.get_tensor(sname) if sname in keys else read_tensor(path, sname)
+                    t = dequantize_fp8_block(t, scale)
                 yield name, t
 
 
-def save_pretrained(model, path: str | Path, max_shard_bytes: int | None = None) -> None:
-    """Write config.json + safetensors (sharded with an index above max_shard_bytes) atomically:
-    everything goes to a temporary sibling folder that replaces `path` only when complete."""
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """Read one tensor through the index (an FP8 scale stored apart from its weight)."""
+    index = path / "model.safetensors.index.json"
+    file = json.loads(index.read_text())["weight_map"].get(name) if index.is_file() else None
+    if file is None:
+        raise ConfigError(f"{path}: FP8 tensor {name.removesuffix(SCALE_SUFFIX)} has no {name}")
+    with safe_open(str(path / file), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def fp8_config(config: dict, fp8: bool) -> dict:
+    """A config.json dict for weights in the FP8 release format (fp8=True) or in BF16."""
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config["torch_dtype"] = "bfloat16"
+    if fp8:
+        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    return config
+
+
+def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling folder with `write(tmp)`, fsync its files, and only then put it
+    in place of `path` (an existing `path` is replaced: renamed away, the new one renamed in, the
+    old one deleted). A failure leaves `path` as it was and no temporary behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model.cfg.save(tmp / "config.json", dtype=str(model.embed_tokens.weight.dtype).removeprefix("torch."))
-        tensors = to_hf_state_dict(model)
-        shards = _shard(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, fname))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -215,9 +300,44 @@ def save_pretrained(model, path: str | Path, max_shard_bytes: int | None = None)
         raise
 
 
+def shard_file_name(i: int, n: int) -> str:
+    """Name of shard i (1-based) of n, as transformers writes them."""
+    return "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_pretrained(model, path: str | Path, max_shard_bytes: int | None = None, fp8: bool = False) -> None:
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes) atomically.
+    fp8=True writes DeepSeek's FP8 release format (see the module docstring)."""
+
+    def write(tmp: Path) -> None:
+        dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        config = model.cfg.to_hf(dtype)
+        tensors = to_hf_state_dict(model)
+        if fp8:
+            config = fp8_config(config, fp8=True)
+            tensors = dict(to_fp8_tensors(tensors.items()))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        shards = _shard(tensors, max_shard_bytes)
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = shard_file_name(i, len(shards))
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+        if len(shards) > 1:
+            write_index(tmp, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+    write_folder_atomically(path, write)
+
+
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    """Split into shards of at most max_bytes (a tensor larger than that gets its own shard).
-    Tensors that share storage (the MTP copies of emb/head) are cloned: safetensors refuses aliases."""
+    """Split into shards of at most max_bytes (a tensor larger than that gets its own shard; an
+    FP8 scale stays with its weight). Tensors that share storage (the MTP copies of emb/head)
+    are cloned: safetensors refuses aliases."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, seen = 0, set()
     for name, t in tensors.items():
@@ -225,7 +345,8 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict
         t = t.clone() if key in seen else t
         seen.add(key)
         nbytes = t.numel() * t.element_size()
-        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+        new_shard = max_bytes is not None and shards[-1] and size + nbytes > max_bytes
+        if new_shard and not name.endswith(SCALE_SUFFIX):
             shards.append({})
             size = 0
         shards[-1][name] = t

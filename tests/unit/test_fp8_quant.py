@@ -14,6 +14,7 @@ from dsv3.fp8.quant import (
     compute_scale,
     e4m3_decode,
     e4m3_encode,
+    fake_quantize_segments,
     quantize,
     quantize_reference,
 )
@@ -146,9 +147,50 @@ def test_all_zero_tensor() -> None:
     assert torch.equal(q.dequantize(), torch.zeros(3, 130))
 
 
-def test_rejects_non_2d() -> None:
-    with pytest.raises(ValueError, match="2-D"):
-        quantize(torch.zeros(2, 3, 4))
+def test_rejects_non_matrix_input() -> None:
+    for shape in [(5,), (2, 3, 4, 5)]:
+        with pytest.raises(ValueError, match="2-D"):
+            quantize(torch.zeros(shape))
+
+
+def test_batched_weights_equal_per_matrix_reference() -> None:
+    """Stacked expert weights [E, N, K]: 128x128 blocks per expert, tails padded per expert."""
+    w = torch.randn(3, 200, 136)
+    q = quantize(w, WEIGHT, "pow2")
+    assert q.scale.shape == (3, 2, 2)
+    for e in range(3):
+        ref = quantize_reference(w[e], WEIGHT, "pow2")
+        assert torch.equal(q.data[e].view(torch.uint8), ref.data.view(torch.uint8))
+        assert torch.equal(q.scale[e], ref.scale)
+
+
+@pytest.mark.parametrize("block", [ACT, WEIGHT])
+def test_values_from_the_same_pass_equal_dequantize(block) -> None:
+    """With power-of-2 scales the dequantized values are exact in BF16 (4 significant bits x 2**k)."""
+    x = torch.randn(130, 300) * torch.exp2(torch.randint(-20, 20, (1, 300)).float())
+    q = quantize(x, block, "pow2", values=torch.bfloat16)
+    ref = quantize_reference(x, block, "pow2").dequantize()
+    assert q.values.dtype == torch.bfloat16 and torch.equal(q.values.float(), ref)
+    assert torch.equal(q.t().values, q.values.t())
+    with pytest.raises(ValueError, match="not exact with FP32 scales"):
+        quantize(x, block, "fp32", values=torch.bfloat16)
+
+
+def test_fake_quantize_segments_restarts_tiles_per_segment() -> None:
+    """128x1 tiles within each segment (an expert's tokens), including empty and short segments."""
+    x = torch.randn(700, 200) * torch.exp2(torch.randint(-8, 8, (700, 1)).float())
+    offs = torch.tensor([130, 130, 390, 395, 700], dtype=torch.int32)
+    out = fake_quantize_segments(x, offs, "pow2", torch.bfloat16)
+    start = 0
+    for end in offs.tolist():
+        if end > start:
+            ref = quantize_reference(x[start:end], ACT_T, "pow2").dequantize()
+            assert torch.equal(out[start:end].float(), ref), (start, end)
+        start = end
+    fp32 = fake_quantize_segments(x, offs, "fp32", torch.float32)
+    assert torch.equal(fp32[:130], quantize_reference(x[:130], ACT_T, "fp32").dequantize())
+    with pytest.raises(ValueError, match="not exact"):
+        fake_quantize_segments(x, offs, "fp32", torch.bfloat16)
 
 
 def test_compiled_path_equals_reference(monkeypatch) -> None:
@@ -157,7 +199,8 @@ def test_compiled_path_equals_reference(monkeypatch) -> None:
     x = torch.cat([wide_random(260 * 300).view(260, 300), torch.zeros(2, 300)])
     x[5, 7], x[200, 290] = float("inf"), float("nan")
     for block, fmt in [(ACT, "fp32"), (WEIGHT, "pow2")]:
-        a, b = quantize(x, block, fmt), quantize_reference(x, block, fmt)
+        a, b = quantize(x, block, fmt, values=torch.float32), quantize_reference(x, block, fmt)
+        assert_same_bits(a.values, b.dequantize())
         # x / NaN-scale has no defined sign, so the codes of a NaN tile may be 0x7F or 0xFF
         assert_same_bits(e4m3_decode(a.data.view(torch.uint8)), e4m3_decode(b.data.view(torch.uint8)))
         assert_same_bits(a.scale, b.scale)

@@ -11,8 +11,17 @@ Backends behind one seam (``BACKENDS``, chosen by device unless named):
 * ``reference``: literally that - an FP32 GEMM of the unscaled E4M3 values per K-block, scaled
   and summed in FP32. Plain and slow; the yardstick for the others.
 * ``emulate`` (CPU default): products of E4M3 values are exact in FP32 (4 x 4 significant bits),
-  so dequantizing both operands (code * scale, one FP32 rounding) and running one FP32 GEMM
-  equals ``reference`` up to FP32 summation order (~1e-7 relative, far below the 2**-4 of E4M3).
+  so dequantizing both operands and running one GEMM with FP32 accumulation equals ``reference``
+  up to FP32 summation order (~1e-7 relative, far below the 2**-4 of E4M3). With power-of-2
+  (or UE8M0) scales, ``code * 2**k`` has 4 significant bits and is *exact in BF16*, and a scale
+  pair applied to every product of a K-block instead of to the block's sum changes nothing
+  (multiplying by 2**k is exact). So the fast path dequantizes to BF16 and runs oneDNN's BF16
+  GEMM (FP32 accumulation, one rounding to BF16 at the end): bit-faithful to an FP8 GEMM with
+  FP32 accumulation and BF16 output, at BF16 GEMM speed. FP32 scales (the V3 paper's recipe)
+  cannot be folded into BF16 operands exactly (code * scale needs up to 28 bits), so they run the
+  same GEMM in FP32, ~2x slower on this CPU. Either way the output is what the GEMM returns:
+  the BF16 path rounds to BF16 even where the hardware would write FP32 (torch's CPU mm has no
+  FP32 output for BF16 inputs), the same rounding a BF16 autocast step applies.
 * ``hopper``: the limited-precision accumulator below, for the accuracy study (slow, small M, N).
 * ``cuda``: ``torch.nn.functional.scaled_mm`` with blockwise 1x128 / 128x128 recipes (cuBLAS on
   SM90+); shapes or GPUs it rejects fall back to dequantize + BF16 GEMM, with a warning.
@@ -50,14 +59,25 @@ def fp8_gemm(
     """``A[M, K] @ B[N, K]^T`` with the scales of both operands applied per K-block."""
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"inner dimensions differ: A {tuple(a.shape)}, B {tuple(b.shape)}")
-    name = backend or ("cuda" if a.data.is_cuda else "emulate")
+    return BACKENDS[resolve_backend(a.data.device, backend)](a, b).to(out_dtype)
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The named backend (checked), else the device's default: ``cuda`` on GPUs, ``emulate`` on CPU."""
+    name = backend or ("cuda" if device.type == "cuda" else "emulate")
     if name not in BACKENDS:
         raise ValueError(f"unknown FP8 GEMM backend {name!r}; known: {sorted(BACKENDS)}")
-    return BACKENDS[name](a, b).to(out_dtype)
+    return name
 
 
 def gemm_emulate(a: Fp8Tensor, b: Fp8Tensor) -> Tensor:
-    return a.dequantize() @ b.dequantize().t()
+    dtype = emulation_dtype(a.fmt, b.fmt)
+    return a.dequantize(dtype) @ b.dequantize(dtype).t()
+
+
+def emulation_dtype(*fmts: str) -> torch.dtype:
+    """BF16 holds dequantized E4M3 exactly only with power-of-2 scales; FP32 scales need FP32."""
+    return torch.float32 if "fp32" in fmts else torch.bfloat16
 
 
 def gemm_reference(a: Fp8Tensor, b: Fp8Tensor) -> Tensor:

@@ -59,11 +59,15 @@ _NORMAL_BIAS_SHIFT = (127 - 7) << 3  # FP32 exponent bias minus E4M3 bias, place
 
 @dataclass
 class Fp8Tensor:
-    """E4M3 codes ``data [R, C]`` with one scale per ``block`` tile: ``scale [ceil(R/br), ceil(C/bc)]``."""
+    """E4M3 codes ``data [..., R, C]`` with one scale per ``block`` tile of the last two dims:
+    ``scale [..., ceil(R/br), ceil(C/bc)]``. ``values`` optionally holds ``dequantize()`` in a
+    GEMM dtype, written by the same fused pass as the codes (see ``quantize(values=...)``)."""
 
     data: Tensor  # torch.float8_e4m3fn
     scale: Tensor  # float32, or float8_e8m0fnu for UE8M0 scales
     block: Block
+    fmt: ScaleFormat = "fp32"
+    values: Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -75,9 +79,13 @@ class Fp8Tensor:
 
     def t(self) -> Fp8Tensor:
         """Transpose: a 128x128 block grid stays valid, 1x128 tiles become 128x1."""
-        return Fp8Tensor(self.data.t(), self.scale.t(), (self.block[1], self.block[0]))
+        values = None if self.values is None else self.values.transpose(-2, -1)
+        t = self.data.transpose(-2, -1), self.scale.transpose(-2, -1), (self.block[1], self.block[0])
+        return Fp8Tensor(*t, self.fmt, values)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.values is not None and self.values.dtype == dtype:
+            return self.values
         return _compiled(_dequantize)(self.data.view(torch.uint8), self.scale.float(), self.block).to(dtype)
 
 
@@ -125,14 +133,39 @@ def _scale(amax: Tensor, pow2: Tensor) -> Tensor:
     return torch.where(pow2 & ~scale.isnan(), up, scale)
 
 
-def quantize(x: Tensor, block: Block | None = ACT, fmt: ScaleFormat = "fp32") -> Fp8Tensor:
-    """Quantize a 2-D tensor to E4M3 with one scale per ``block`` tile (``None``: per tensor)."""
-    if x.dim() != 2:
-        raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(x.shape)}")
-    block = block or (x.shape[0], x.shape[1])
+def quantize(
+    x: Tensor, block: Block | None = ACT, fmt: ScaleFormat = "fp32", values: torch.dtype | None = None
+) -> Fp8Tensor:
+    """Quantize ``x [..., R, C]`` to E4M3 with one scale per ``block`` tile of the last two dims
+    (``None``: one per matrix). ``values``: also return the dequantized tensor in that dtype from
+    the same pass; BF16 is exact only with power-of-2 scales (an E4M3 value times 2**k has 4
+    significant bits), so FP32 scales ask for FP32 values."""
+    if x.dim() not in (2, 3):
+        raise ValueError(f"quantize expects a 2-D (or batched 3-D) tensor, got shape {tuple(x.shape)}")
+    if values not in (None, torch.float32) and fmt == "fp32":
+        raise ValueError(
+            f"values={values} is not exact with FP32 scales; use fmt='pow2' or values=torch.float32"
+        )
+    block = block or (x.shape[-2], x.shape[-1])
     pow2 = torch.tensor(fmt != "fp32", device=x.device)
-    codes, scale = _compiled(_quantize_tiles)(x, block, pow2)
-    return Fp8Tensor(codes.view(torch.float8_e4m3fn), _stored(scale, fmt), block)
+    codes, scale, deq = _compiled(_quantize_tiles)(x, block, pow2, values or torch.float32)
+    return Fp8Tensor(
+        codes.view(torch.float8_e4m3fn), _stored(scale, fmt), block, fmt, deq if values else None
+    )
+
+
+def fake_quantize_segments(
+    x: Tensor, offs: Tensor, fmt: ScaleFormat = "pow2", dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    """``dequantize(quantize(x, ACT_T))`` where the 128-row tiles restart at every segment:
+    x [M, C] holds the rows of segment e in ``offs[e-1]:offs[e]`` (``offs`` [E] int cumulative ends,
+    the grouped-experts layout). The weight-gradient GEMM of expert e contracts over its own
+    tokens only, so its 128x1 tiles must not straddle two experts (DeepGEMM pads each expert's
+    block to 128 rows for the same reason). Returns the dequantized values [M, C] in ``dtype``."""
+    if fmt == "fp32" and dtype != torch.float32:
+        raise ValueError(f"dtype={dtype} is not exact with FP32 scales; use fmt='pow2' or torch.float32")
+    pow2 = torch.tensor(fmt != "fp32", device=x.device)
+    return _compiled(_fake_quantize_segments)(x, offs, pow2, dtype)
 
 
 def quantize_reference(x: Tensor, block: Block | None = ACT, fmt: ScaleFormat = "fp32") -> Fp8Tensor:
@@ -148,7 +181,7 @@ def quantize_reference(x: Tensor, block: Block | None = ACT, fmt: ScaleFormat = 
             data[i : i + br, j : j + bc] = (tile / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(data.dtype)
             scales.append(scale)
     grid = (math.ceil(rows / br), math.ceil(cols / bc))
-    return Fp8Tensor(data, _stored(torch.stack(scales).view(grid), fmt), (br, bc))
+    return Fp8Tensor(data, _stored(torch.stack(scales).view(grid), fmt), (br, bc), fmt)
 
 
 def _stored(scale: Tensor, fmt: ScaleFormat) -> Tensor:
@@ -157,28 +190,48 @@ def _stored(scale: Tensor, fmt: ScaleFormat) -> Tensor:
 
 
 def _tiles(x: Tensor, block: Block) -> Tensor:
-    """Zero-pad ``x [R, C]`` to whole tiles and view it as ``[R/br, br, C/bc, bc]``."""
-    (rows, cols), (br, bc) = x.shape, block
+    """Zero-pad ``x [..., R, C]`` to whole tiles and view it as ``[..., R/br, br, C/bc, bc]``."""
+    (rows, cols), (br, bc) = x.shape[-2:], block
     padded = F.pad(x, (0, -cols % bc, 0, -rows % br))
-    return padded.reshape(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
+    return padded.reshape(*x.shape[:-2], padded.shape[-2] // br, br, padded.shape[-1] // bc, bc)
 
 
 def _untile(tiles: Tensor, shape: torch.Size) -> Tensor:
-    """Inverse of ``_tiles``: ``[RB, br, CB, bc] -> [R, C]`` (contiguous)."""
-    rb, br, cb, bc = tiles.shape
-    return tiles.reshape(rb * br, cb * bc)[: shape[0], : shape[1]].contiguous()
+    """Inverse of ``_tiles``: ``[..., RB, br, CB, bc] -> [..., R, C]`` (contiguous)."""
+    rb, br, cb, bc = tiles.shape[-4:]
+    return tiles.reshape(*tiles.shape[:-4], rb * br, cb * bc)[..., : shape[-2], : shape[-1]].contiguous()
 
 
-def _quantize_tiles(x: Tensor, block: Block, pow2: Tensor) -> tuple[Tensor, Tensor]:
-    """One fused pass: amax per tile, scale, codes. Returns (codes [R, C] uint8, scale [RB, CB])."""
+def _quantize_tiles(
+    x: Tensor, block: Block, pow2: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One fused pass: amax per tile, scale, codes and their values.
+    Returns (codes [..., R, C] uint8, scale [..., RB, CB], values [..., R, C] in dtype)."""
     tiles = _tiles(x.float(), block)
-    scale = _scale(tiles.abs().amax(dim=(1, 3)), pow2)
-    return _untile(e4m3_encode(tiles / scale[:, None, :, None]), x.shape), scale
+    scale = _scale(tiles.abs().amax(dim=(-3, -1)), pow2)[..., :, None, :, None]
+    codes = e4m3_encode(tiles / scale)
+    values = (e4m3_decode(codes) * scale).to(dtype)
+    return _untile(codes, x.shape), scale[..., :, 0, :, 0], _untile(values, x.shape)
 
 
 def _dequantize(codes: Tensor, scale: Tensor, block: Block) -> Tensor:
     tiles = e4m3_decode(_tiles(codes, block))
-    return _untile(tiles * scale[:, None, :, None], codes.shape)
+    return _untile(tiles * scale[..., :, None, :, None], codes.shape)
+
+
+def _fake_quantize_segments(x: Tensor, offs: Tensor, pow2: Tensor, dtype: torch.dtype) -> Tensor:
+    rows, cols = x.shape
+    offs = offs.long()
+    row = torch.arange(rows, device=x.device)
+    seg = torch.searchsorted(offs, row, right=True)  # segment of each row
+    starts = offs - torch.diff(offs, prepend=offs.new_zeros(1))
+    first_tile = torch.cumsum((offs - starts + TILE - 1) // TILE, 0) - (offs - starts + TILE - 1) // TILE
+    tile = first_tile[seg] + (row - starts[seg]) // TILE  # [M] tile id, restarting per segment
+    n_tiles = rows // TILE + offs.numel() + 1  # an upper bound: at most one partial tile per segment
+    xf = x.float()
+    amax = xf.new_zeros(n_tiles, cols).scatter_reduce(0, tile[:, None].expand(rows, cols), xf.abs(), "amax")
+    scale = _scale(amax, pow2)[tile]  # [M, C]
+    return (e4m3_decode(e4m3_encode(xf / scale)) * scale).to(dtype)
 
 
 def _compiled(fn: Callable) -> Callable:

@@ -7,25 +7,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.infer.cache import LatentCache
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator
-) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+from dsv3.infer.sampling import sample_next
 
 
 @torch.no_grad()

@@ -66,14 +66,16 @@ class MLA(nn.Module):
         sin: torch.Tensor,
         cache=None,
         layer_idx: int = 0,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         absorb: bool = False,
     ) -> torch.Tensor:
         """x [B, T, hidden]; cos/sin [T, d_rope/2] for positions start_pos..start_pos+T-1.
 
         Without a cache, causal attention over the T tokens. With a cache (see
         `dsv3.infer.cache.LatentCache`), the new latents are written at start_pos and the
-        queries attend to everything cached up to their own position."""
+        queries attend to everything cached up to their own position. For a batch of sequences
+        of different lengths (`dsv3.infer.cache.PagedLatentCache`), start_pos is a LongTensor [B]
+        of per-sequence positions and cos/sin are [B, T, d_rope/2]."""
         B, T, _ = x.shape
         H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         if self.q_lora_rank is None:
@@ -82,7 +84,7 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, H, dn + dr)
         q_nope, q_pe = q.split([dn, dr], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], self.rope_interleave)  # [B, T, H, dr]
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_interleave)  # [B, T, H, dr]
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, dr], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, r]
@@ -95,7 +97,7 @@ class MLA(nn.Module):
             out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos)
         return self.o_proj(out.reshape(B, T, H * self.v_head_dim))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, start_pos) -> torch.Tensor:
         """Per-head K/V from the latent, then SDPA. Returns [B, T, H, dv]."""
         B, T, H, _ = q_nope.shape
         S = c_kv.shape[1]
@@ -103,7 +105,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, dqk]
         k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, self.qk_rope_head_dim)), dim=-1)
-        mask = None if S == T else _causal_mask(T, S, start_pos, q.device)
+        mask = None if S == T and isinstance(start_pos, int) else _causal_mask(T, S, start_pos, q.device)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
@@ -117,20 +119,40 @@ class MLA(nn.Module):
         )
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
-        """Attention over the latent cache with W_UK folded into q and W_UV applied after."""
-        T, S = q_nope.shape[1], c_kv.shape[1]
+    def prepare_absorbed(self, dtype: torch.dtype | None = None) -> None:
+        """Keep contiguous copies of W_UK and W_UV (in `dtype`) for the absorbed path, made once
+        by the inference engine instead of slicing and casting kv_b_proj on every call. They
+        are a snapshot: call again after the weights change (None drops them)."""
         w_uk, w_uv = self.absorbed_weights()
+        dtype = dtype or w_uk.dtype
+        self._absorbed_w = (w_uk.to(dtype).contiguous(), w_uv.to(dtype).contiguous())
+
+    _absorbed_w: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos) -> torch.Tensor:
+        """Attention over the latent cache with W_UK folded into q and W_UV applied after.
+        The latent GEMMs are batched matmuls that read the cache [B, S, .] in place, row-major
+        (no copies of the S-long operands)."""
+        B, T, H, _ = q_nope.shape
+        S = c_kv.shape[1]
+        w_uk, w_uv = self._absorbed_w or self.absorbed_weights()
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, r]
-        scores = torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
+        # c_kv [B, S, r] as the row-major left operand: the cache is streamed once, in order
+        scores = torch.bmm(c_kv, q_lat.reshape(B, T * H, -1).transpose(1, 2))  # [B, S, T*H]
+        scores = scores + torch.bmm(k_pe, q_pe.reshape(B, T * H, -1).transpose(1, 2))
+        scores = scores.view(B, S, T, H).permute(0, 3, 2, 1).contiguous()  # [B, H, T, S]
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.softmax_scale
         scores = scores.masked_fill(~_causal_mask(T, S, start_pos, scores.device), float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)  # [B, H, T, S]
-        out_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)  # [B, T, H, r]
+        probs = scores.softmax(dim=-1).to(c_kv.dtype).transpose(1, 2)  # [B, T, H, S]
+        out_lat = torch.bmm(probs.reshape(B, T * H, S), c_kv).view(B, T, H, -1)  # [B, T, H, r]
         return torch.einsum("bthc,hdc->bthd", out_lat, w_uv.to(out_lat.dtype))  # [B, T, H, dv]
 
 
-def _causal_mask(T: int, S: int, start_pos: int, device) -> torch.Tensor:
-    """[T, S] bool, True where query start_pos+t may see key s (s <= start_pos + t)."""
-    q_pos = torch.arange(start_pos, start_pos + T, device=device)[:, None]
-    return torch.arange(S, device=device)[None, :] <= q_pos
+def _causal_mask(T: int, S: int, start_pos: int | torch.Tensor, device) -> torch.Tensor:
+    """[T, S] bool, True where query start_pos+t may see key s (s <= start_pos + t); for
+    per-sequence start positions [B], [B, 1, T, S] (keys past a sequence's end are hidden too)."""
+    if isinstance(start_pos, torch.Tensor):
+        q_pos = (start_pos[:, None] + torch.arange(T, device=device))[:, None, :, None]  # [B, 1, T, 1]
+    else:
+        q_pos = torch.arange(start_pos, start_pos + T, device=device)[:, None]  # [T, 1]
+    return torch.arange(S, device=device) <= q_pos

@@ -114,6 +114,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
+        self.first_expert = 0  # global id of expert 0 here (expert parallelism keeps a slice)
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 

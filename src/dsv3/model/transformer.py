@@ -128,9 +128,14 @@ class Transformer(nn.Module):
         return 6 * matmul + 3 * layers * 2 * heads * d * seq_len / 2
 
     # ------------------------------------------------------------------ forward
-    def rope(self, start_pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start_pos, start_pos + length, device=self.rope_inv_freq.device)
-        return rope_cos_sin(self.rope_inv_freq, self.rope_attn_factor, positions)  # [T, d_rope/2] x 2
+    def rope(self, start_pos: int | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, d_rope/2] for positions start_pos..start_pos+T-1, or [B, T, d_rope/2]
+        when start_pos is a LongTensor [B] of per-sequence starts."""
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos[:, None] + torch.arange(length, device=start_pos.device)  # [B, T]
+        else:
+            positions = torch.arange(start_pos, start_pos + length, device=self.rope_inv_freq.device)
+        return rope_cos_sin(self.rope_inv_freq, self.rope_attn_factor, positions)
 
     def forward(
         self,
@@ -138,16 +143,19 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         cache=None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         absorb: bool | None = None,
         return_logits: bool = False,
+        logits_to_keep: int = 0,
     ) -> TransformerOutput:
         """input_ids [B, T]. With a cache, the tokens sit at positions start_pos.. and attend to
         the cached ones; `absorb` picks the attention path (default: absorbed when decoding
-        over a non-empty cache, naive otherwise)."""
+        over a non-empty cache, naive otherwise). start_pos may be a LongTensor [B], one start
+        per sequence (a batch of different lengths over a paged cache). Without labels,
+        `logits_to_keep` > 0 computes the logits of the last that many positions only."""
         B, T = input_ids.shape
         if absorb is None:
-            absorb = cache is not None and start_pos > 0
+            absorb = cache is not None and (isinstance(start_pos, torch.Tensor) or start_pos > 0)
         cos, sin = self.rope(start_pos, T)
         with_aux = labels is not None
         emb = self.embed_tokens(input_ids)  # [B, T, H]
@@ -156,7 +164,8 @@ class Transformer(nn.Module):
             h, aux = block(h, cos, sin, with_aux, cache, start_pos, absorb)
             balance = _add(balance, aux)
         if labels is None:
-            return TransformerOutput(logits=self.lm_head(self.norm(h)), hidden=h)  # [B, T, V]
+            kept = h[:, -logits_to_keep:] if logits_to_keep else h
+            return TransformerOutput(logits=self.lm_head(self.norm(kept)), hidden=h)  # [B, T, V]
         hn = self.norm(h)
         loss = linear_cross_entropy(hn, self.lm_head.weight, labels)
         logits = self.lm_head(hn) if return_logits else None

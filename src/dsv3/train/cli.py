@@ -38,6 +38,15 @@ HELP = {
     "threads": "torch CPU threads",
     "peak_tflops": "device peak for MFU (default: measured with a GEMM)",
     "resume": "continue from the latest checkpoint in --out",
+    "dp_replicate": "data-parallel replicas (HSDP; default -1: 1, or the ranks left after --dp-shard)",
+    "dp_shard": "data-parallel FSDP shards (default -1: the ranks left after --pp and --dp-replicate)",
+    "ep": "expert-parallel ranks, carved from --dp-shard (must divide it and n_routed_experts)",
+    "pp": "pipeline stages (ranks); dualpipev puts two stages on each",
+    "pp_schedule": "pipeline schedule: 1f1b or dualpipev",
+    "pp_microbatches": "microbatches per pipeline step (default: the number of stages)",
+    "ranks_per_node": "EP ranks per node, for node-limited routing and cross-node byte counts",
+    "fp8_dispatch": "send EP dispatch in FP8 with 1x128 scales (combine stays BF16)",
+    "activation_checkpoint": "recompute attention (norm + MLA) in backward",
 }
 
 
@@ -58,8 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = json.loads
         else:
             kwargs["type"] = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            if f.name in ("schedule", "dtype"):
-                kwargs["choices"] = {"schedule": ("v3", "cosine"), "dtype": ("bfloat16", "float32")}[f.name]
+            choices = {"schedule": ("v3", "cosine"), "dtype": ("bfloat16", "float32"),
+                       "pp_schedule": ("1f1b", "dualpipev")}  # fmt: skip
+            if f.name in choices:
+                kwargs["choices"] = choices[f.name]
         parser.add_argument(flag, **kwargs)
 
 
@@ -67,17 +78,21 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.config import ConfigError
     from dsv3.train.checkpoint import CheckpointError
     from dsv3.train.data import DataError
-    from dsv3.train.trainer import TrainConfig, Trainer
+    from dsv3.train.distributed import build_trainer
+    from dsv3.train.trainer import TrainConfig
 
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_run")}
     try:
         cfg = TrainConfig.from_file(args.config, **flags) if args.config else TrainConfig(**flags)
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)  # a DistributedTrainer under torchrun or with parallel flags
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(trainer.resolved_config()))
+    if trainer.is_main:
+        print(json.dumps(trainer.resolved_config()))
     summary = trainer.fit()
+    if not trainer.is_main:
+        return 0
     last = summary.get("last", {})
     print(f"done: step {trainer.step}/{cfg.steps}, loss {last.get('loss', float('nan')):.4f}, "
           f"val_loss {last.get('val_loss', float('nan')):.4f} (unigram baseline {summary['unigram_loss']:.4f})")  # fmt: skip

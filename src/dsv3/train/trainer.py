@@ -105,6 +105,16 @@ class TrainConfig:
     fp8: bool = False
     threads: int | None = None
     seed: int = 0
+    # parallelism under torchrun (train/distributed.py; world = pp x dp_replicate x dp_shard)
+    dp_replicate: int = -1  # -1: automatic (1, or the ranks left after pp and an explicit dp_shard)
+    dp_shard: int = -1  # -1: the ranks left after pp and dp_replicate
+    ep: int = 1  # expert parallelism, carved from dp_shard
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int | None = None  # default: one per stage
+    ranks_per_node: int | None = None  # node-limited routing: EP ranks per node
+    fp8_dispatch: bool = False
+    activation_checkpoint: bool = False
     # observability and checkpoints
     log_every: int = 10
     eval_every: int = 100
@@ -172,6 +182,13 @@ class TrainConfig:
             "must be auto, cpu or cuda[:N]",
         )
         need(self.threads is None or self.threads > 0, "threads", "must be a positive integer")
+        for name in ("dp_replicate", "dp_shard"):
+            need(getattr(self, name) == -1 or getattr(self, name) > 0, name, "must be a positive integer or -1")
+        for name in ("ep", "pp"):
+            need(getattr(self, name) > 0, name, "must be a positive integer")
+        need(self.pp_schedule in ("1f1b", "dualpipev"), "pp_schedule", "must be '1f1b' or 'dualpipev'")
+        need(self.pp_microbatches is None or self.pp_microbatches > 0, "pp_microbatches", "must be > 0")
+        need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be > 0")
         need(bool(self.data), "data", "needs at least one source")
         if self.device.startswith("cuda"):
             need(torch.cuda.is_available(), "device", "CUDA is not available on this machine")
@@ -194,11 +211,15 @@ class TrainConfig:
 
 # Options that may change between a run and its resumption without changing the trajectory.
 RUN_CONTROL = {"out", "resume", "stop_after", "max_minutes", "log_every", "eval_every", "eval_batches", "save_every",
-               "keep", "tensorboard", "report", "peak_tflops", "threads", "cache_dir"}  # fmt: skip
+               "keep", "tensorboard", "report", "peak_tflops", "threads", "cache_dir",
+               "dp_replicate", "dp_shard", "ep", "pp", "pp_schedule", "pp_microbatches", "ranks_per_node",
+               "activation_checkpoint"}  # fmt: skip
 
 
 class Trainer:
     """Builds everything a run needs from a TrainConfig (checking it first), then `fit()`s."""
+
+    is_main = True  # the rank that writes metrics, progress and report (train/distributed.py)
 
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
@@ -328,18 +349,19 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resume_from is not None:
             self.load(self.resume_from)
-        else:
+        elif self.is_main:
             shutil.copyfile(self.tokenizer_path, self.out / "tokenizer.json")
-        (self.out / "train_config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
+        if self.is_main:
+            (self.out / "train_config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
         end = cfg.steps if cfg.stop_after is None else min(cfg.steps, self.step + cfg.stop_after)
         log = MetricsLog(self.out / "metrics.jsonl", self.step if self.resume_from else None,
-                         self.out / "tensorboard" if cfg.tensorboard else None)  # fmt: skip
+                         self.out / "tensorboard" if cfg.tensorboard else None) if self.is_main else None  # fmt: skip
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
         flops_per_step = self.model.training_flops_per_token(cfg.seq_len) * tokens_per_step
         peak = 1e12 * (
             cfg.peak_tflops or gemm_tflops(str(self.dtype).removeprefix("torch."), device=self.device.type)
         )
-        progress = Progress(cfg.steps, self.step)
+        progress = Progress(cfg.steps, self.step, live=None if self.is_main else False)
         summary: dict[str, Any] = {"start_step": self.step, "unigram_loss": self.unigram_loss}
         window_seconds, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
@@ -349,7 +371,7 @@ class Trainer:
                 record = self.train_step()
                 window_seconds += time.perf_counter() - step_start
                 window_steps += 1
-                last = self.step == end or time.monotonic() > deadline
+                last = self.step == end or self._past(deadline)
                 evaluate = self.step % cfg.eval_every == 0 or last
                 if evaluate:
                     record["val_loss"] = self.evaluate()
@@ -359,22 +381,29 @@ class Trainer:
                     record["tokens_per_s"] = tokens_per_step * window_steps / window_seconds
                     record["mfu"] = flops_per_step * window_steps / window_seconds / peak
                     window_seconds, window_steps = 0.0, 0
-                    log.log(self._loggable(record))
+                    record = self._loggable(record)
+                    if log is not None:
+                        log.log(record)
                     summary.setdefault("first", record)
                     summary["last"] = record
-                progress.update(self.step, _progress_info(record) if logged else "", logged)
+                if self.is_main:
+                    progress.update(self.step, _progress_info(record) if logged else "", logged)
                 if self.step % cfg.save_every == 0 or last:
                     self.save()
                 if last:
                     break
         finally:
             progress.close()
-            log.close()
+            if log is not None:
+                log.close()
         if self.step == cfg.steps:
             self.export_hf(self.out / "hf")
-        if cfg.report and summary.get("last"):
+        if cfg.report and summary.get("last") and self.is_main:
             summary["report"] = str(self._report())
         return summary
+
+    def _past(self, deadline: float) -> bool:
+        return time.monotonic() > deadline
 
     def _loggable(self, record: dict[str, Any]) -> dict[str, Any]:
         load = record.pop("expert_load")

@@ -1,0 +1,183 @@
+"""`dsv3 generate`: continue a prompt, or chat, with a checkpoint; tokens stream to the terminal.
+
+    dsv3 generate --checkpoint runs/tiny --prompt "def fibonacci(n):" --max-tokens 80
+    dsv3 generate --checkpoint runs/tiny --chat            # interactive: one line per user turn
+    dsv3 generate --checkpoint runs/tiny --prompt "..." --temperature 0 --mtp
+
+`--checkpoint` may be a run folder (its latest checkpoint, else its hf/ export), a checkpoint
+folder, or any Hugging Face-layout folder (config.json, safetensors, tokenizer.json; FP8 too).
+One-shot mode prints the prompt, prefixed with <|bos|> as in training, and its continuation as
+it is generated. Chat mode (--chat, or no --prompt) keeps the conversation and renders it with
+the chat template stored with the tokenizer (dsv3.infer.chat); `/reset` clears it, `/exit` or
+end of input quits. Both run through the serving Engine (latent cache, absorbed decode, MTP
+drafting with --mtp); a stats line (tokens/s, MTP acceptance) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or HF folder")
+    parser.add_argument("--prompt", default=None, help="text to continue (without it: interactive chat)")
+    parser.add_argument(
+        "--chat", action="store_true", help="chat mode (--prompt, if given, is the first turn)"
+    )
+    parser.add_argument("--system", default=None, help="system prompt for chat mode")
+    parser.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style (1 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="weights (default: float32)"
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+
+
+def load(checkpoint: str | Path, tokenizer: str | Path | None = None, dtype: str | None = None,
+         **engine_kwargs):  # fmt: skip
+    """(Engine, ChatTokenizer) for a checkpoint; the tokenizer is checked before the weights load."""
+    from dsv3.config import ModelConfig
+    from dsv3.hf import resolve_model_folder
+    from dsv3.infer.chat import ChatTokenizer
+    from dsv3.infer.engine import Engine
+
+    folder = resolve_model_folder(Path(checkpoint))
+    tok = ChatTokenizer.from_folder(folder, ModelConfig.from_hf(folder).vocab_size, tokenizer)
+    engine = Engine.from_pretrained(
+        folder, dtype=dtype, decode=tok.decode, eos_token_id=tok.eos_id, **engine_kwargs
+    )
+    return engine, tok
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str | None
+    num_tokens: int
+    first_token_s: float  # prompt -> first token (prefill)
+    total_s: float
+
+
+def stream(engine, prompt_ids: list[int], params, out: TextIO | None = None, prefix: str = "") -> Generation:
+    """Run one request through the engine, writing `prefix` (once the engine accepted the
+    request) and then the generated text to `out` as it is produced."""
+    from dsv3.infer.chat import TextDeltas
+
+    started = time.perf_counter()
+    first = None
+    rid = engine.add_request(prompt_ids, params)
+    if out is not None and prefix:
+        out.write(prefix)
+    deltas = TextDeltas(tuple(params.stop))
+    while True:
+        for o in engine.step():
+            if o.request_id != rid:
+                continue
+            first = first if first is not None or not o.token_ids else time.perf_counter() - started
+            piece = deltas.update(o.text, o.finished)
+            if out is not None and piece:
+                out.write(piece)
+                out.flush()
+            if o.finished:
+                total = time.perf_counter() - started
+                return Generation(o.text or "", o.finish_reason, len(o.token_ids), first or total, total)
+
+
+def stats_line(g: Generation, engine_stats: dict) -> str:
+    decode_s = g.total_s - g.first_token_s
+    rate = (g.num_tokens - 1) / decode_s if g.num_tokens > 1 and decode_s > 0 else float("nan")
+    line = (f"[{g.num_tokens} tokens in {g.total_s:.2f} s: first token {1e3 * g.first_token_s:.0f} ms, "
+            f"then {rate:.1f} tokens/s; finish: {g.finish_reason}")  # fmt: skip
+    if engine_stats.get("mtp_acceptance_rate") is not None:
+        line += (f"; MTP acceptance {100 * engine_stats['mtp_acceptance_rate']:.1f}% "
+                 f"({engine_stats['tokens_per_forward']:.2f} tokens/forward)")  # fmt: skip
+    return line + "]"
+
+
+def chat(
+    engine, tok, params, first: str | None, system: str | None, inp: TextIO, out: TextIO, err: TextIO
+) -> None:
+    """Interactive chat: read a user turn per line, stream the assistant's answer."""
+    from dataclasses import replace
+
+    history = [{"role": "system", "content": system}] if system else []
+    params = replace(params, stop=tuple(params.stop) + tok.stop)
+    turn = first
+    while True:
+        if turn is None:
+            err.write("user> ")
+            err.flush()
+            line = inp.readline()
+            if not line:
+                break
+            turn = line.rstrip("\n")
+        text, turn = turn.strip(), None
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not text:
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        ids = tok.encode_chat(messages)
+        while len(ids) + params.max_tokens > engine.max_seq_len and len(messages) > 2 + bool(system):
+            messages = messages[:1] + messages[3:] if system else messages[2:]  # drop the oldest exchange
+            ids = tok.encode_chat(messages)
+        try:
+            g = stream(engine, ids, params, out)
+        except ValueError as e:  # e.g. one message longer than the context: say so, keep chatting
+            err.write(f"error: {e}\n")
+            continue
+        out.write("\n")
+        out.flush()
+        err.write(stats_line(g, engine.stats()) + "\n")
+        history = messages + [{"role": "assistant", "content": g.text}]
+
+
+def sample(folder: Path, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0, tokenizer: Path | None = None) -> str:  # fmt: skip
+    """Load the model in `folder` and return the prompt followed by its sampled continuation."""
+    from dsv3.infer.sampling import SamplingParams
+
+    engine, tok = load(folder, tokenizer, max_batch_size=1)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
+                            top_p=1.0 if top_p is None else top_p, seed=seed)  # fmt: skip
+    return prompt + stream(engine, tok.encode(prompt), params).text
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3.config import ConfigError
+    from dsv3.infer.chat import ChatError
+    from dsv3.infer.sampling import SamplingParams
+    from dsv3.train.checkpoint import CheckpointError
+    from dsv3.train.data import DataError
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+    try:
+        params.validate()
+        engine, tok = load(args.checkpoint, args.tokenizer, args.dtype, mtp=args.mtp, max_batch_size=1)
+        if args.chat or args.prompt is None:
+            chat(engine, tok, params, args.prompt, args.system, sys.stdin, sys.stdout, sys.stderr)
+            return 0
+        g = stream(engine, tok.encode(args.prompt), params, sys.stdout, prefix=args.prompt)
+    except (CheckpointError, DataError, ConfigError, ChatError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    print()
+    print(stats_line(g, engine.stats()), file=sys.stderr)
+    return 0

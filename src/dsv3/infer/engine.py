@@ -1,0 +1,403 @@
+"""The serving engine: continuous batching over a paged latent cache, per-request sampling,
+optional MTP self-speculative decoding.
+
+    engine = Engine(model, max_batch_size=8, decode=tokenizer.decode, eos_token_id=1)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7))
+    while engine.has_unfinished():
+        for out in engine.step(): ...                 # RequestOutput per request that advanced
+
+Each `step()` is one scheduler iteration:
+  1. admit waiting requests (first come, first served) while the batch has room and the cache
+     has blocks for them beyond what the running ones need this step; each is prefilled alone
+     through the naive MLA path (per-head K/V, compute-friendly: the prompt's queries and keys
+     are the same tokens) and samples its first token;
+  2. one decode forward for every request that was already running, batched whatever their
+     lengths: the new token of each sequence sits at its own position, the cache view gathers
+     each sequence's latents by its block table (index tensors built once per step and used
+     by every layer), and attention runs through the absorbed path (W_UK folded into the query,
+     W_UV after; copies made once at construction), reading only the latent cache.
+Requests join and leave between steps. When the cache runs out of blocks, the most recently
+admitted request is preempted: its blocks are freed and it waits at the head of the queue; on
+readmission its prompt and the tokens it generated are prefilled again (recompute), and it
+continues where it stopped (same tokens for greedy decoding, and seeded sampling continues
+its own generator).
+
+With mtp=True every decode forward verifies one MTP draft per sequence (speculative.py), so a
+step emits one or two tokens per sequence; stats() reports the acceptance rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv3.infer.cache import PagedLatentCache
+from dsv3.infer.sampling import SamplingBatch, SamplingParams
+from dsv3.infer.speculative import mtp_logits, verify
+from dsv3.model.attention import MLA
+
+__all__ = ["Engine", "RequestOutput", "SamplingParams"]
+
+CACHE_DTYPES = ("auto", "bf16", "fp8")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all generated so far (stop string / eos excluded when finished)
+    new_token_ids: list[int]  # generated in this step
+    text: str | None  # decoded generated text so far, if the Engine has decode
+    finished: bool
+    finish_reason: str | None  # "stop" (eos / stop token / stop string) | "length" | "abort"
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    order: int  # arrival number: preemption takes the latest
+    output: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose latents are in the cache; tokens[num_cached] is pending
+    seen: torch.Tensor | None = None  # [V] bool, for the repetition penalty
+    draft: int | None = None  # MTP draft for the token after the pending one
+    draft_q: torch.Tensor | None = None  # [V] its distribution (sampled requests)
+    text: str | None = None
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch_size: int = 8,
+        max_seq_len: int | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        cache_dtype: str = "auto",
+        mtp: bool = False,
+        decode=None,
+        eos_token_id: int | None = None,
+    ):
+        cfg = model.cfg
+        max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
+        _need(
+            isinstance(max_batch_size, int) and max_batch_size >= 1, "max_batch_size", max_batch_size, ">= 1"
+        )
+        _need(isinstance(block_size, int) and block_size >= 1, "block_size", block_size, ">= 1")
+        _need(
+            isinstance(max_seq_len, int) and 2 <= max_seq_len <= cfg.max_position_embeddings,
+            "max_seq_len", max_seq_len, f"between 2 and max_position_embeddings={cfg.max_position_embeddings}",
+        )  # fmt: skip
+        _need(cache_dtype in CACHE_DTYPES, "cache_dtype", cache_dtype, f"one of {CACHE_DTYPES}")
+        if mtp and not len(model.mtp):
+            raise ValueError("mtp=True: the model has no MTP module (num_nextn_predict_layers=0)")
+        _need(
+            eos_token_id is None or 0 <= eos_token_id < cfg.vocab_size,
+            "eos_token_id", eos_token_id, f"in [0, vocab_size={cfg.vocab_size})",
+        )  # fmt: skip
+        self.steps_per_decode = 2 if mtp else 1  # tokens fed per sequence per decode forward
+        blocks_per_seq = math.ceil((max_seq_len + self.steps_per_decode - 1) / block_size)
+        num_blocks = max_batch_size * blocks_per_seq if num_blocks is None else num_blocks
+        _need(
+            isinstance(num_blocks, int) and num_blocks >= blocks_per_seq,
+            "num_blocks", num_blocks, f">= {blocks_per_seq} (one sequence of max_seq_len={max_seq_len})",
+        )  # fmt: skip
+
+        self.model, self.cfg, self.mtp, self.decode, self.eos_token_id = (
+            model.eval(),
+            cfg,
+            mtp,
+            decode,
+            eos_token_id,
+        )
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        emb = model.embed_tokens.weight
+        self.device, self.dtype = emb.device, emb.dtype
+        cache_torch_dtype = torch.bfloat16 if cache_dtype == "bf16" else self.dtype
+        self.cache = PagedLatentCache(
+            cfg, num_blocks, block_size, dtype=cache_torch_dtype, fp8=cache_dtype == "fp8",
+            num_layers=cfg.num_hidden_layers + (1 if mtp else 0), device=self.device,
+        )  # fmt: skip
+        for m in model.modules():
+            if isinstance(m, MLA):
+                m.prepare_absorbed(self.dtype)
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self._requests: dict[str, _Request] = {}
+        self._outbox: list[RequestOutput] = []  # aborts, reported by the next step()
+        self._ids = itertools.count()
+        self._counters = dict.fromkeys(
+            ("prompt_tokens_total", "generation_tokens_total", "forward_passes", "decode_forward_passes",
+             "decode_sequence_forwards", "decode_tokens", "mtp_drafted", "mtp_accepted", "preemptions"), 0,
+        )  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, folder, *, dtype=None, device="cpu", **engine_kwargs) -> Engine:
+        """Load a checkpoint folder (ours or HF layout) and serve it; eos defaults to the config's."""
+        from dsv3.model.transformer import Transformer
+
+        if isinstance(dtype, str):
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype) or getattr(torch, dtype)
+        model = Transformer.from_pretrained(folder, device=device, dtype=dtype)
+        engine_kwargs.setdefault("eos_token_id", model.cfg.eos_token_id)
+        return cls(model, **engine_kwargs)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Queue a request; ValueError on a bad prompt, bad parameters or too long a request."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        V = self.cfg.vocab_size
+        prompt = list(prompt_token_ids) if isinstance(prompt_token_ids, (list, tuple)) else None
+        if not prompt or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in prompt
+        ):
+            raise ValueError(
+                f"prompt_token_ids must be a non-empty list of token ids in [0, {V}), got {prompt_token_ids!r:.100}"
+            )
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(prompt) + params.max_tokens} exceeds max_seq_len={self.max_seq_len}"
+            )
+        if params.stop and self.decode is None:
+            raise ValueError(f"stop={params.stop!r}: stop strings need Engine(decode=...)")
+        request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r} is already in use by an unfinished request")
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
+        req = _Request(request_id, prompt, params, torch.Generator().manual_seed(seed), next(self._ids))
+        if params.repetition_penalty != 1.0:
+            req.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
+            req.seen[torch.tensor(prompt, device=self.device)] = True
+        self._requests[request_id] = req
+        self.waiting.append(req)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its final output (finish_reason "abort") comes with the next step().
+        Unknown or already finished ids are ignored."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.finish_reason = "abort"
+        self._finish(req)
+        self._outbox.append(self._output(req, []))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._outbox)
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Run the prompts to completion (batched with anything already queued); final outputs in order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        while any(i not in final for i in ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stats(self) -> dict:
+        c, cache = self._counters, self.cache
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "cache_blocks_used": cache.blocks_used,
+            "cache_blocks_total": cache.num_blocks,
+            "cache_bytes_used": cache.bytes_used,
+            "cache_bytes_total": cache.nbytes,
+            "cache_bytes_per_token": cache.bytes_per_token,
+            **{k: c[k] for k in ("prompt_tokens_total", "generation_tokens_total", "forward_passes",
+                                 "mtp_drafted", "mtp_accepted", "preemptions")},  # fmt: skip
+            "mtp_acceptance_rate": c["mtp_accepted"] / c["mtp_drafted"] if c["mtp_drafted"] else None,
+            # tokens a sequence gains per decode forward it takes part in (1 without MTP)
+            "tokens_per_forward": c["decode_tokens"] / c["decode_sequence_forwards"]
+            if c["decode_sequence_forwards"] else None,
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ one iteration
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        outputs, self._outbox = self._outbox, []
+        decoding = list(self.running)
+        reserve = sum(self.cache.blocks_needed(r.id, r.num_cached + self.steps_per_decode) for r in decoding)
+        while self.waiting and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            # a fresh request feeds its prompt; a preempted one all its tokens but the pending one
+            n = len(req.tokens) - (1 if req.output else 0)
+            need = self.cache.blocks_needed(req.id, n + self.steps_per_decode)
+            if not self.cache.can_allocate(need + reserve):
+                break
+            self.waiting.popleft()
+            self.cache.ensure(req.id, n + self.steps_per_decode)
+            self.running.append(req)
+            self._prefill(req, n, outputs)
+        decoding = self._make_room([r for r in decoding if r.finish_reason is None])
+        if decoding:
+            self._decode(decoding, outputs)
+        return outputs
+
+    def _prefill(self, req: _Request, n: int, outputs: list[RequestOutput]) -> None:
+        """Feed tokens[:n] from position 0 (naive MLA, attention within the prompt only)."""
+        fresh = not req.output
+        ids = torch.tensor([req.tokens[:n]], device=self.device)
+        view = self.cache.view([req.id], [0], n, read=False)
+        out = self.model(ids, cache=view, start_pos=0, absorb=False, logits_to_keep=1)
+        self._counters["forward_passes"] += 1
+        req.num_cached = n
+        if fresh:
+            self._counters["prompt_tokens_total"] += n
+            batch = self._sampling([req])
+            token = int(batch.sample(batch.probs(out.logits[:, -1]))[0])
+            outputs.append(self._emit(req, [token]))
+        if self.mtp and req.finish_reason is None:
+            next_ids = torch.tensor([req.tokens[1 : n + 1]], device=self.device)
+            self._draft([req], mtp_logits(self.model, out.hidden, next_ids, view, 0, absorb=False))
+
+    def _decode(self, reqs: list[_Request], outputs: list[RequestOutput]) -> None:
+        """One batched forward: each sequence's pending token (and its draft) at its own position."""
+        T = self.steps_per_decode
+        view = self.cache.view([r.id for r in reqs], [r.num_cached for r in reqs], T)
+        fed = [[r.tokens[-1]] + ([r.draft] if self.mtp else []) for r in reqs]
+        out = self.model(
+            torch.tensor(fed, device=self.device), cache=view, start_pos=view.start_pos, absorb=True
+        )
+        c = self._counters
+        c["forward_passes"] += 1
+        c["decode_forward_passes"] += 1
+        c["decode_sequence_forwards"] += len(reqs)
+        batch = self._sampling(reqs)
+        if not self.mtp:
+            tokens = batch.sample(batch.probs(out.logits[:, 0])).tolist()
+            for r, t in zip(reqs, tokens):
+                r.num_cached += 1
+                c["decode_tokens"] += 1
+                outputs.append(self._emit(r, [t]))
+            return
+        draft = torch.tensor([r.draft for r in reqs], device=self.device)
+        q = torch.stack([
+            r.draft_q if r.draft_q is not None else torch.nn.functional.one_hot(draft[i], self.cfg.vocab_size).float()
+            for i, r in enumerate(reqs)
+        ])  # fmt: skip
+        first, bonus, accepted = verify(batch, out.logits, draft, q)
+        c["mtp_drafted"] += len(reqs)
+        c["mtp_accepted"] += int(accepted.sum())
+        for r, t1, t2, acc in zip(reqs, first.tolist(), bonus.tolist(), accepted.tolist()):
+            r.num_cached += 1 + acc  # a rejected draft's slot is rolled back by the length alone
+            c["decode_tokens"] += 1 + acc
+            outputs.append(self._emit(r, [t1, t2] if acc else [t1]))
+        live = [i for i, r in enumerate(reqs) if r.finish_reason is None]
+        if live:  # MTP over positions n, n+1 (the second is padding where the draft was rejected)
+            next_ids = torch.stack((first, torch.where(accepted, bonus, first)), dim=1)
+            logits = mtp_logits(self.model, out.hidden, next_ids, view, view.start_pos, True, accepted.long())
+            self._draft([reqs[i] for i in live], logits[live])
+
+    def _draft(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        """Sample each request's next draft from the MTP logits [B, V] with its own parameters."""
+        batch = self._sampling(reqs)
+        q = batch.probs(logits)
+        for r, d, q_row in zip(reqs, batch.sample(q).tolist(), q):
+            r.draft, r.draft_q = d, (None if r.params.greedy else q_row)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _sampling(self, reqs: list[_Request]) -> SamplingBatch:
+        return SamplingBatch(
+            [r.params for r in reqs], [r.generator for r in reqs], [r.seen for r in reqs], self.device
+        )
+
+    def _make_room(self, reqs: list[_Request]) -> list[_Request]:
+        """Blocks for this step's new tokens; preempt the latest arrivals while they are short."""
+        reqs = sorted(reqs, key=lambda r: r.order)
+        i = 0
+        while i < len(reqs):
+            if self.cache.ensure(reqs[i].id, reqs[i].num_cached + self.steps_per_decode):
+                i += 1
+                continue
+            victim = max(self.running, key=lambda r: r.order)
+            self._preempt(victim)
+            if victim in reqs:
+                reqs.remove(victim)
+        return reqs
+
+    def _preempt(self, req: _Request) -> None:
+        self.cache.release(req.id)
+        self.running.remove(req)
+        req.num_cached, req.draft, req.draft_q = 0, None, None
+        self.waiting.appendleft(req)
+        self._counters["preemptions"] += 1
+
+    def _emit(self, req: _Request, tokens: list[int]) -> RequestOutput:
+        """Append sampled tokens one by one, stopping at eos / stop token / stop string / length."""
+        p, new = req.params, []
+        for t in tokens:
+            self._counters["generation_tokens_total"] += 1
+            if (t == self.eos_token_id and not p.ignore_eos) or t in p.stop_token_ids:
+                req.finish_reason = "stop"
+                break
+            req.output.append(t)
+            if req.seen is not None:
+                req.seen[t] = True
+            if self.decode is not None:
+                text = self.decode(req.output)
+                cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+                if cut >= 0:  # the token completing a stop string is dropped, the text cut before it
+                    req.output.pop()
+                    req.text = text[:cut]
+                    req.finish_reason = "stop"
+                    break
+                req.text = text
+            new.append(t)
+            if len(req.output) >= p.max_tokens:
+                req.finish_reason = "length"
+                break
+        if req.finish_reason is not None:
+            self._finish(req)
+        return self._output(req, new)
+
+    @staticmethod
+    def _visible_text(req: _Request) -> str | None:
+        """The text to report: while running, without a tail that may still turn into a stop
+        string or is an incomplete character, so that reported text only ever grows."""
+        text = req.text
+        if text is None or req.finish_reason is not None:
+            return text
+        hold = max((k for s in req.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        text = text[: len(text) - hold]
+        return text.rstrip("\ufffd")
+
+    def _finish(self, req: _Request) -> None:
+        self.cache.release(req.id)
+        if req in self.running:
+            self.running.remove(req)
+        self._requests.pop(req.id, None)
+
+    def _output(self, req: _Request, new: list[int]) -> RequestOutput:
+        return RequestOutput(req.id, req.prompt, list(req.output), new, self._visible_text(req),
+                             req.finish_reason is not None, req.finish_reason)  # fmt: skip
+
+
+def _need(ok: bool, name: str, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r}: must be {rule}")

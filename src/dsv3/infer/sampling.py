@@ -1,0 +1,171 @@
+"""Turning logits into tokens, per request: the parameters, their validation, and the
+distribution each request samples from.
+
+For a step of the engine every running request has its own SamplingParams; `SamplingBatch`
+holds them as tensors so the logits of the whole batch [B, V] are processed at once, in the
+order transformers applies them:
+    repetition penalty (CTRL: a seen token's logit is divided by p if > 0, else multiplied by p)
+    -> temperature -> top-k -> top-p (the smallest set of most likely tokens reaching top_p)
+and `probs` returns the resulting distribution; a greedy row (temperature 0) is one-hot on its
+argmax, so greedy decoding and speculative acceptance go through the same code. A token is drawn
+by inverse CDF from one uniform per row, taken from that request's own torch.Generator: the
+same seed gives the same tokens whatever else is in the batch. Greedy rows draw nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1.0 = off
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    stop: tuple[str, ...] = ()  # stop strings (need Engine(decode=...)); not included in the output
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None  # per-request generator; same seed -> same tokens
+
+    def validate(self) -> None:
+        """ValueError naming the field, its value and the rule."""
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        need(
+            is_num(self.temperature) and self.temperature >= 0,
+            "temperature",
+            "must be a number >= 0 (0 = greedy)",
+        )
+        need(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number in (0, 1] (1 = off)")
+        need(is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 = off)")
+        need(
+            is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            "must be a number > 0 (1 = off)",
+        )
+        need(
+            isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            "must be a list of non-empty strings",
+        )
+        need(
+            isinstance(self.stop_token_ids, (tuple, list))
+            and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "must be a list of integers >= 0",
+        )
+        need(isinstance(self.ignore_eos, bool), "ignore_eos", "must be true or false")
+        need(self.seed is None or is_int(self.seed), "seed", "must be an integer or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """logits [N, V], seen [N, V] bool, penalty [N] -> logits with seen tokens penalized."""
+    p = penalty[:, None].to(logits.dtype)
+    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+
+
+def filtered_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] (temperature applied), top_k [N] (0 = off), top_p [N] -> probabilities [N, V]."""
+    V = logits.shape[-1]
+    if bool((top_k == 0).all()) and bool((top_p >= 1).all()):
+        return logits.softmax(dim=-1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k, V)[:, None]
+    drop = torch.arange(V, device=logits.device) >= k  # [N, V] beyond the top k
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    p = sorted_logits.softmax(dim=-1)
+    drop = (p.cumsum(dim=-1) - p) >= top_p[:, None]  # mass before this token already reaches top_p
+    p = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    return torch.zeros_like(p).scatter_(1, order, p)
+
+
+def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: probs [N, V], u [N] uniform in [0, 1) -> token ids [N]. A one-hot row gives
+    its token for any u; a token of probability 0 is never chosen."""
+    cdf = probs.cumsum(dim=-1)
+    x = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+class SamplingBatch:
+    """The sampling parameters of B requests as tensors, for one step.
+
+    seen: per row a bool [V] mask of the tokens seen so far (prompt and output), or None for a
+    row without repetition penalty."""
+
+    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator],
+                 seen: list[torch.Tensor | None], device):  # fmt: skip
+        self.params, self.generators, self.device = params, generators, device
+        self.greedy = torch.tensor([p.greedy for p in params], device=device)
+        self.all_greedy = bool(self.greedy.all())
+        self.temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        self.top_p = torch.tensor([float(p.top_p) for p in params], device=device)
+        self.penalty = torch.tensor([float(p.repetition_penalty) for p in params], device=device)
+        self.seen = None
+        if any(s is not None for s in seen):
+            V = next(s for s in seen if s is not None).shape[0]
+            empty = torch.zeros(V, dtype=torch.bool, device=device)
+            self.seen = torch.stack([empty if s is None else s for s in seen])  # [B, V]
+
+    def probs(self, logits: torch.Tensor, also_seen: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] -> the distribution each row samples from [B, V] (float32 or wider).
+        also_seen [B]: one more token per row to count as seen (a draft being verified)."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        seen = self.seen
+        if seen is not None and also_seen is not None:
+            seen = seen.clone().scatter_(1, also_seen[:, None], True)
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, self.penalty)
+        one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        if self.all_greedy:
+            return one_hot
+        probs = filtered_probs(logits / self.temperature[:, None].to(logits.dtype), self.top_k, self.top_p)
+        return torch.where(self.greedy[:, None], one_hot, probs)
+
+    def uniform(self) -> torch.Tensor:
+        """One uniform [0, 1) per row from its request's generator; 0 for greedy rows."""
+        u = torch.zeros(len(self.params), dtype=torch.float64)
+        for i, (p, g) in enumerate(zip(self.params, self.generators)):
+            if not p.greedy:
+                u[i] = torch.rand((), generator=g, dtype=torch.float64)
+        return u.to(self.device)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [B, V] -> token ids [B] (argmax for greedy rows)."""
+        return probs.argmax(dim=-1) if self.all_greedy else sample_from(probs, self.uniform())
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator
+) -> torch.Tensor:
+    """logits [B, V] -> token ids [B] with one set of parameters for the batch (the simple
+    sampler of `dsv3.infer.generate`). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    B = logits.shape[0]
+    probs = filtered_probs(
+        logits.float() / temperature,
+        torch.full((B,), top_k or 0, device=logits.device),
+        torch.full((B,), top_p if top_p is not None else 1.0, device=logits.device),
+    )
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,0 +1,63 @@
+"""MTP self-speculative decoding: the model's own multi-token-prediction module drafts the token
+after next, and the next forward of the main model verifies it (V3R section 5.4.3: 85-90%
+acceptance, 1.8x tokens per second).
+
+State of a sequence between steps: tokens t_0..t_n are known, t_0..t_{n-1} are in the cache, t_n
+is pending (sampled, not fed yet), and d is a draft for t_{n+1}. One step:
+  1. verify: the main model runs [t_n, d] at positions n, n+1 (two tokens per sequence, one
+     batched forward). p_0 = its distribution for t_{n+1}, p_1 for t_{n+2} given d.
+  2. accept d with probability min(1, p_0(d) / q(d)) (q = the draft's distribution); on accept
+     t_{n+1} = d and a bonus t_{n+2} ~ p_1 (two tokens from one forward); on reject
+     t_{n+1} ~ norm(max(0, p_0 - q)) and the cache entry written for d is rolled back (the
+     sequence's length simply stays at n + 1; the slot is masked and later overwritten).
+     This keeps the output distribution exactly that of plain sampling from p (Leviathan et al.
+     2023, Chen et al. 2023). Greedy is the special case of one-hot p and q: accept iff d is the
+     argmax, so the output is identical to plain greedy decoding.
+  3. draft: MTP module 1 at position i combines the main model's hidden state h_i (before the
+     final norm) with the embedding of t_{i+1} and predicts t_{i+2} (mtp.py). It is a full
+     Transformer block with its own attention, so it keeps its own latent cache (one more layer
+     in the paged cache, same block tables). After the verify it runs on positions n, n+1 with
+     inputs (h_n, t_{n+1}) and (h_{n+1}, t_{n+2}) and its output at the last accepted position
+     is the next draft. The prefill runs it over the whole prompt the same way.
+As in training, the MTP block's RoPE position is that of the embedded token (i + 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.infer.sampling import SamplingBatch, sample_from
+
+
+def mtp_logits(model, hidden: torch.Tensor, next_ids: torch.Tensor, cache, start_pos, absorb: bool,
+               pick: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Draft logits [B, V] from MTP module 1.
+
+    hidden [B, T, H]: the main model's last hidden states at cache positions start_pos..;
+    next_ids [B, T]: the tokens that follow each of them; pick [B]: which of the T positions
+    to take the logits of (default: the last)."""
+    module = model.mtp[0]
+    B, T = next_ids.shape
+    cos, sin = model.rope(start_pos + 1, T)
+    h, _ = module(
+        hidden, model.embed_tokens(next_ids), cos, sin, cache=cache, start_pos=start_pos, absorb=absorb
+    )
+    h = h[:, -1] if pick is None else h[torch.arange(B, device=h.device), pick]  # [B, H]
+    return model.lm_head(module.shared_head.norm(h))
+
+
+def verify(batch: SamplingBatch, logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor):
+    """Speculative acceptance of one draft token per row.
+
+    logits [B, 2, V]: the main model's outputs at [t_n, d]; draft [B]; q [B, V] the draft's
+    distribution (one-hot for greedy rows). Returns (t_{n+1} [B], t_{n+2} [B], accepted [B] bool);
+    t_{n+2} is meaningful only where accepted."""
+    rows = torch.arange(draft.shape[0], device=draft.device)
+    p0 = batch.probs(logits[:, 0])  # [B, V]
+    ratio = p0[rows, draft] / q[rows, draft]  # q(d) > 0: d was drawn from q
+    accepted = batch.uniform().to(ratio.dtype) < ratio  # greedy rows draw 0: accept iff p0(d) > 0
+    residual = (p0 - q.to(p0.dtype)).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)  # p0 == q: never rejected
+    resampled = sample_from(residual, batch.uniform())
+    bonus = batch.sample(batch.probs(logits[:, 1], also_seen=draft))
+    return torch.where(accepted, draft, resampled), bonus, accepted

@@ -1,0 +1,247 @@
+"""The serving engine: greedy output identical to HF transformers' generate and to a full-recompute
+loop on batches of mixed prompt lengths, continuous batching, preemption, sampling parameters
+against plain references, seeds, stops, validation."""
+
+import pytest
+import torch
+
+from dsv3 import ModelConfig, Transformer
+from dsv3.infer.engine import Engine, SamplingParams
+from dsv3.infer.sampling import SamplingBatch
+
+SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=4,
+             q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+             first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_group=2, topk_group=1, num_nextn_predict_layers=0, max_position_embeddings=256,
+             rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                           "mscale": 0.9, "mscale_all_dim": 0.9}, initializer_range=0.15)  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is faster, and 2 threads on a shared machine can stall for 100s of ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_dict(SMALL)).double().eval()
+
+
+def _prompts(*lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, SMALL["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+
+
+def _reference(model, prompt, n, penalty=1.0):
+    """Full recompute every token (naive path, no cache), greedy, CTRL repetition penalty by hand."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].clone()
+            for t in set(ids):
+                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+def test_greedy_equals_hf_generate_on_mixed_lengths(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig.from_dict(SMALL)).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # weights large enough that greedy paths diverge on any error
+            p.copy_(torch.randn_like(p) * 0.15 if p.dim() > 1 else 1 + 0.2 * torch.randn_like(p))
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    ).eval()  # FP32
+    prompts = _prompts(3, 17, 8, 30)
+    for penalty in (1.0, 1.3):
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=penalty)
+        got = [o.token_ids for o in Engine(ours, max_batch_size=4, block_size=8).generate(prompts, params)]
+        with torch.no_grad():
+            ref = [
+                hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=16,
+                            do_sample=False, eos_token_id=None, pad_token_id=0, repetition_penalty=penalty)[0, len(p) :].tolist()
+                for p in prompts
+            ]  # fmt: skip
+        assert got == ref
+        assert len({tuple(r) for r in ref}) == len(ref)  # not a degenerate constant output
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5, 0.7])
+def test_prefill_and_absorbed_decode_equal_full_recompute(model, penalty):
+    prompts = _prompts(1, 9, 4, 21, 13)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=penalty)
+    got = Engine(model, max_batch_size=3, block_size=4).generate(prompts, params)  # 5 prompts, batch 3
+    assert [o.token_ids for o in got] == [_reference(model, p, 12, penalty) for p in prompts]
+    assert all(o.finish_reason == "length" and o.finished for o in got)
+
+
+def test_requests_joining_mid_run_get_the_tokens_they_get_alone(model):
+    prompts = _prompts(5, 12, 2, 19)
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    alone = [
+        Engine(model).generate([p], [GREEDY, sampled][i % 2])[0].token_ids for i, p in enumerate(prompts)
+    ]
+    engine = Engine(model, max_batch_size=4, block_size=4)
+    done, step = {}, 0
+    while len(done) < len(prompts):
+        if step < len(prompts):  # one more request joins at every step
+            engine.add_request(prompts[step], [GREEDY, sampled][step % 2], request_id=str(step))
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.token_ids
+        step += 1
+    assert [done[i] for i in range(len(prompts))] == alone
+    assert engine.stats()["cache_blocks_used"] == 0 and engine.stats()["num_running"] == 0
+
+
+def test_preemption_when_blocks_run_out_gives_the_same_tokens(model):
+    prompts = _prompts(6, 14, 9, 3)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    engine = Engine(model, max_batch_size=4, block_size=4, num_blocks=12, max_seq_len=40)
+    got = engine.generate(prompts, params)
+    assert engine.stats()["preemptions"] > 0
+    assert [o.token_ids for o in got] == [_reference(model, p, 20) for p in prompts]
+
+
+def test_seeds_reproducible_and_independent_of_the_batch(model):
+    p = _prompts(6)[0]
+    params = [
+        SamplingParams(max_tokens=12, temperature=1.0, top_k=20, seed=s, ignore_eos=True) for s in (1, 1, 2)
+    ]
+    outs = Engine(model, max_batch_size=3).generate([p, p, p], params)
+    alone = Engine(model).generate([p], params[0])[0]
+    assert outs[0].token_ids == outs[1].token_ids == alone.token_ids
+    assert outs[2].token_ids != outs[0].token_ids
+
+
+def test_stop_tokens_eos_stop_strings_and_length(model):
+    p = _prompts(8)[0]
+    full = _reference(model, p, 12)
+    assert len(set(full[:4])) == 4, "pick a prompt whose first tokens differ"
+    decode = lambda ids: "".join(f"<{i}>" for i in ids)  # noqa: E731
+    engine = Engine(model, decode=decode, eos_token_id=full[3])
+    cases = {
+        "stop_token": SamplingParams(
+            max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=(full[2],)
+        ),
+        "eos": SamplingParams(max_tokens=12, temperature=0),
+        "stop_string": SamplingParams(
+            max_tokens=12, temperature=0, ignore_eos=True, stop=(f"{full[1]}><{full[2]}",)
+        ),
+        "length": SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+    }
+    out = dict(zip(cases, engine.generate([p] * 4, list(cases.values()))))
+    assert out["stop_token"].token_ids == full[:2] and out["stop_token"].finish_reason == "stop"
+    assert out["eos"].token_ids == full[:3] and out["eos"].finish_reason == "stop"
+    assert out["stop_string"].token_ids == full[:2] and out["stop_string"].text == f"<{full[0]}><"
+    assert out["stop_string"].finish_reason == "stop"
+    assert out["length"].token_ids == full and out["length"].text == decode(full)
+    assert out["length"].finish_reason == "length"
+
+
+def test_streaming_outputs_and_abort(model):
+    engine = Engine(model, max_batch_size=2)
+    a = engine.add_request(_prompts(4)[0], GREEDY)
+    b = engine.add_request(_prompts(5)[0], GREEDY)
+    first = engine.step()
+    assert [(o.request_id, len(o.new_token_ids), o.finished) for o in first] == [(a, 1, False), (b, 1, False)]
+    assert engine.stats()["cache_blocks_used"] > 0
+    engine.abort(a)
+    outs = engine.step()
+    assert (
+        outs[0].request_id == a
+        and outs[0].finish_reason == "abort"
+        and outs[0].token_ids == first[0].token_ids
+    )
+    assert [o.request_id for o in outs[1:]] == [b] and outs[1].token_ids[:1] == first[1].new_token_ids
+    assert engine.stats()["num_running"] == 1
+    while engine.has_unfinished():
+        engine.step()
+    s = engine.stats()
+    assert (
+        s["cache_blocks_used"] == 0 and s["prompt_tokens_total"] == 9 and s["generation_tokens_total"] == 13
+    )
+
+
+def _plain_probs(logits, temperature, top_k, top_p):
+    """One row at a time, straight from the definitions."""
+    logits = logits / temperature
+    if top_k:
+        kth = sorted(logits.tolist(), reverse=True)[top_k - 1]
+        logits = torch.where(logits >= kth, logits, torch.tensor(float("-inf"), dtype=logits.dtype))
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True).tolist()
+    keep, mass = [], 0.0
+    for i in order:
+        keep.append(i)
+        mass += probs[i].item()
+        if mass >= top_p:
+            break
+    out = torch.zeros_like(probs)
+    out[keep] = probs[keep]
+    return out / out.sum()
+
+
+def test_sampling_distribution_matches_plain_reference():
+    logits = torch.randn(5, 50, dtype=torch.float64) * 2
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
+              SamplingParams(top_p=0.6), SamplingParams(temperature=0.5, top_k=10, top_p=0.8),
+              SamplingParams(temperature=0)]  # fmt: skip
+    batch = SamplingBatch(params, [torch.Generator() for _ in params], [None] * 5, "cpu")
+    got = batch.probs(logits)
+    for i, p in enumerate(params[:4]):
+        torch.testing.assert_close(got[i], _plain_probs(logits[i], p.temperature, p.top_k, p.top_p))
+    assert got[4].tolist() == torch.nn.functional.one_hot(logits[4].argmax(), 50).double().tolist()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_tokens", 0), ("max_tokens", 2.5), ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0),
+     ("top_p", 1.5), ("top_k", -1), ("repetition_penalty", 0), ("stop", ("",)), ("stop_token_ids", (-3,)),
+     ("seed", "x"), ("ignore_eos", "yes")],
+)  # fmt: skip
+def test_bad_sampling_params_name_the_field(model, field, value):
+    engine = Engine(model)
+    with pytest.raises(ValueError, match=f"^{field}="):
+        engine.add_request([1, 2], SamplingParams(**{field: value}))
+
+
+def test_bad_requests_and_engine_arguments(model):
+    engine = Engine(model, max_seq_len=32)
+    for prompt, match in (([], "prompt_token_ids"), ([1, 96], "prompt_token_ids"), ("ab", "prompt_token_ids"),
+                          ([1] * 30, "exceeds max_seq_len=32")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            engine.add_request(prompt, SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="stop strings need Engine"):
+        engine.add_request([1], SamplingParams(stop=("x",)))
+    engine.add_request([1], SamplingParams(), request_id="r")
+    with pytest.raises(ValueError, match="request_id='r'"):
+        engine.add_request([1], SamplingParams(), request_id="r")
+    for kwargs, match in (({"cache_dtype": "fp16"}, "cache_dtype"), ({"mtp": True}, "mtp=True"),
+                          ({"max_seq_len": 10_000}, "max_seq_len"), ({"num_blocks": 1}, "num_blocks"),
+                          ({"max_batch_size": 0}, "max_batch_size")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            Engine(model, **kwargs)
+
+
+def test_streamed_text_only_grows_when_a_stop_string_spans_tokens(model):
+    p = _prompts(8)[0]
+    full = _reference(model, p, 6)
+    decode = lambda ids: "".join(f"<{i}>" for i in ids)  # noqa: E731
+    engine = Engine(model, decode=decode)
+    engine.add_request(p, SamplingParams(max_tokens=6, temperature=0, stop=(f"><{full[2]}>",)))
+    texts = []
+    while engine.has_unfinished():
+        texts += [o.text for o in engine.step()]
+    assert texts == [f"<{full[0]}", f"<{full[0]}><{full[1]}", f"<{full[0]}><{full[1]}"]  # '>' held back

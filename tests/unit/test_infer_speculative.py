@@ -1,0 +1,152 @@
+"""MTP self-speculative decoding: greedy output identical to plain greedy (random and trained
+models, mixed lengths), drafts equal to the training-path MTP prediction, and the acceptance
+rule preserving the sampling distribution (checked statistically, with a negative control)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import ModelConfig, Transformer
+from dsv3.infer.engine import Engine, SamplingParams
+from dsv3.infer.sampling import SamplingBatch, sample_from
+from dsv3.infer.speculative import verify
+
+TRAINED = Path("/work/trained/tiny/hf")
+SMALL = dict(vocab_size=8, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
+             q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+             first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+             n_group=2, topk_group=1, num_nextn_predict_layers=1, max_position_embeddings=256,
+             initializer_range=0.3)  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(vocab_size=8, dtype=torch.float64):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_dict({**SMALL, "vocab_size": vocab_size})).to(dtype).eval()
+
+
+def _prompts(vocab, *lengths):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("vocab_size", [8, 32])
+def test_greedy_mtp_output_identical_to_plain_greedy_random_model(vocab_size):
+    model = _model(vocab_size)
+    prompts = _prompts(vocab_size, 2, 13, 7, 25, 4)
+    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=r)
+              for r in (1.0, 1.0, 1.4, 1.0, 0.8)]  # fmt: skip
+    plain = Engine(model, max_batch_size=3, block_size=4).generate(prompts, params)
+    engine = Engine(model, max_batch_size=3, block_size=4, mtp=True)
+    spec = engine.generate(prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    s = engine.stats()
+    assert 0 < s["mtp_accepted"] < s["mtp_drafted"]  # both branches taken
+    assert s["tokens_per_forward"] == pytest.approx(1 + s["mtp_acceptance_rate"], abs=0.05)
+    assert s["cache_blocks_used"] == 0
+
+
+def test_drafts_equal_the_training_path_mtp_prediction():
+    """After every step each running request's draft (and its distribution) is what MTP module 1
+    computes in training over the whole sequence: h_i + Emb(t_{i+1}) -> t_{i+2}."""
+    model = _model(32)
+    engine = Engine(model, max_batch_size=4, block_size=4, mtp=True)
+    prompts = _prompts(32, 3, 11, 6)
+    for p, temp in zip(prompts, (0, 1.0, 0)):
+        engine.add_request(p, SamplingParams(max_tokens=12, temperature=temp, seed=1, ignore_eos=True))
+    checked = 0
+    with torch.no_grad():
+        while engine.has_unfinished():
+            engine.step()
+            for r in engine.running:
+                n, tokens = r.num_cached, r.tokens
+                h = model(torch.tensor([tokens[:n]])).hidden
+                cos, sin = model.rope(1, n)
+                hm, _ = model.mtp[0](h, model.embed_tokens(torch.tensor([tokens[1 : n + 1]])), cos, sin)
+                logits = model.lm_head(model.mtp[0].shared_head.norm(hm[:, -1]))[0]
+                if r.params.greedy:
+                    assert r.draft == int(logits.argmax())
+                else:
+                    torch.testing.assert_close(r.draft_q, logits.softmax(-1), rtol=0, atol=1e-10)
+                checked += 1
+    assert checked > 20
+
+
+@pytest.mark.skipif(not (TRAINED / "config.json").is_file(), reason="needs the trained tiny model")
+def test_greedy_mtp_identical_on_the_trained_model():
+    from dsv3.train.data import load_tokenizer
+
+    tok = load_tokenizer(TRAINED, 8192)
+    texts = ["def __init__(self", "class ", "for i in range(", "    return "]
+    prompts = [[tok.bos_id] + tok.tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = Engine.from_pretrained(TRAINED, max_seq_len=128, max_batch_size=4).generate(prompts, params)
+    engine = Engine.from_pretrained(TRAINED, max_seq_len=128, max_batch_size=4, mtp=True)
+    spec = engine.generate(prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert engine.stats()["mtp_acceptance_rate"] > 0.3
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was produced"
+    return (((counts - expected)[keep] ** 2) / expected[keep]).sum().item()
+
+
+CHI2_999 = {5: 20.5, 7: 24.3}  # 99.9% quantiles of chi-square with 5 and 7 degrees of freedom
+
+
+def test_speculative_acceptance_preserves_the_distribution():
+    """p (target) and q (draft) far apart on 6 tokens, 30,000 rows: the first token follows p0, the
+    bonus token follows p1, acceptance is sum(min(p0, q)); resampling from p0 instead of the
+    residual max(0, p0 - q) (a classic bug) fails the same test."""
+    N, V = 30_000, 6
+    logits = torch.tensor(
+        [[[2.0, 1.0, 0.5, 0.0, -1.0, -3.0], [0.0, 0.3, 1.5, -0.5, 0.2, 1.0]]], dtype=torch.float64
+    )
+    logits = logits.expand(N, 2, V)
+    q = torch.tensor([0.05, 0.1, 0.4, 0.3, 0.1, 0.05], dtype=torch.float64)
+    params = [SamplingParams(temperature=1.0)] * N
+    batch = SamplingBatch(params, [torch.Generator().manual_seed(i) for i in range(N)], [None] * N, "cpu")
+    draft = sample_from(
+        q.expand(N, V), torch.rand(N, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
+    first, bonus, accepted = verify(batch, logits, draft, q.expand(N, V))
+    p0, p1 = logits[0, 0].softmax(-1), logits[0, 1].softmax(-1)
+    assert _chi2(torch.bincount(first, minlength=V).double(), p0) < CHI2_999[5]
+    assert _chi2(torch.bincount(bonus[accepted], minlength=V).double(), p1) < CHI2_999[5]
+    assert accepted.double().mean().item() == pytest.approx(torch.minimum(p0, q).sum().item(), abs=0.01)
+    wrong = torch.where(accepted, draft, sample_from(p0.expand(N, V), batch.uniform()))
+    assert _chi2(torch.bincount(wrong, minlength=V).double(), p0) > 10 * CHI2_999[5]
+
+
+def test_engine_mtp_sampling_follows_the_model_distribution():
+    """End to end through the engine (temperature 1, 1,200 seeds): the 2nd generated token, the
+    one the first speculative step decides, and the 3rd follow the model's exact marginals."""
+    model = _model(8)
+    prompt, V, N = [3, 1, 4, 1, 5], 8, 1200
+    engine = Engine(model, max_batch_size=64, mtp=True)
+    outs = engine.generate(
+        [prompt] * N, [SamplingParams(max_tokens=3, seed=i, ignore_eos=True) for i in range(N)]
+    )
+    tokens = torch.tensor([o.token_ids for o in outs])  # [N, 3]
+    with torch.no_grad():
+        p1 = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # [V]
+        p2 = model(torch.tensor([prompt + [a] for a in range(V)])).logits[:, -1].softmax(-1)  # [V(t1), V]
+        pairs = [prompt + [a, b] for a in range(V) for b in range(V)]
+        p3 = model(torch.tensor(pairs)).logits[:, -1].softmax(-1).view(V, V, V)
+    marg2 = (p1[:, None] * p2).sum(0)
+    marg3 = (p1[:, None, None] * p2[:, :, None] * p3).sum((0, 1))
+    assert _chi2(torch.bincount(tokens[:, 1], minlength=V).double(), marg2) < CHI2_999[7]
+    assert _chi2(torch.bincount(tokens[:, 2], minlength=V).double(), marg3) < CHI2_999[7]
+    s = engine.stats()
+    assert 0.05 < s["mtp_acceptance_rate"] < 0.95
