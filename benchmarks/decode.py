@@ -81,14 +81,14 @@ class HFSide:
         self.hf = hf
         with torch.no_grad():
             out = hf(torch.tensor(prompts), use_cache=True, logits_to_keep=1)  # same lengths: no padding
-        self.cache, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        self.cache, self.next = out.cache, out.logits[:, -1:].argmax(-1)
 
     @torch.no_grad()
     def decode(self, steps: int) -> float:
         t = time.perf_counter()
         for _ in range(steps):
             out = self.hf(self.next, cache=self.cache, use_cache=True)
-            self.cache, self.next = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            self.cache, self.next = out.cache, out.logits[:, -1:].argmax(-1)
         return time.perf_counter() - t
 
     def cache_bytes(self) -> int:

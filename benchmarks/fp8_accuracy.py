@@ -1,11 +1,19 @@
 """FP8 GEMM accuracy (SQNR vs FP64) and the Hopper accumulator: max relative error vs K.
 
-Activations with outliers are synthetic (outlier channels x100, outlier tokens x1e4, as the
-massive activations of LLMs); a trained dsv3 checkpoint was not available when this was written.
+SQNR of FP8 fine-grained (1x128 activations, 128x128 weights), FP8 per-tensor and BF16 GEMMs
+against FP64, (1) on synthetic activations (random; outlier channels x100; outlier tokens x1e4,
+as the massive activations of LLMs) and (2) on the inputs of every Linear and expert projection
+of a trained dsv3 model, captured with forward hooks on its validation data, with the weights of
+those layers (``--checkpoint``, default the trained tiny model; without one, a few training
+steps first). The "outlier" column is the largest channel amax over the median channel amax.
+
+    python benchmarks/fp8_accuracy.py [--checkpoint DIR] [--batches 2]
 """
 
+import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -13,6 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import save_result  # noqa: E402
 from dsv3.fp8.gemm import fp8_gemm, gemm_hopper  # noqa: E402
 from dsv3.fp8.quant import ACT, WEIGHT, quantize, sqnr_db  # noqa: E402
+from fp8_activations import TRAINED, capture, outlier_ratio, trained_model  # noqa: E402
 
 
 def activations(kind: str, m: int, k: int) -> torch.Tensor:
@@ -24,29 +33,61 @@ def activations(kind: str, m: int, k: int) -> torch.Tensor:
     return x
 
 
+GEMMS = ("fp8 1x128/128x128", "fp8 per-tensor", "bf16")
+
+
+def gemm_sqnr(x: torch.Tensor, w: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """{GEMM: (SQNR, mean per-token SQNR)} of x [T, K] @ w [N, K]^T against FP64."""
+    exact = x.double() @ w.double().t()
+    outs = {
+        GEMMS[0]: fp8_gemm(quantize(x, ACT), quantize(w, WEIGHT), backend="reference"),
+        GEMMS[1]: fp8_gemm(quantize(x, None), quantize(w, None), backend="reference"),
+        GEMMS[2]: (x.bfloat16().float() @ w.bfloat16().float().t()).bfloat16().float(),
+    }
+    return {name: (sqnr_db(exact, out), sqnr_db(exact, out, per_row=True)) for name, out in outs.items()}
+
+
 def sqnr_table() -> list[dict]:
     rows = []
     for kind in ("random", "outlier channels", "outlier tokens", "both"):
         x, w = activations(kind, 256, 2048), torch.randn(512, 2048) * 0.02
-        exact = x.double() @ w.double().t()
-        outs = {
-            "fp8 1x128/128x128": fp8_gemm(quantize(x, ACT), quantize(w, WEIGHT)),
-            "fp8 per-tensor": fp8_gemm(quantize(x, None), quantize(w, None)),
-            "bf16": x.bfloat16().float() @ w.bfloat16().float().t(),
-        }
-        for name, out in outs.items():
+        for name, (s, t) in gemm_sqnr(x, w).items():
             rows.append(
-                {
-                    "data": kind,
-                    "gemm": name,
-                    "sqnr_db": sqnr_db(exact, out),
-                    "token_sqnr_db": sqnr_db(exact, out, per_row=True),
-                }
+                {"data": kind, "gemm": name, "sqnr_db": s, "token_sqnr_db": t, "outlier": outlier_ratio(x)}
             )
-    print(f"{'data':18s} {'GEMM':20s} {'SQNR dB':>8s} {'per-token dB':>12s}")
-    for r in rows:
-        print(f"{r['data']:18s} {r['gemm']:20s} {r['sqnr_db']:8.2f} {r['token_sqnr_db']:12.2f}")
+    _print_sqnr("synthetic activations", rows)
     return rows
+
+
+def trained_sqnr_table(checkpoint: Path | None, batches: int) -> list[dict]:
+    """Per projection kind (q_a_proj, ..., experts.down_proj), over all layers (experts: all
+    experts) of the trained model: the median SQNR and the input with the strongest outliers."""
+    model, data = trained_model(checkpoint, batches)
+    inputs, _ = capture(model.float(), data)
+    by_kind: dict[str, list] = {}
+    for name, (x, w) in inputs.items():
+        kind = ".".join(p for p in name.split(".") if not p.isdigit() and p != "layers")
+        by_kind.setdefault(kind, []).append((outlier_ratio(x), gemm_sqnr(x, w), x.shape[0]))
+    rows = []
+    for kind, entries in sorted(by_kind.items()):
+        for gemm in GEMMS:
+            s = torch.tensor([e[1][gemm][0] for e in entries])
+            t = torch.tensor([e[1][gemm][1] for e in entries])
+            worst = max(entries, key=lambda e: e[0])  # the input with the strongest outlier channels
+            rows.append({"data": kind, "gemm": gemm, "sqnr_db": s.median().item(), "token_sqnr_db": t.median().item(),
+                         "outlier": worst[0], "sqnr_db_worst_outlier_input": worst[1][gemm][0],
+                         "matrices": len(entries)})  # fmt: skip
+    _print_sqnr(f"trained model inputs ({checkpoint}), median over layers", rows)
+    return rows
+
+
+def _print_sqnr(title: str, rows: list[dict]) -> None:
+    print(f"\nGEMM SQNR vs FP64, {title}")
+    print(f"{'data':28s} {'GEMM':20s} {'SQNR dB':>8s} {'per-token dB':>12s} {'outlier':>8s}")
+    for r in rows:
+        print(
+            f"{r['data']:28s} {r['gemm']:20s} {r['sqnr_db']:8.2f} {r['token_sqnr_db']:12.2f} {r['outlier']:8.1f}"
+        )
 
 
 def accumulation_table(groups: tuple[int, ...] = (32, 4)) -> list[dict]:
@@ -78,5 +119,11 @@ def accumulation_table(groups: tuple[int, ...] = (32, 4)) -> list[dict]:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=TRAINED)
+    parser.add_argument("--batches", type=int, default=2, help="validation batches of 8 x 256 tokens")
+    args = parser.parse_args()
     torch.manual_seed(0)
-    save_result("fp8_accuracy", {"sqnr": sqnr_table(), "accumulation": accumulation_table()})
+    result = {"sqnr": sqnr_table(), "sqnr_trained": trained_sqnr_table(args.checkpoint, args.batches)}
+    result["accumulation"] = accumulation_table()
+    save_result("fp8_accuracy", result)

@@ -9,7 +9,15 @@ import shutil
 import pytest
 import torch
 from _launch import run_distributed
-from _parallel_helpers import EQUIV_STEPS, LOSS_RTOL, config, reference, run_layout, train_parallel
+from _parallel_helpers import (
+    EQUIV_STEPS,
+    GRAD_NORM_RTOL,
+    LOSS_RTOL,
+    config,
+    reference,
+    run_layout,
+    train_parallel,
+)
 
 from dsv3.train.checkpoint import LATEST, step_name
 from dsv3.train.distributed import wants_distributed
@@ -35,17 +43,38 @@ def resume_copy(root, name: str, step: int):
     return dst
 
 
-@pytest.mark.parametrize("world, ep", [(2, 2), (1, 1)])
-def test_resume_in_another_layout_gives_the_same_next_step(root, ep4, world, ep):
-    records, _ = ep4
-    resume_copy(root, f"resumed_ep{ep}", 3)
-    assert wants_distributed(config(root, f"resumed_ep{ep}", resume=True))  # a DCP checkpoint picks torchrun's path
-    cfg = config(root, f"resumed_ep{ep}", ep=ep, resume=True, stop_after=1)
-    resumed = run_distributed(train_parallel, world, dataclasses.asdict(cfg))[0]
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # metrics.jsonl kept up to the checkpoint, then step 4
-    want, got = records[3], resumed[3]
-    for key in ("loss", "mtp_loss", "balance_loss", "grad_norm"):
+def check_next_step(ep4_records, resumed) -> None:
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # metrics.jsonl kept up to the checkpoint, then 4
+    want, got = ep4_records[3], resumed[3]
+    for key in ("loss", "mtp_loss", "balance_loss"):
         assert abs(want[key] - got[key]) <= LOSS_RTOL * abs(want[key]), (key, want[key], got[key])
+    assert abs(want["grad_norm"] - got["grad_norm"]) <= GRAD_NORM_RTOL * want["grad_norm"]
+
+
+def test_resume_with_ep2(root, ep4):
+    resume_copy(root, "resumed_ep2", 3)
+    cfg = config(root, "resumed_ep2", ep=2, resume=True, stop_after=1)
+    check_next_step(ep4[0], run_distributed(train_parallel, 2, dataclasses.asdict(cfg))[0])
+
+
+def test_resume_on_one_process_without_torchrun(root, ep4):
+    """`dsv3 train --resume` on a DCP checkpoint: build_trainer picks the distributed trainer, which
+    starts a one-rank process group by itself."""
+    import torch.distributed as dist
+
+    from dsv3.train.distributed import DistributedTrainer, build_trainer
+    from dsv3.train.metrics import read_metrics
+
+    run = resume_copy(root, "resumed_1", 3)
+    cfg = config(root, "resumed_1", resume=True, stop_after=1, threads=1)
+    assert wants_distributed(cfg)
+    trainer = build_trainer(cfg)
+    try:
+        assert isinstance(trainer, DistributedTrainer) and trainer.dims.world_size == 1
+        trainer.fit()
+    finally:
+        dist.destroy_process_group()
+    check_next_step(ep4[0], read_metrics(run / "metrics.jsonl"))
 
 
 def test_matches_one_process_and_exports_to_hf(root, ep4):

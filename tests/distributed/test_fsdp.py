@@ -17,7 +17,8 @@ def ref(root):
 
 
 def test_fsdp_over_two_ranks_matches_one_process(root, ref):
-    assert_same_run(ref, run_layout(root, "fsdp2", 2, dp_shard=2))
+    # with activation checkpointing: recomputing attention must not change a thing
+    assert_same_run(ref, run_layout(root, "fsdp2", 2, dp_shard=2, activation_checkpoint=True))
 
 
 def test_hsdp_with_expert_parallelism_matches_one_process(root, ref):

@@ -18,8 +18,7 @@ from dsv3.cli import main
 from dsv3.infer.cli import load, sample, stream
 from dsv3.infer.sampling import SamplingParams
 
-TOKENIZER = Path("/work/trained/tiny/tokenizer.json")
-MICRO = dict(vocab_size=8192, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
+MICRO = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
              q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
              first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
              n_group=2, topk_group=1, max_position_embeddings=256, initializer_range=0.1)  # fmt: skip
@@ -27,11 +26,11 @@ PROMPT = "def fibonacci(n):"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tmp_path_factory, tokenizer_file) -> Path:
     path = tmp_path_factory.mktemp("micro") / "micro"
     torch.manual_seed(0)
     Transformer(ModelConfig.from_preset("tiny", **MICRO)).save_pretrained(path)
-    shutil.copyfile(TOKENIZER, path / "tokenizer.json")
+    shutil.copyfile(tokenizer_file, path / "tokenizer.json")
     return path
 
 
@@ -50,9 +49,9 @@ def greedy(engine, ids, n, stop=()) -> str:
     return eng.generate([ids], SamplingParams(max_tokens=n, temperature=0, stop=stop))[0].text
 
 
-def test_one_shot_prints_the_engines_greedy_answer_with_and_without_mtp(folder, engine):
+def test_one_shot_prints_the_engines_greedy_answer_with_and_without_mtp(folder, engine, capsys):
     want = PROMPT + greedy(engine, engine[1].encode(PROMPT), 12) + "\n"
-    plain = dsv3(
+    args = [
         "generate",
         "--checkpoint",
         str(folder),
@@ -62,15 +61,15 @@ def test_one_shot_prints_the_engines_greedy_answer_with_and_without_mtp(folder, 
         "12",
         "--temperature",
         "0",
-    )
+    ]
+    plain = dsv3(*args)  # as a user runs it
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout == want
     assert "tokens/s" in plain.stderr and "MTP" not in plain.stderr
-    mtp = dsv3("generate", "--checkpoint", str(folder), "--prompt", PROMPT, "--max-tokens", "12", "--temperature", "0",
-               "--mtp")  # fmt: skip
-    assert mtp.returncode == 0, mtp.stderr
-    assert mtp.stdout == want  # MTP speculation is lossless for greedy decoding
-    assert "MTP acceptance" in mtp.stderr and "tokens/forward" in mtp.stderr
+    assert main([*args, "--mtp"]) == 0
+    mtp = capsys.readouterr()
+    assert mtp.out == want  # MTP speculation is lossless for greedy decoding
+    assert "MTP acceptance" in mtp.err and "tokens/forward" in mtp.err
 
 
 class Recorder(io.StringIO):

@@ -21,27 +21,27 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.cli import main
 from dsv3.infer.cli import load
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.server import Limits, create_app
 
-TOKENIZER = Path("/work/trained/tiny/tokenizer.json")  # the trained byte-level BPE (vocab 8192)
-MICRO = dict(vocab_size=8192, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
+MICRO = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
              q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
              first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
              n_group=2, topk_group=1, max_position_embeddings=256, initializer_range=0.1)  # fmt: skip
-PROMPTS = [f"def function_{i}(x):" for i in range(32)]
+PROMPTS = [f"def function_{i}(x" + ", y" * (i % 5) + "):" for i in range(16)]  # of different lengths
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
-N = 6  # tokens per answer
+N = 4  # tokens per answer
 LIMITS = Limits(max_concurrent=40, max_prompt_tokens=128, max_tokens_limit=200)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tmp_path_factory, tokenizer_file) -> Path:
     path = tmp_path_factory.mktemp("micro") / "micro"
     torch.manual_seed(0)
     Transformer(ModelConfig.from_preset("tiny", **MICRO)).save_pretrained(path)
-    shutil.copyfile(TOKENIZER, path / "tokenizer.json")
+    shutil.copyfile(tokenizer_file, path / "tokenizer.json")
     return path
 
 
@@ -142,7 +142,7 @@ def test_32_concurrent_clients_are_batched_and_all_correct(served):
     before = engine.stats()["forward_passes"]
 
     def ask(i: int) -> str:
-        prompt = PROMPTS[i]
+        prompt = PROMPTS[i % len(PROMPTS)]
         if i % 2:  # half of them stream
             stream = server.client.completions.create(model="micro", prompt=prompt, max_tokens=N, temperature=0,
                                                       stream=True)  # fmt: skip
@@ -155,7 +155,7 @@ def test_32_concurrent_clients_are_batched_and_all_correct(served):
 
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, range(32)))
-    assert answers == [refs[p].text for p in PROMPTS]
+    assert answers == [refs[PROMPTS[i % len(PROMPTS)]].text for i in range(32)]
     passes = engine.stats()["forward_passes"] - before  # read after the engine thread went idle
     assert passes < 0.5 * 32 * N, f"{passes} forward passes: requests were not batched (alone: {32 * N})"
 
@@ -186,7 +186,7 @@ BAD = [  # (case, body, path, status, param, code)
     ("prompt over the limit", {**GOOD, "prompt": [5] * 129}, "/v1/completions", 400, "prompt", "context_length_exceeded"),
     ("over the context", {**GOOD, "prompt": [5] * 100, "max_tokens": 190}, "/v1/completions", 400, "max_tokens",
      "context_length_exceeded"),
-    ("token id out of vocab", {**GOOD, "prompt": [1, 8192]}, "/v1/completions", 400, "prompt", "invalid_value"),
+    ("token id out of vocab", {**GOOD, "prompt": [1, MICRO["vocab_size"]]}, "/v1/completions", 400, "prompt", "invalid_value"),
     ("unknown model", {**GOOD, "model": "gpt-4"}, "/v1/completions", 404, "model", "model_not_found"),
     ("n > 1", {**GOOD, "n": 2}, "/v1/completions", 400, "n", "unsupported_parameter"),
     ("logprobs", {**GOOD, "logprobs": 3}, "/v1/completions", 400, "logprobs", "unsupported_parameter"),
@@ -233,7 +233,8 @@ def test_concurrency_limit_is_429_and_a_disconnect_frees_the_slot(folder):
     try:
         long = {"model": "micro", "prompt": "a", "max_tokens": 200, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", server.url + "/v1/completions", json=long) as first:
-            next(first.iter_lines())  # the first request is in flight
+            lines = first.iter_lines()  # kept referenced: a collected iterator closes the connection
+            next(lines)  # the first request is in flight
             r = _post(server.url, GOOD)
             assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
         # the client went away: its request is aborted and the slot freed
@@ -252,11 +253,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dsv3_serve_command(folder):
+def test_dsv3_serve_command(folder, capsys):
     port = _free_port()
-    bad = subprocess.run([sys.executable, "-m", "dsv3", "serve", "--checkpoint", str(folder / "nope")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert bad.returncode == 2 and "holds no model" in bad.stderr
+    assert main(["serve", "--checkpoint", str(folder / "nope")]) == 2
+    assert "holds no model" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(folder), "--max-concurrent", "0"]) == 2
+    assert "max_concurrent=0: must be an integer >= 1" in capsys.readouterr().err
     proc = subprocess.Popen(
         [sys.executable, "-m", "dsv3", "serve", "--checkpoint", str(folder), "--port", str(port), "--max-seq-len", "128"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -19,7 +19,6 @@ from dsv3.infer.chat import (
     write_tokenizer_config,
 )
 
-TOKENIZER = Path("/work/trained/tiny/tokenizer.json")
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
@@ -30,9 +29,9 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tmp_path_factory, tokenizer_file) -> Path:
     path = tmp_path_factory.mktemp("tok")
-    shutil.copyfile(TOKENIZER, path / "tokenizer.json")
+    shutil.copyfile(tokenizer_file, path / "tokenizer.json")
     write_tokenizer_config(path)
     return path
 

@@ -18,7 +18,6 @@ from dsv3.infer import convert as conv
 from dsv3.infer.chat import DEFAULT_CHAT_TEMPLATE
 from dsv3.train.checkpoint import save_checkpoint
 
-TOKENIZER = Path("/work/trained/tiny/tokenizer.json")
 CFG = dict(vocab_size=300, hidden_size=160, num_hidden_layers=2, intermediate_size=272, num_attention_heads=2,
            q_lora_rank=136, kv_lora_rank=72, qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=24,
            moe_intermediate_size=40, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
@@ -43,19 +42,19 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hf_folder(tmp: Path, max_shard_bytes=None, dtype=None) -> Path:
+def _hf_folder(tmp: Path, tokenizer: Path, max_shard_bytes=None, dtype=None) -> Path:
     m = _model() if dtype is None else _model().to(dtype)
     m.save_pretrained(tmp / "src", max_shard_bytes=max_shard_bytes)
-    shutil.copyfile(TOKENIZER, tmp / "src" / "tokenizer.json")
+    shutil.copyfile(tokenizer, tmp / "src" / "tokenizer.json")
     return tmp / "src"
 
 
-def test_training_run_to_hf_keeps_tensors_and_adds_the_chat_template(tmp_path):
+def test_training_run_to_hf_keeps_tensors_and_adds_the_chat_template(tmp_path, tokenizer_file):
     m = _model()
 
     def write(folder: Path) -> None:
         m.save_pretrained(folder)  # fills a sibling temp folder, then renames onto `folder`
-        shutil.copyfile(TOKENIZER, folder / "tokenizer.json")
+        shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
         torch.save({"opt": 1}, folder / "optimizer.pt")
 
     save_checkpoint(tmp_path / "run" / "checkpoints", 3, write, keep=2)
@@ -72,8 +71,8 @@ def test_training_run_to_hf_keeps_tensors_and_adds_the_chat_template(tmp_path):
     assert torch.equal(loaded.layers[1].mlp.experts.gate_up_proj, m.layers[1].mlp.experts.gate_up_proj)
 
 
-def test_fp8_bf16_fp8_gives_back_the_codes_and_bf16_fp8_bf16_is_within_fp8_error(tmp_path):
-    src = _hf_folder(tmp_path, dtype=torch.bfloat16)
+def test_fp8_bf16_fp8_gives_back_the_codes_and_bf16_fp8_bf16_is_within_fp8_error(tmp_path, tokenizer_file):
+    src = _hf_folder(tmp_path, tokenizer_file, dtype=torch.bfloat16)
     quiet = dict(log=lambda *_: None)
     fp8 = _tensors(conv.convert(src, tmp_path / "fp8", "fp8", **quiet))
     bf16 = _tensors(conv.convert(tmp_path / "fp8", tmp_path / "bf16", "bf16", **quiet))
@@ -101,8 +100,8 @@ def test_fp8_bf16_fp8_gives_back_the_codes_and_bf16_fp8_bf16_is_within_fp8_error
     assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
 
 
-def test_streaming_holds_one_shard_at_a_time(tmp_path, monkeypatch):
-    src = _hf_folder(tmp_path, max_shard_bytes=300_000)
+def test_streaming_holds_one_shard_at_a_time(tmp_path, tokenizer_file, monkeypatch):
+    src = _hf_folder(tmp_path, tokenizer_file, max_shard_bytes=300_000)
     n_shards = len(hf_io.checkpoint_files(src))
     assert n_shards >= 4
     alive: list[weakref.ref] = []
@@ -146,8 +145,8 @@ def _tensors_of(file: Path) -> dict:
         return dict.fromkeys(f.keys())
 
 
-def test_failure_midway_leaves_nothing_and_keeps_an_existing_dst(tmp_path, monkeypatch):
-    src = _hf_folder(tmp_path, max_shard_bytes=300_000)
+def test_failure_midway_leaves_nothing_and_keeps_an_existing_dst(tmp_path, tokenizer_file, monkeypatch):
+    src = _hf_folder(tmp_path, tokenizer_file, max_shard_bytes=300_000)
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("old")
@@ -181,8 +180,8 @@ def test_failure_midway_leaves_nothing_and_keeps_an_existing_dst(tmp_path, monke
         ("dst_inside_src", "must not be SRC's model folder"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_work(tmp_path, capsys, case, message):
-    src = _hf_folder(tmp_path, max_shard_bytes=300_000)
+def test_bad_input_is_a_clear_error_before_work(tmp_path, tokenizer_file, capsys, case, message):
+    src = _hf_folder(tmp_path, tokenizer_file, max_shard_bytes=300_000)
     dst, to = tmp_path / "dst", "fp8"
     if case == "unknown_format":
         to = "fp16"

@@ -42,6 +42,14 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
 
 
+def assert_same_codes(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal E4M3 codes, except that the NaN codes 0x7F and 0xFF count as one (the sign of a NaN
+    is not defined: the compiled cast writes 0xFF where the eager one writes 0x7F)."""
+    nan = (a & 0x7F) == 0x7F
+    assert torch.equal(nan, (b & 0x7F) == 0x7F)
+    assert torch.equal(a[~nan], b[~nan])
+
+
 def wide_random(n: int, seed: int = 0) -> torch.Tensor:
     """Random FP32 spanning 2**-20 .. 2**12 in magnitude, both signs."""
     g = torch.Generator().manual_seed(seed)
@@ -49,31 +57,41 @@ def wide_random(n: int, seed: int = 0) -> torch.Tensor:
     return torch.where(torch.rand(n, generator=g) < 0.5, -mag, mag)
 
 
+@pytest.fixture
+def compiled(monkeypatch):
+    """The codec tests run the compiled codec (the fast path); eagerly it *is* torch's cast."""
+    monkeypatch.setenv("DSV3_FP8_COMPILE", "1")
+
+
+@pytest.mark.usefixtures("compiled")
 def test_decode_matches_torch_on_all_256_codes() -> None:
     assert_same_bits(e4m3_decode(ALL_CODES), ALL_CODES.view(torch.float8_e4m3fn).float())
 
 
+@pytest.mark.usefixtures("compiled")
 def test_encode_roundtrips_all_256_codes() -> None:
     values = ALL_CODES.view(torch.float8_e4m3fn).float()
-    assert torch.equal(e4m3_encode(values), torch_encode(values))
+    assert_same_codes(e4m3_encode(values), torch_encode(values))
     finite = ~values.isnan()
     assert torch.equal(e4m3_encode(values)[finite], ALL_CODES[finite])
 
 
+@pytest.mark.usefixtures("compiled")
 def test_encode_matches_torch_on_midpoints_and_neighbours() -> None:
     """Ties to even and the carry into the next binade are decided exactly at the midpoints."""
     values = ALL_CODES[:0x7F].view(torch.float8_e4m3fn).float()  # 0 .. 448, increasing
     mid = (values[1:] + values[:-1]) / 2
     probes = torch.cat([mid, torch.nextafter(mid, values[1:]), torch.nextafter(mid, values[:-1])])
     probes = torch.cat([probes, -probes, torch.tensor([464.0, 480.0, 1e30, 2.0**-10, 2.0**-10 * 3])])
-    assert torch.equal(e4m3_encode(probes), torch_encode(probes))
+    assert_same_codes(e4m3_encode(probes), torch_encode(probes))
 
 
+@pytest.mark.usefixtures("compiled")
 def test_encode_matches_torch_on_random_and_special_values() -> None:
     specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1e-45])
     x = torch.cat([wide_random(200_000), specials])
-    assert torch.equal(e4m3_encode(x), torch_encode(x))
-    assert torch.equal(e4m3_encode(x.bfloat16()), torch_encode(x.bfloat16()))
+    assert_same_codes(e4m3_encode(x), torch_encode(x))
+    assert_same_codes(e4m3_encode(x.bfloat16()), torch_encode(x.bfloat16()))
 
 
 @pytest.mark.parametrize("block", BLOCKS)

@@ -19,15 +19,6 @@ SMALL = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, intermediate_si
                            "mscale": 0.9, "mscale_all_dim": 0.9}, initializer_range=0.1)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and 2 threads on a shared machine can stall for 100s of ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _eager_fp8(monkeypatch):
     monkeypatch.setenv("DSV3_FP8_COMPILE", "0")

@@ -17,15 +17,6 @@ SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, intermediate_si
                            "mscale": 0.9, "mscale_all_dim": 0.9}, initializer_range=0.15)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and 2 threads on a shared machine can stall for 100s of ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 

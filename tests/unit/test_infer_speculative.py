@@ -20,14 +20,6 @@ SMALL = dict(vocab_size=8, hidden_size=64, num_hidden_layers=2, intermediate_siz
              initializer_range=0.3)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(vocab_size=8, dtype=torch.float64):
     torch.manual_seed(0)
     return Transformer(ModelConfig.from_dict({**SMALL, "vocab_size": vocab_size})).to(dtype).eval()
@@ -150,3 +142,15 @@ def test_engine_mtp_sampling_follows_the_model_distribution():
     assert _chi2(torch.bincount(tokens[:, 2], minlength=V).double(), marg3) < CHI2_999[7]
     s = engine.stats()
     assert 0.05 < s["mtp_acceptance_rate"] < 0.95
+
+
+def test_bf16_model_with_fp8_cache_and_mtp_sampling_runs_clean(monkeypatch):
+    """The dtype plumbing: BF16 weights, FP8 latent cache (MTP layer included), sampled requests."""
+    monkeypatch.setenv("DSV3_FP8_COMPILE", "0")
+    model = _model(32, torch.bfloat16)
+    engine = Engine(model, max_batch_size=2, block_size=4, cache_dtype="fp8", mtp=True)
+    assert engine.cache.bytes_per_token == 3 * (32 + 4 + 8 * 2)  # 2 layers + MTP: codes, scale, BF16 k_pe
+    params = SamplingParams(max_tokens=9, temperature=0.8, top_k=10, repetition_penalty=1.1, ignore_eos=True)
+    outs = engine.generate(_prompts(32, 4, 9, 6), params)
+    assert all(len(o.token_ids) == 9 and o.finish_reason == "length" for o in outs)
+    assert engine.stats()["mtp_drafted"] > 0 and engine.stats()["cache_blocks_used"] == 0

@@ -172,6 +172,7 @@ class Fp8GroupedExperts(nn.Module):
     ):
         super().__init__()
         self.gate_up_proj, self.down_proj, self.backend, self.fmt = gate_up_proj, down_proj, backend, fmt
+        self.n_experts, self.dim, self.inter_dim = down_proj.shape  # as GroupedExperts
         self._caches = {"gate_up_proj": _WeightCache(), "down_proj": _WeightCache()}
 
     @classmethod

@@ -1,1 +1,2 @@
-"""Inference: the latent KV cache, generation and (later) the serving engine."""
+"""Inference: the latent KV cache (contiguous and paged), sampling, the serving engine with
+continuous batching and MTP speculative decoding (engine.py), and the simple sampler (generate.py)."""

@@ -164,15 +164,9 @@ class CacheView:
     their slots and returns each sequence's latents [B, S, .] (or the new ones themselves for a
     prefill). `start_pos` [B] is the tensor to pass the model as start_pos."""
 
-    def __init__(
-        self, cache: PagedLatentCache, write_idx: torch.Tensor, read_blocks, start_pos: torch.Tensor
-    ):
-        self.cache, self.write_idx, self.read_blocks, self.start_pos = (
-            cache,
-            write_idx,
-            read_blocks,
-            start_pos,
-        )
+    def __init__(self, cache: PagedLatentCache, write_idx, read_blocks, start_pos):
+        self.cache, self.write_idx = cache, write_idx  # [B*T] slots of the new tokens
+        self.read_blocks, self.start_pos = read_blocks, start_pos  # [B, S / block_size] or None; [B]
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos=None):
         """c_kv [B, T, r], k_pe [B, T, dr] -> (c_kv [B, S, r], k_pe [B, S, dr]) in c_kv's dtype."""
@@ -193,8 +187,7 @@ class CacheView:
 
         kv = gather(cache.kv[layer_idx])
         if cache.fp8:
-            kv = Fp8Tensor(kv.view(torch.float8_e4m3fn), gather(cache.kv_scale[layer_idx]), ACT).dequantize(
-                c_kv.dtype
-            )
+            codes, scale = kv.view(torch.float8_e4m3fn), gather(cache.kv_scale[layer_idx])
+            kv = Fp8Tensor(codes, scale, ACT).dequantize(c_kv.dtype)
         pe = gather(cache.pe[layer_idx])
         return kv.view(B, S, r).to(c_kv.dtype), pe.view(B, S, dr).to(k_pe.dtype)

@@ -100,7 +100,7 @@ def stats_line(g: Generation, engine_stats: dict) -> str:
             f"then {rate:.1f} tokens/s; finish: {g.finish_reason}")  # fmt: skip
     if engine_stats.get("mtp_acceptance_rate") is not None:
         line += (f"; MTP acceptance {100 * engine_stats['mtp_acceptance_rate']:.1f}% "
-                 f"({engine_stats['tokens_per_forward']:.2f} tokens/forward)")  # fmt: skip
+                 f"({engine_stats.get('tokens_per_forward') or float('nan'):.2f} tokens/forward)")  # fmt: skip
     return line + "]"
 
 

@@ -1,6 +1,7 @@
 """Plain autoregressive sampling over the latent cache: prefill the prompt through the naive
-MLA path, then decode one token at a time through the absorbed path. The serving engine
-(continuous batching, speculative decoding) builds on the same model calls."""
+MLA path, then decode one token at a time through the absorbed path, one batch of equal-length
+prompts over a contiguous `LatentCache`. The serving engine (engine.py: paged cache, continuous
+batching, per-request sampling, speculative decoding) makes the same model calls."""
 
 from __future__ import annotations
 

@@ -52,6 +52,7 @@ def _layout_free(pm: ParallelModel, optimizer: torch.optim.Optimizer | None, ini
             return DTensor.from_local(local.detach().clone(), pm.mesh["ep"], [Shard(0)], run_check=False)
         return t.detach() if isinstance(t, nn.Parameter) else t
 
+    pm.reshard()  # the sharded parameters are the optimizer's keys
     sd, copies = {}, []
     for name, p in pm.named_parameters():
         sd[name] = view(name, p)
@@ -74,7 +75,11 @@ def _layout_free(pm: ParallelModel, optimizer: torch.optim.Optimizer | None, ini
 
 def _persistent(module: nn.Module):
     """Persistent buffers (the routers' e_score_correction_bias), by full-model name."""
-    skip = {f"{prefix}.{b}".lstrip(".") for prefix, m in module.named_modules() for b in m._non_persistent_buffers_set}
+    skip = {
+        f"{prefix}.{b}".lstrip(".")
+        for prefix, m in module.named_modules()
+        for b in m._non_persistent_buffers_set
+    }
     return [(n, b) for n, b in module.named_buffers() if n not in skip]
 
 

@@ -59,7 +59,9 @@ def apply_fsdp(
     for module in modules:
         for block in (m for m in module.modules() if isinstance(m, Block)):
             if isinstance(block, MTPModule):  # its head norm runs after the block's forward
-                fully_shard(block.shared_head.norm, mesh=dense_mesh, mp_policy=policy, reshard_after_forward=per_block)
+                fully_shard(
+                    block.shared_head.norm, mesh=dense_mesh, mp_policy=policy, reshard_after_forward=per_block
+                )
             if isinstance(block.mlp, MoE):
                 experts = fully_shard(block.mlp.experts, mesh=expert_mesh, mp_policy=policy,
                                       reshard_after_forward=per_block)  # fmt: skip

@@ -20,7 +20,8 @@ serve FSDP and the data loader. Example, 8 ranks as pp=2, dp_shard=4, ep=2:
 Node-limited routing (V3R section 2.1.2) needs the expert groups aligned with nodes: ranks_per_node
 must divide ep (the EP group covers whole nodes) and n_group must be a multiple of the nodes in an
 EP group, so that each node holds whole groups and "at most topk_group groups" means "at most
-topk_group nodes". `ParallelDims.validate` checks all of it before any process group is touched.
+topk_group nodes". `ParallelDims.validate` checks all of it (the EP rules with
+expert_parallel.check_expert_parallel_layout) before any process group is touched.
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ class ParallelDims:
                     f"has only num_hidden_layers={model.num_hidden_layers}"
                 )
             if model.tie_word_embeddings:
-                raise ConfigError("pp > 1 with tie_word_embeddings: the embedding and head sit on different stages")
+                raise ConfigError(
+                    "pp > 1 with tie_word_embeddings: the embedding and head sit on different stages"
+                )
             if self.microbatches < self.num_stages:
                 raise ConfigError(
                     f"pp_microbatches={self.microbatches}: {self.pp_schedule} needs at least "
@@ -151,7 +154,6 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu"):
     )
     mesh["efsdp", "ep"]._flatten("dp_shard")
     mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")
-    mesh["dp_replicate", "efsdp"]._flatten("edp")  # the experts' data-parallel ranks
     return mesh
 
 

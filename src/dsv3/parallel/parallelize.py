@@ -54,6 +54,15 @@ class ParallelModel:
         for m in self.modules:
             yield from m.named_parameters()
 
+    def reshard(self) -> None:
+        """Free FSDP's gathered parameters (left gathered by a forward without backward)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.modules:
+            for sub in m.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
+
     def train(self, mode: bool = True) -> None:
         for m in self.modules:
             m.train(mode)

@@ -131,8 +131,15 @@ def build_schedule(stage_modules, stage_ids, dims, microbatch, dtype, pp_group, 
                 for shape, dt in (((b, T, H), dtype), ((b, T, H), dtype), ((1,), torch.float32)))  # fmt: skip
     ids = torch.empty(b, T, dtype=torch.long, device="meta")
     stages = [
-        PipelineStage(m, s, dims.num_stages, device, input_args=(ids,) if s == 0 else act, output_args=act,
-                      group=pp_group)  # fmt: skip
+        PipelineStage(
+            m,
+            s,
+            dims.num_stages,
+            device,
+            input_args=(ids,) if s == 0 else act,
+            output_args=act,
+            group=pp_group,
+        )  # fmt: skip
         for m, s in zip(stage_modules, stage_ids)
     ]
     loss = loss or _no_loss  # every rank needs a loss_fn: it is what tells the schedule to run backward
@@ -150,7 +157,9 @@ def forward_only(pm, x: torch.Tensor | None, labels: torch.Tensor | None) -> tor
 
     group = pm.mesh["pp"].get_group()
     me, pp, n = pm.mesh["pp"].get_local_rank(), pm.dims.pp, pm.dims.num_stages
-    owner = [next(r for r in range(pp) if s in stage_ids_of_rank(r, pp, pm.dims.pp_schedule)) for s in range(n)]
+    owner = [
+        next(r for r in range(pp) if s in stage_ids_of_rank(r, pp, pm.dims.pp_schedule)) for s in range(n)
+    ]
     by_id = dict(zip(pm.stage_ids, pm.modules))
     acts = None
     for s in range(n):

@@ -87,16 +87,34 @@ class DistributedTrainer(Trainer):
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-        self.dims = parallel_dims(cfg).resolve(world)
-        self.dims.validate(cfg.model_cfg(), cfg.batch_size)  # bad layouts fail here, before any work
-        device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        try:  # bad layouts fail here, before any work
+            self.dims = parallel_dims(cfg).resolve(world)
+            self.dims.validate(cfg.model_cfg(), cfg.batch_size)
+        except ConfigError as e:
+            if world == 1 and not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+                raise ConfigError(
+                    f"{e} (one process: launch with `torchrun --nproc-per-node N -m dsv3 train ...`)"
+                ) from None
+            raise
+        device_type = (
+            "cuda"
+            if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
         if not dist.is_initialized():
             if device_type == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            if "MASTER_ADDR" in os.environ:
-                dist.init_process_group(backend_for(device_type))  # env:// (torchrun)
+            if "MASTER_ADDR" in os.environ:  # env:// (torchrun)
+                store, rank, size = next(dist.rendezvous("env://"))
+                # keys per torchrun attempt: a restarted worker must not read the dead attempt's
+                # addresses if torchrun's store outlives it
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                store = dist.PrefixStore(f"dsv3/attempt_{attempt}", store)
+                dist.init_process_group(backend_for(device_type), store=store, rank=rank, world_size=size)
             else:  # one process without torchrun (e.g. resuming a DCP checkpoint)
-                dist.init_process_group(backend_for(device_type), store=dist.HashStore(), rank=0, world_size=1)
+                dist.init_process_group(
+                    backend_for(device_type), store=dist.HashStore(), rank=0, world_size=1
+                )
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not cfg.resume:
@@ -112,33 +130,30 @@ class DistributedTrainer(Trainer):
             print(message, flush=True)
 
     # ------------------------------------------------------------ rank 0 first for shared files
-    def _on_rank0_first(self, fn, *args):
-        """Run fn on rank 0, then (if it worked) on the others: caches are built once."""
-        error = None
+    def _on_rank0(self, fn, *args, then_others: bool = False):
+        """Run fn on rank 0 and share its result or its error with every rank (so all fail with
+        the same message); with then_others, the other ranks then run fn too (caches built once)."""
+        outcome = [None, None]
         if self.is_main:
             try:
-                result = fn(*args)
-            except Exception as e:  # shared so every rank fails with the same message
-                error = e
-        flag = [error]
-        dist.broadcast_object_list(flag, src=0)
-        if flag[0] is not None:
-            raise flag[0]
-        return result if self.is_main else fn(*args)
+                outcome[0] = fn(*args)
+            except Exception as e:
+                outcome[1] = e
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[1] is not None:
+            raise outcome[1]
+        return fn(*args) if then_others and not self.is_main else outcome[0]
 
     def _checkpoint_to_resume(self):
-        found = [super()._checkpoint_to_resume() if self.is_main else None]
-        dist.barrier()
-        dist.broadcast_object_list(found, src=0)
-        return found[0]
+        return self._on_rank0(super()._checkpoint_to_resume)
 
     def _tokenizer_path(self, corpus):
-        return self._on_rank0_first(super()._tokenizer_path, corpus)
+        return self._on_rank0(super()._tokenizer_path, corpus, then_others=True)
 
     def _build_data(self, corpus, tok) -> None:
         from dsv3.train.data import Loader
 
-        self._on_rank0_first(super()._build_data, corpus, tok)
+        self._on_rank0(super()._build_data, corpus, tok, then_others=True)
         self.loader = Loader(RankSlice(self.train_data, self.dp_rank, self.dims.dp), self.cfg.batch_size,
                              self.cfg.seed)  # fmt: skip
 
@@ -149,7 +164,9 @@ class DistributedTrainer(Trainer):
 
         cfg = self.cfg
         if cfg.fp8:
-            raise ConfigError("fp8=True (FP8 linears) is not supported with parallelism yet; use --fp8-dispatch")
+            raise ConfigError(
+                "fp8=True (FP8 linears) is not supported with parallelism yet; use --fp8-dispatch"
+            )
         with torch.device("meta"):
             self.model = Transformer(self.model_cfg)  # full structure, for FLOP counts only
             structure = Transformer(self.model_cfg)  # parallelized in place below
@@ -255,7 +272,9 @@ class DistributedTrainer(Trainer):
         """Expert loads [routers, E] of the whole model in single-process order (main layers, then MTP)."""
         if self.dims.pp > 1:
             everyone = [None] * self.dims.pp
-            dist.all_gather_object(everyone, {k: v.cpu() for k, v in loads.items()}, group=self.mesh["pp"].get_group())
+            dist.all_gather_object(
+                everyone, {k: v.cpu() for k, v in loads.items()}, group=self.mesh["pp"].get_group()
+            )
             loads = {k: v for part in everyone for k, v in part.items()}
         order = sorted(loads, key=lambda n: (n.startswith("mtp"), int(n.split(".")[1])))
         return torch.stack([loads[n].cpu() for n in order]) if order else torch.zeros(0)
@@ -285,6 +304,7 @@ class DistributedTrainer(Trainer):
             total, n = total + parts[0].item(), n + 1
         for module in self.pm.modules:
             update_router_bias(module, 0.0)  # drop the evaluation tokens from the expert-load counts
+        self.pm.reshard()  # a forward without backward leaves the root's parameters gathered
         return total / max(n, 1)
 
     def _past(self, deadline: float) -> bool:
@@ -320,7 +340,9 @@ class DistributedTrainer(Trainer):
         self.model_cfg.save(folder / "config.json")
         shutil.copyfile(self.tokenizer_path, folder / "tokenizer.json")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        torch.save({"step": self.step, "loader": self.loader.state_dict(), "rng": rng}, folder / "trainer_state.pt")
+        torch.save(
+            {"step": self.step, "loader": self.loader.state_dict(), "rng": rng}, folder / "trainer_state.pt"
+        )
         (folder / "train_config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
 
     def load(self, folder: Path) -> None:
@@ -350,13 +372,7 @@ class DistributedTrainer(Trainer):
 
         state = full_state_dict(self.pm)
         if self.is_main:
-            model = Transformer(self.model_cfg)
-            model.load_state_dict(state)
-            ckpt.write_folder_atomically(folder, lambda f: self._write_hf_from(model, f))
+            self.model = Transformer(self.model_cfg)  # the meta twin becomes the gathered model
+            self.model.load_state_dict(state)
+            super().export_hf(folder)
         dist.barrier()
-
-    def _write_hf_from(self, model, folder: Path) -> None:
-        import shutil
-
-        model.save_pretrained(folder)
-        shutil.copyfile(self.tokenizer_path, folder / "tokenizer.json")

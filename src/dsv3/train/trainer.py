@@ -183,7 +183,7 @@ class TrainConfig:
         )
         need(self.threads is None or self.threads > 0, "threads", "must be a positive integer")
         for name in ("dp_replicate", "dp_shard"):
-            need(getattr(self, name) == -1 or getattr(self, name) > 0, name, "must be a positive integer or -1")
+            need(getattr(self, name) in (-1,) or getattr(self, name) > 0, name, "must be > 0 or -1 (auto)")
         for name in ("ep", "pp"):
             need(getattr(self, name) > 0, name, "must be a positive integer")
         need(self.pp_schedule in ("1f1b", "dualpipev"), "pp_schedule", "must be '1f1b' or 'dualpipev'")
