@@ -5,33 +5,16 @@ the template, and bad flags exit 2 with a message."""
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-from dsv3 import ModelConfig, Transformer
 from dsv3.cli import main
 from dsv3.infer.cli import load, sample, stream
 from dsv3.infer.sampling import SamplingParams
 
-MICRO = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
-             q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-             first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-             n_group=2, topk_group=1, max_position_embeddings=256, initializer_range=0.1)  # fmt: skip
 PROMPT = "def fibonacci(n):"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, tokenizer_file) -> Path:
-    path = tmp_path_factory.mktemp("micro") / "micro"
-    torch.manual_seed(0)
-    Transformer(ModelConfig.from_preset("tiny", **MICRO)).save_pretrained(path)
-    shutil.copyfile(tokenizer_file, path / "tokenizer.json")
-    return path
 
 
 @pytest.fixture(scope="module")

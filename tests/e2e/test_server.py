@@ -6,43 +6,27 @@ serving, and the concurrency limit answers 429."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
+from _micro import MICRO_VOCAB
 
-from dsv3 import ModelConfig, Transformer
 from dsv3.cli import main
 from dsv3.infer.cli import load
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.server import Limits, create_app
 
-MICRO = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=2,
-             q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-             first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-             n_group=2, topk_group=1, max_position_embeddings=256, initializer_range=0.1)  # fmt: skip
 PROMPTS = [f"def function_{i}(x" + ", y" * (i % 5) + "):" for i in range(16)]  # of different lengths
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
 N = 4  # tokens per answer
 LIMITS = Limits(max_concurrent=40, max_prompt_tokens=128, max_tokens_limit=200)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, tokenizer_file) -> Path:
-    path = tmp_path_factory.mktemp("micro") / "micro"
-    torch.manual_seed(0)
-    Transformer(ModelConfig.from_preset("tiny", **MICRO)).save_pretrained(path)
-    shutil.copyfile(tokenizer_file, path / "tokenizer.json")
-    return path
 
 
 class Server:
@@ -186,7 +170,7 @@ BAD = [  # (case, body, path, status, param, code)
     ("prompt over the limit", {**GOOD, "prompt": [5] * 129}, "/v1/completions", 400, "prompt", "context_length_exceeded"),
     ("over the context", {**GOOD, "prompt": [5] * 100, "max_tokens": 190}, "/v1/completions", 400, "max_tokens",
      "context_length_exceeded"),
-    ("token id out of vocab", {**GOOD, "prompt": [1, MICRO["vocab_size"]]}, "/v1/completions", 400, "prompt", "invalid_value"),
+    ("token id out of vocab", {**GOOD, "prompt": [1, MICRO_VOCAB]}, "/v1/completions", 400, "prompt", "invalid_value"),
     ("unknown model", {**GOOD, "model": "gpt-4"}, "/v1/completions", 404, "model", "model_not_found"),
     ("n > 1", {**GOOD, "n": 2}, "/v1/completions", 400, "n", "unsupported_parameter"),
     ("logprobs", {**GOOD, "logprobs": 3}, "/v1/completions", 400, "logprobs", "unsupported_parameter"),

@@ -1,5 +1,7 @@
 """Fp8Linear / Fp8GroupedExperts against their BF16 counterparts, and convert_to_fp8 on a Transformer."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -21,19 +23,29 @@ def run(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, *args) -> tuple[to
     return y, x.grad, *(p.grad for p in module.parameters())
 
 
-def test_fp8_linear_matches_bf16_module() -> None:
+@pytest.mark.parametrize("fmt", ["pow2", "fp32"])
+def test_fp8_linear_matches_bf16_module(fmt) -> None:
+    """The attainable bounds, derived (measured in benchmarks/fp8_accuracy.py gradient_table).
+
+    Rounding to E4M3 (3 fraction bits) leaves a relative error uniform within +-ulp/2, ulp =
+    2**(e-3) for x = m * 2**e: noise power ulp**2 / 12 against E[m**2] * 4**e, i.e. an SQNR of
+    10 log10(12 * 64 * E[m**2]) ~ 32.5 dB for mantissas uniform in [1, 2), ~31.8 dB measured on
+    Gaussian data. A GEMM of two independently rounded operands adds the two error powers: -3 dB,
+    ~28.8 dB. Every one of Fprop, Dgrad and Wgrad has two E4M3 operands, so all three sit near
+    28.8 dB, and the issue's ">= 30 dB for both gradients" is unreachable with E4M3 everywhere
+    (the paper's recipe; E5M2 for dY, 2 fraction bits, measures ~24.8 dB: worse). With FP32
+    scales Wgrad re-quantizes the saved FP8 X in 128x1 tiles, a third rounding (~27.2 dB); with
+    power-of-2 scales that re-scaling by 2**k is exact, so Wgrad stays at ~28.5 dB. The bounds
+    below sit ~1 dB under these values (sampling spread of a 150 x 320 problem)."""
     torch.manual_seed(0)
     linear = nn.Linear(320, 200)  # FP32 master weights, unaligned K and N
     x, dy = torch.randn(3, 50, 320).bfloat16(), torch.randn(3, 50, 200).bfloat16()
     y_ref, dx_ref, dw_ref, db_ref = run(linear.bfloat16().float(), x.float(), dy.float())
-    fp8 = Fp8Linear.from_linear(linear)
+    fp8 = Fp8Linear.from_linear(linear, fmt=fmt)
     y, dx, dw, db = run(fp8, x, dy)
     assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
-    # One E4M3 operand carries ~31.8 dB; a GEMM of two independently rounded ones ~28.8 dB
-    # (errors add: -3 dB); Wgrad re-quantizes the saved FP8 x 128x1, a third rounding (~27 dB).
-    # The brief's 30 dB for the gradients is above these bounds: see the report.
-    assert sqnr_db(y_ref, y) >= 25
-    assert sqnr_db(dx_ref, dx) >= 27.5 and sqnr_db(dw_ref, dw) >= 26.5
+    assert sqnr_db(y_ref, y) >= 27.5 and sqnr_db(dx_ref, dx) >= 27.5  # the issue: forward >= 25
+    assert sqnr_db(dw_ref, dw) >= (27.5 if fmt == "pow2" else 26.0)
     assert sqnr_db(db_ref, db) >= 40  # bias gradient stays high precision
 
 
@@ -91,6 +103,9 @@ def test_convert_to_fp8_on_transformer() -> None:
     names_before = set(model.state_dict())
     convert_to_fp8(model)
     assert set(model.state_dict()) == names_before
+    assert model.training_flops_per_token(256) == Transformer(
+        ModelConfig.from_preset("tiny")
+    ).training_flops_per_token(256)
     leaf = {n.rsplit(".", 1)[-1]: type(m) for n, m in model.named_modules()}
     assert leaf.get("o_proj") is Fp8Linear and leaf.get("kv_b_proj") is Fp8Linear
     for name, module in model.named_modules():
@@ -143,11 +158,40 @@ def test_weight_is_quantized_once_per_step(monkeypatch) -> None:
     assert not torch.equal(fp8._wcache.q.values, w_before)
 
 
-def test_fp32_scale_recipe() -> None:
-    """The V3 paper's FP32 scales, emulated with FP32 GEMMs: the same accuracy class."""
+def test_fp8_forward_loss_within_0_1_percent_of_bf16_on_trained_weights() -> None:
+    """End-to-end criterion (a) in miniature: a small model trained in the test (so that its
+    predictions are sharp, unlike random weights where any noise leaves the loss at ln V) is
+    evaluated on held-out sequences with a BF16 and with an FP8 forward on the same weights."""
+    from dsv3 import ModelConfig, Transformer
+
     torch.manual_seed(0)
-    linear = nn.Linear(256, 256, bias=False)
-    x, dy = torch.randn(128, 256).bfloat16(), torch.randn(128, 256).bfloat16()
-    y_ref, dx_ref, dw_ref = run(linear.bfloat16().float(), x.float(), dy.float())
-    y, dx, dw = run(Fp8Linear.from_linear(linear, fmt="fp32"), x, dy)
-    assert sqnr_db(y_ref, y) >= 25 and sqnr_db(dx_ref, dx) >= 27.5 and sqnr_db(dw_ref, dw) >= 26.5
+    cfg = ModelConfig.from_preset("tiny", num_hidden_layers=2, vocab_size=256, num_nextn_predict_layers=0)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    perm = torch.randperm(256)
+
+    def batch(n: int) -> torch.Tensor:  # next = perm[token] with probability 0.7, else uniform
+        x = torch.randint(0, 256, (n, 128))
+        for t in range(1, 128):
+            x[:, t] = torch.where(torch.rand(n) < 0.7, perm[x[:, t - 1]], x[:, t])
+        return x
+
+    for _ in range(40):
+        x = batch(8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x[:, :-1], labels=x[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    held_out = batch(16)
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.eval()(held_out[:, :-1], labels=held_out[:, 1:]).loss.item()
+
+    bf16 = evaluate()
+    assert bf16 < 0.5 * math.log(256)  # trained: far below the uniform loss
+    fp8 = evaluate() if convert_to_fp8(model) else None
+    assert abs(fp8 - bf16) / bf16 < 1e-3
