@@ -84,7 +84,11 @@ def compare(val: dict[str, dict[int, float]]) -> dict:
     if not seeds:
         return {}
     final = {name: c[max(c)] for name, c in val.items()}
-    gaps = {s: (final[f"fp8_s{s}"] - final[f"bf16_s{s}"]) / final[f"bf16_s{s}"] for s in seeds}
+    gaps = {}
+    for s in seeds:  # at the last step both runs evaluated (the final one when both finished)
+        b, f = val[f"bf16_s{s}"], val[f"fp8_s{s}"]
+        t = max(set(b) & set(f))
+        gaps[s] = (f[t] - b[t]) / b[t]
     bf16 = [final[f"bf16_s{s}"] for s in SEEDS if f"bf16_s{s}" in final]
     fp8 = [final[f"fp8_s{s}"] for s in SEEDS if f"fp8_s{s}" in final]
     spread = (max(bf16) - min(bf16)) / min(bf16)
@@ -102,8 +106,8 @@ def plot(val: dict[str, dict[int, float]], png: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, c in val.items():
-        style = "-" if name.startswith("bf16") else "--"
-        left.plot(list(c), list(c.values()), style, label=name.replace("_s", " seed "))
+        style, color = "-" if name.startswith("bf16") else "--", f"C{name.rsplit('_s', 1)[-1]}"
+        left.plot(list(c), list(c.values()), style, color=color, label=name.replace("_s", " seed "))
     left.set(title="held-out loss: FP8 (dashed) and BF16 (solid)", xlabel="step", ylabel="nats/token")
     left.legend(fontsize=8)
     for s in SEEDS:
@@ -111,13 +115,21 @@ def plot(val: dict[str, dict[int, float]], png: Path) -> None:
         if b and f:
             steps = sorted(set(b) & set(f))
             right.plot(
-                steps, [100 * (f[t] - b[t]) / b[t] for t in steps], "o-", label=f"FP8 - BF16, seed {s}"
+                steps,
+                [100 * (f[t] - b[t]) / b[t] for t in steps],
+                "o-",
+                color=f"C{s}",
+                label=f"FP8 - BF16, seed {s}",
             )
         b0 = val.get("bf16_s0")
         if s and b and b0:
             steps = sorted(set(b) & set(b0))
             right.plot(
-                steps, [100 * (b[t] - b0[t]) / b0[t] for t in steps], ":", label=f"BF16 seed {s} - seed 0"
+                steps,
+                [100 * (b[t] - b0[t]) / b0[t] for t in steps],
+                ":",
+                color=f"C{s}",
+                label=f"BF16 seed {s} - seed 0",
             )
     right.axhline(0, color="gray", lw=0.5)
     right.set(title="relative difference of held-out loss", xlabel="step", ylabel="%")

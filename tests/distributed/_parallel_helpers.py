@@ -58,11 +58,13 @@ def train_parallel(rank: int, world: int, cfg_dict: dict) -> list[dict] | None:
     return read_metrics(Path(cfg_dict["out"]) / "metrics.jsonl")
 
 
-def run_layout(root: Path, name: str, world: int, layers: int = 2, **overrides):
+def run_layout(
+    root: Path, name: str, world: int, layers: int = 2, env: dict[str, str] | None = None, **overrides
+):
     from _launch import run_distributed
 
     cfg = config(root, name, layers, **overrides)
-    records = run_distributed(train_parallel, world, dataclasses.asdict(cfg))[0]
+    records = run_distributed(train_parallel, world, dataclasses.asdict(cfg), env=env)[0]
     return records, torch.load(Path(cfg.out) / "final.pt")
 
 

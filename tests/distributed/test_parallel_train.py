@@ -25,7 +25,8 @@ def test_expert_parallel_matches_one_process(root, ref, world, ep):
 
 def test_fp8_dispatch_stays_within_fp8_tolerance(root, ref):
     """E4M3 tokens with 1x128 scales on the way to the experts (combine in full precision)."""
-    records, _ = run_layout(root, "ep2_fp8", 2, ep=2, fp8_dispatch=True)
+    eager = {"DSV3_FP8_COMPILE": "0"}  # the same codes; compiling the quantizer would cost ~30 s per rank
+    records, _ = run_layout(root, "ep2_fp8", 2, env=eager, ep=2, fp8_dispatch=True)
     want, got = [r["loss"] for r in ref[0]], [r["loss"] for r in records]
     gaps = [abs(a - b) / a for a, b in zip(want, got)]
     assert max(gaps) <= FP8_LOSS_RTOL, gaps

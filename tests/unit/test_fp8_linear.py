@@ -195,3 +195,21 @@ def test_fp8_forward_loss_within_0_1_percent_of_bf16_on_trained_weights() -> Non
     assert bf16 < 0.5 * math.log(256)  # trained: far below the uniform loss
     fp8 = evaluate() if convert_to_fp8(model) else None
     assert abs(fp8 - bf16) / bf16 < 1e-3
+
+
+def test_train_with_fp8_flag(tmp_path) -> None:
+    """`dsv3 train --fp8`: the trainer converts the model and the micro run trains (BF16 autocast)."""
+    from train_helpers import micro_config, write_corpus
+
+    from dsv3.train.trainer import Trainer
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=10)
+    cfg = micro_config(
+        tmp_path, corpus, tmp_path / "cache", fp8=True, dtype="bfloat16", steps=8, save_every=8
+    )
+    trainer = Trainer(cfg)
+    assert any(isinstance(m, Fp8Linear) for m in trainer.model.modules())
+    assert any(isinstance(m, Fp8GroupedExperts) for m in trainer.model.modules())
+    summary = trainer.fit()
+    assert math.isfinite(summary["last"]["val_loss"])
+    assert summary["last"]["loss"] < summary["first"]["loss"]

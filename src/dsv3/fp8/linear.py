@@ -8,9 +8,11 @@ inputs with fine-grained scales and accumulate in FP32 (promotion every N_C = 12
   (a 128x128 grid is its own transpose, so the forward's FP8 weight is reused);
 * Wgrad ``dW = dY^T X``: the contraction runs over tokens, so dY and X are re-tiled 128x1
   (128 tokens of one channel). X comes from the FP8 copy saved in forward - the BF16 input is
-  never kept - dequantized and re-quantized in the new tiling, as the paper does.
+  never kept - dequantized and re-quantized in the new tiling, as the paper does (with FP32 scales
+  a third rounding of X; with power-of-2 scales the re-scaling by 2**k is exact).
 
-Outputs and dX are in the activation dtype, dW in the master weight's dtype (FP32). Biases,
+Outputs and dX are in the activation dtype, dW in the master weight's dtype (FP32; the CPU BF16
+fast path rounds it to BF16 first, as autocast's BF16 GEMM does, see gemm.py). Biases,
 norms, the attention core, the router (``gate``), ``embed_tokens``, ``lm_head`` and the MTP
 ``eh_proj`` stay in BF16/FP32. ``convert_to_fp8`` swaps modules from outside the model: every
 ``nn.Linear`` not named in ``keep`` becomes an ``Fp8Linear`` sharing the same Parameters (so
@@ -137,8 +139,9 @@ def fp8_linear(
 class Fp8Linear(nn.Linear):
     """Drop-in ``nn.Linear`` (same Parameters and state-dict keys) computed by ``fp8_linear``."""
 
-    backend: str | None = None
-    fmt: ScaleFormat = DEFAULT_FMT
+    def __init__(self, *args, backend: str | None = None, fmt: ScaleFormat = DEFAULT_FMT, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend, self.fmt, self._wcache = backend, fmt, _WeightCache()
 
     @classmethod
     def from_linear(

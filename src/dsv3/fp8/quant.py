@@ -25,19 +25,21 @@ other tiles are unaffected.
 Fast path. torch's float8 casts are slow on CPU in eager mode (~0.5 GB/s: one scalar
 conversion per element, one kernel per op). Under ``torch.compile`` the same cast (the same
 rounding: to nearest, ties to even, after clamping to +-448) is vectorized and fused with the
-amax, the division and the dequantized copy into one pass over the tile, ~10x faster here. The
+amax, the division and the dequantized copy into one pass over the tile, 2-5x faster than the
+eager ops here (benchmarks/fp8_speed.py); static shapes, as a dynamic-shape graph ran ~10x slower. The
 tests prove the compiled codec bit-exact against the eager torch cast on all 256 codes, all
 midpoints between them and random data; ``quantize_reference`` (a plain loop over tiles with the
 eager cast) is the reference that ``quantize`` must equal exactly, values and scales. (A
 bit-trick encoder on the FP32 pattern is exact too, but Inductor does not vectorize the bitcasts
-and it ran 5-8x slower than the compiled cast.)
+and it ran 3-9x slower than the compiled cast.)
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -55,7 +57,6 @@ Block = tuple[int, int]
 ACT: Block = (1, TILE)  # per token per 128 channels
 ACT_T: Block = (TILE, 1)  # 128 tokens of one channel (weight-gradient GEMM)
 WEIGHT: Block = (TILE, TILE)  # 128x128 weight blocks
-
 
 
 @dataclass
@@ -236,10 +237,28 @@ def _fake_quantize_segments(x: Tensor, offs: Tensor, pow2: Tensor, dtype: torch.
     return (_encode(xf / scale).view(torch.float8_e4m3fn).float() * scale).to(dtype)
 
 
+_eager_depth = 0  # > 0 inside `eager()`
+
+
+@contextmanager
+def eager() -> Iterator[None]:
+    """Run the quantizers uncompiled inside this block: the same codes bit for bit, slower per
+    byte, but without the seconds of compilation per shape that only pay off on large tensors
+    (small conversions, tests). DSV3_FP8_COMPILE=0 does the same for a whole process."""
+    global _eager_depth
+    _eager_depth += 1
+    try:
+        yield
+    finally:
+        _eager_depth -= 1
+
+
 def _compiled(fn: Callable) -> Callable:
     """``fn`` under ``torch.compile``, which fuses the cast and the scaling into one pass,
-    unless DSV3_FP8_COMPILE=0 (read per call: tests run eagerly, compiling costs seconds)."""
-    return fn if os.environ.get("DSV3_FP8_COMPILE", "1") == "0" else _compile(fn)
+    unless inside `eager()` or DSV3_FP8_COMPILE=0 (read per call)."""
+    if _eager_depth or os.environ.get("DSV3_FP8_COMPILE", "1") == "0":
+        return fn
+    return _compile(fn)
 
 
 @cache

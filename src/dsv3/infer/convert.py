@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from safetensors.torch import save_file
 
 from dsv3 import hf as hf_io
 from dsv3.config import ConfigError, ModelConfig
+from dsv3.fp8 import quant as fp8_quant
 
 FORMATS = ("bf16", "fp8", "hf")
 COMPILE_ABOVE_BYTES = 2**30
@@ -108,25 +108,16 @@ def convert(src: str | Path, dst: str | Path, to: str, overwrite: bool = False, 
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_tokenizer(folder, tmp)
 
-    with _eager_quantizer_below(COMPILE_ABOVE_BYTES, sum(f.stat().st_size for f in files)):
+    with _quantizer_mode(sum(f.stat().st_size for f in files)):
         hf_io.write_folder_atomically(dst, write)
     return dst
 
 
-@contextmanager
-def _eager_quantizer_below(threshold: int, nbytes: int) -> Iterator[None]:
-    """dsv3.fp8.quant runs under torch.compile unless DSV3_FP8_COMPILE=0: ~5x the throughput, but
-    ~30-60 s of compilation per process, which only pays off for large checkpoints. Below
-    `threshold` bytes (and unless the user set the variable) the quantizer runs eagerly; the
-    codes are the same bit for bit."""
-    if nbytes >= threshold or "DSV3_FP8_COMPILE" in os.environ:
-        yield
-        return
-    os.environ["DSV3_FP8_COMPILE"] = "0"
-    try:
-        yield
-    finally:
-        del os.environ["DSV3_FP8_COMPILE"]
+def _quantizer_mode(nbytes: int):
+    """dsv3.fp8.quant compiles its quantizer: ~5x the throughput, but ~30-60 s of compilation per
+    process, which only pays off for checkpoints of COMPILE_ABOVE_BYTES and more; below that it runs
+    eagerly (the same codes bit for bit)."""
+    return nullcontext() if nbytes >= COMPILE_ABOVE_BYTES else fp8_quant.eager()
 
 
 def _load_shard(file: Path) -> dict[str, torch.Tensor]:
