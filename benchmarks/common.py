@@ -13,6 +13,9 @@ import torch
 from dsv3.analysis.hardware import gemm_tflops  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).parent / "results"
+# The trained tiny model the benchmarks read (weights, validation data, MTP acceptance): the run
+# `make run` writes. Its latest checkpoint holds config, weights, tokenizer and train_config.json.
+TRAINED_RUN = Path(__file__).parents[1] / "runs" / "demo"
 
 
 def machine() -> dict:

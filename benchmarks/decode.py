@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import save_result  # noqa: E402
+from common import TRAINED_RUN, save_result  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3.infer.engine import Engine, SamplingParams  # noqa: E402
 
-TRAINED = Path("/work/trained/tiny/hf")
+TRAINED = TRAINED_RUN / "hf"  # written by `make run`
 
 
 def copy_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:

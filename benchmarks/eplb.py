@@ -6,13 +6,13 @@ Three load sets:
 
   * DeepSeek's published EPLB example (2 layers, 12 experts, 4 groups, 16 slots, 2 nodes, 8 GPUs;
     12 experts do not split over 8 GPUs, so "before" is not defined there);
-  * loads measured from the trained tiny model (/work/trained/tiny: 3 MoE layers + 1 MTP layer,
+  * loads measured from the trained tiny model (runs/demo, written by `make run`: 3 MoE layers + 1 MTP layer,
     16 experts in 4 groups) on Python source it was not trained on, placed on 2 nodes x 2 GPUs
     with 4 extra slots (20 = 5 per GPU);
   * a DeepSeek-V3 prefill-sized synthetic case: 58 layers x 256 experts in 8 groups, log-normal
     loads (sigma 1), 288 slots on 4 nodes x 8 GPUs (8 + 1 redundant per GPU, as in V3R sec. 3.4).
 
-    python benchmarks/eplb.py [--model /work/trained/tiny/hf] [--tokens 8192]
+    python benchmarks/eplb.py [--model runs/demo/hf] [--tokens 8192]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import save_result  # noqa: E402
+from common import TRAINED_RUN, save_result  # noqa: E402
 from dsv3.parallel.eplb import gpu_loads, imbalance, rebalance_experts  # noqa: E402
 
 EXAMPLE = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
@@ -72,7 +72,7 @@ def place(name: str, loads: torch.Tensor, n_physical: int, n_groups: int, n_node
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="/work/trained/tiny/hf")
+    ap.add_argument("--model", default=str(TRAINED_RUN / "hf"))
     ap.add_argument("--tokens", type=int, default=8192)
     args = ap.parse_args()
     print("| loads | placement | max/mean before (mean over layers) | after |")

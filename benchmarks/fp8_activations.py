@@ -14,11 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-TRAINED = Path("/work/trained/tiny/checkpoints/step_00000205")
+from common import TRAINED_RUN
+
+TRAINED = TRAINED_RUN  # a run folder (its latest checkpoint) or a checkpoint folder
 
 
 def trained_model(checkpoint: Path | None, batches: int, steps_if_missing: int = 30):
     """(model in eval mode, list of validation (x, y) batches of the checkpoint's run)."""
+    from dsv3.hf import resolve_model_folder
     from dsv3.model.transformer import Transformer
     from dsv3.train.data import Corpus, PackedTokens, build_token_cache, load_tokenizer, validation_batches
     from dsv3.train.trainer import TrainConfig, Trainer
@@ -31,7 +34,8 @@ def trained_model(checkpoint: Path | None, batches: int, steps_if_missing: int =
         cfg = TrainConfig(out=str(out), steps=steps_if_missing, lr=2e-3, schedule="cosine", warmup_steps=5,
                           report=False, eval_every=10**9)  # fmt: skip
         Trainer(cfg).fit()
-        checkpoint = max((out / "checkpoints").glob("step_*"))
+        checkpoint = out
+    checkpoint = resolve_model_folder(checkpoint)
     cfg = TrainConfig(**json.loads((checkpoint / "train_config.json").read_text())["train"])
     model = Transformer.from_pretrained(checkpoint).eval()
     tok = load_tokenizer(checkpoint / "tokenizer.json", model.cfg.vocab_size)

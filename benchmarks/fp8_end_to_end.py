@@ -9,7 +9,7 @@
     python benchmarks/fp8_end_to_end.py --train        # run the missing runs (hours of CPU)
     python benchmarks/fp8_end_to_end.py                 # (a) + tables from finished runs
 
-The runs live in ``--runs`` (default /work/runs_fp8) as ``{bf16,fp8}_s{seed}``; each is
+The runs live in ``--runs`` (default runs/fp8_end_to_end) as ``{bf16,fp8}_s{seed}``; each is
 ``dsv3 train`` with the flags in ``RUN_FLAGS`` (tiny preset, 8 x 256 = 2,048 tokens per step).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, save_result  # noqa: E402
+from common import RESULTS, TRAINED_RUN, save_result  # noqa: E402
 from fp8_activations import TRAINED, trained_model  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -142,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=TRAINED, help="trained checkpoint for (a)")
     parser.add_argument("--batches", type=int, default=32, help="validation batches of 8 x 256 for (a)")
-    parser.add_argument("--runs", type=Path, default=Path("/work/runs_fp8"))
+    parser.add_argument("--runs", type=Path, default=TRAINED_RUN.parent / "fp8_end_to_end")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train", action="store_true", help="first run the missing runs")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ from dsv3.infer.engine import Engine, SamplingParams
 from dsv3.infer.sampling import SamplingBatch, sample_from
 from dsv3.infer.speculative import verify
 
-TRAINED = Path("/work/trained/tiny/hf")
+TRAINED = Path(__file__).parents[2] / "runs" / "demo" / "hf"  # written by `make run`; skipped without it
 SMALL = dict(vocab_size=8, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
              q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
              first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
