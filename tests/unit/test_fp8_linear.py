@@ -1,5 +1,6 @@
 """Fp8Linear / Fp8GroupedExperts against their BF16 counterparts, and convert_to_fp8 on a Transformer."""
 
+import dataclasses
 import math
 
 import pytest
@@ -197,19 +198,32 @@ def test_fp8_forward_loss_within_0_1_percent_of_bf16_on_trained_weights() -> Non
     assert abs(fp8 - bf16) / bf16 < 1e-3
 
 
-def test_train_with_fp8_flag(tmp_path) -> None:
-    """`dsv3 train --fp8`: the trainer converts the model and the micro run trains (BF16 autocast)."""
+@pytest.mark.parametrize("scales", ["pow2", "fp32"])
+def test_train_with_fp8_flag(tmp_path, scales) -> None:
+    """`dsv3 train --fp8 [--fp8-scales S]`: the trainer converts the model with that scale format and
+    the micro run trains (BF16 autocast); a bad format is refused before work."""
     from train_helpers import micro_config, write_corpus
 
+    from dsv3.config import ConfigError
     from dsv3.train.trainer import Trainer
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=10)
     cfg = micro_config(
-        tmp_path, corpus, tmp_path / "cache", fp8=True, dtype="bfloat16", steps=8, save_every=8
+        tmp_path,
+        corpus,
+        tmp_path / "cache",
+        fp8=True,
+        fp8_scales=scales,
+        dtype="bfloat16",
+        steps=8,
+        save_every=8,
     )
+    with pytest.raises(ConfigError, match="fp8_scales='e5m2'"):
+        dataclasses.replace(cfg, fp8_scales="e5m2").validate()
     trainer = Trainer(cfg)
-    assert any(isinstance(m, Fp8Linear) for m in trainer.model.modules())
-    assert any(isinstance(m, Fp8GroupedExperts) for m in trainer.model.modules())
+    fp8_modules = [m for m in trainer.model.modules() if isinstance(m, (Fp8Linear, Fp8GroupedExperts))]
+    assert {type(m) for m in fp8_modules} == {Fp8Linear, Fp8GroupedExperts}
+    assert {m.fmt for m in fp8_modules} == {scales}
     summary = trainer.fit()
     assert math.isfinite(summary["last"]["val_loss"])
     assert summary["last"]["loss"] < summary["first"]["loss"]

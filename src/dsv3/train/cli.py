@@ -45,13 +45,15 @@ HELP = {
     "pp_schedule": "pipeline schedule: 1f1b or dualpipev",
     "pp_microbatches": "microbatches per pipeline step (default: the number of stages)",
     "ranks_per_node": "EP ranks per node, for node-limited routing and cross-node byte counts",
+    "fp8": "FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks) in attention, dense and expert projections",
+    "fp8_scales": "FP8 scale format: pow2 (exact fast BF16 path on CPU), fp32 (the V3 paper's), ue8m0",
     "fp8_dispatch": "send EP dispatch in FP8 with 1x128 scales (combine stays BF16)",
     "activation_checkpoint": "recompute attention (norm + MLA) in backward",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dsv3.train.trainer import TrainConfig  # light: config only, no model import
+    from dsv3.train.trainer import FP8_SCALES, TrainConfig  # light: config only, no model import
 
     parser.add_argument("--config", help="JSON or TOML file with TrainConfig keys")
     hints = typing.get_type_hints(TrainConfig)
@@ -68,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs["type"] = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
             choices = {"schedule": ("v3", "cosine"), "dtype": ("bfloat16", "float32"),
-                       "pp_schedule": ("1f1b", "dualpipev")}  # fmt: skip
+                       "pp_schedule": ("1f1b", "dualpipev"), "fp8_scales": FP8_SCALES}  # fmt: skip
             if f.name in choices:
                 kwargs["choices"] = choices[f.name]
         parser.add_argument(flag, **kwargs)

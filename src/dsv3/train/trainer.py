@@ -58,6 +58,7 @@ from dsv3.train.metrics import (
 from dsv3.train.optim import Schedule, bias_gamma_at, build_optimizer, mtp_lambda_at
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+FP8_SCALES = ("pow2", "fp32", "ue8m0")  # dsv3.fp8.quant.ScaleFormat
 
 
 def default_cache_dir() -> str:
@@ -103,6 +104,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     fp8: bool = False
+    fp8_scales: str = "pow2"  # pow2 (fast exact CPU path, UE8M0-valued) | fp32 (the V3 paper's) | ue8m0
     threads: int | None = None
     seed: int = 0
     # parallelism under torchrun (train/distributed.py; world = pp x dp_replicate x dp_shard)
@@ -182,6 +184,7 @@ class TrainConfig:
             "must be auto, cpu or cuda[:N]",
         )
         need(self.threads is None or self.threads > 0, "threads", "must be a positive integer")
+        need(self.fp8_scales in FP8_SCALES, "fp8_scales", f"must be one of {list(FP8_SCALES)}")
         for name in ("dp_replicate", "dp_shard"):
             need(getattr(self, name) in (-1,) or getattr(self, name) > 0, name, "must be > 0 or -1 (auto)")
         for name in ("ep", "pp"):
@@ -282,7 +285,7 @@ class Trainer:
         if self.cfg.fp8:
             from dsv3.fp8.linear import convert_to_fp8
 
-            convert_to_fp8(self.model)
+            convert_to_fp8(self.model, fmt=self.cfg.fp8_scales)
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
         self.optimizer = build_optimizer(
             self.model, self.cfg.lr, (self.cfg.beta1, self.cfg.beta2), self.cfg.weight_decay,
