@@ -24,11 +24,6 @@ from dsv3.train.distributed import wants_distributed
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("dcp")
-
-
-@pytest.fixture(scope="module")
 def ep4(root):
     """The uninterrupted ep=4 run; it checkpoints at step 3 (save_every=3) and exports hf/ at the end."""
     return run_layout(root, "ep4", 4, ep=4)

@@ -3,18 +3,7 @@ BF16 mixed precision tracks the BF16 single-process run."""
 
 from __future__ import annotations
 
-import pytest
 from _parallel_helpers import assert_same_run, reference, run_layout
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("fsdp_train")
-
-
-@pytest.fixture(scope="module")
-def ref(root):
-    return reference(root)
 
 
 def test_fsdp_over_two_ranks_matches_one_process(root, ref):

@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from _parallel_helpers import assert_same_run, reference, run_layout
+from _parallel_helpers import assert_same_run, run_layout
 
 FP8_LOSS_RTOL = 2e-3  # E4M3 keeps 3 mantissa bits: ~3% per element, averaging out over tokens and experts
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("ep_train")
-
-
-@pytest.fixture(scope="module")
-def ref(root):
-    return reference(root)
 
 
 @pytest.mark.parametrize("world, ep", [(2, 2), (4, 4)])

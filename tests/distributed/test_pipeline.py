@@ -16,11 +16,6 @@ def test_split_stages_and_v_placement():
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("pp_train")
-
-
-@pytest.fixture(scope="module")
 def ref(root):
     return reference(root, layers=4)  # 4 layers: DualPipeV's 4 stages (2 per rank, V-shaped) hold one each
 

@@ -3,6 +3,7 @@ full forward, FP8 storage, and the contiguous cache of infer/generate.py against
 
 import pytest
 import torch
+from model_helpers import SMALL
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.fp8.quant import quantize
@@ -10,13 +11,6 @@ from dsv3.infer.cache import PagedLatentCache
 from dsv3.infer.engine import Engine
 from dsv3.infer.generate import generate
 from dsv3.infer.sampling import SamplingParams
-
-SMALL = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-             q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
-             first_k_dense_replace=1, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
-             n_group=2, topk_group=1, num_nextn_predict_layers=0, max_position_embeddings=128,
-             rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-                           "mscale": 0.9, "mscale_all_dim": 0.9}, initializer_range=0.1)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
