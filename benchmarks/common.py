@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3.analysis.hardware import gemm_tflops  # noqa: F401  (re-exported for the benchmarks)
+from dsv3.device import gemm_tflops  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).parent / "results"
 # The trained tiny model the benchmarks read (weights, validation data, MTP acceptance): the run

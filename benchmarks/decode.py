@@ -147,7 +147,7 @@ def mtp_acceptance(args) -> dict | None:
     if not (TRAINED / "config.json").is_file():
         print(f"{TRAINED} not found: MTP acceptance skipped")
         return None
-    from dsv3.train.data import load_tokenizer
+    from dsv3.tokenizer import load_tokenizer
 
     tok = load_tokenizer(TRAINED, 8192)
     texts = ["import os\n", "def __init__(self", "class ", "    return ", "# Copyright", "for i in range(",

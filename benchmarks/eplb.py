@@ -48,7 +48,7 @@ def measure_tiny_loads(model_dir: str, n_tokens: int) -> torch.Tensor:
     update_router_bias(model, 0.0)  # zero the counters
     with torch.no_grad():
         model(ids[:n].view(-1, seq), labels=ids[1 : n + 1].view(-1, seq))  # labels: MTP runs too
-    return update_router_bias(model, 0.0)  # [routers, E]
+    return torch.stack(list(update_router_bias(model, 0.0).values()))  # [routers, E]
 
 
 def place(name: str, loads: torch.Tensor, n_physical: int, n_groups: int, n_nodes: int, n_gpus: int) -> dict:

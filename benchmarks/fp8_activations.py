@@ -23,7 +23,8 @@ def trained_model(checkpoint: Path | None, batches: int, steps_if_missing: int =
     """(model in eval mode, list of validation (x, y) batches of the checkpoint's run)."""
     from dsv3.hf import resolve_model_folder
     from dsv3.model.transformer import Transformer
-    from dsv3.train.data import Corpus, PackedTokens, build_token_cache, load_tokenizer, validation_batches
+    from dsv3.tokenizer import load_tokenizer
+    from dsv3.train.data import Corpus, PackedTokens, build_token_cache, validation_batches
     from dsv3.train.trainer import TrainConfig, Trainer
 
     if checkpoint is None or not checkpoint.exists():

@@ -18,7 +18,8 @@ def _seed():
 def tokenizer_file(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer.json (vocab 2048, <|bos|> = 0, <|eos|> = 1) trained on the first
     MB of the Python stdlib, as `dsv3 train` trains its own; a few seconds, once per worker."""
-    from dsv3.train.data import Corpus, train_tokenizer
+    from dsv3.tokenizer import train_tokenizer
+    from dsv3.train.data import Corpus
 
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     train_tokenizer(Corpus(["stdlib"], max_bytes=1_000_000), 2048).save(str(path))

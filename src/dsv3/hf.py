@@ -31,18 +31,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsv3.config import ConfigError, ModelConfig
+from dsv3.checkpoint import latest_checkpoint, write_folder_atomically
+from dsv3.config import ModelConfig
+from dsv3.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +208,6 @@ def dequantize_fp8_block(
 def resolve_model_folder(path: str | Path) -> Path:
     """The HF-layout folder (config.json + safetensors) that `path` designates: the folder
     itself, else a run folder's latest training checkpoint, else its hf/ export."""
-    from dsv3.train.checkpoint import CheckpointError, latest_checkpoint
-
     path = Path(path)
     if (path / "config.json").is_file() and (
         (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
@@ -267,37 +264,13 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def fp8_config(config: dict, fp8: bool) -> dict:
-    """A config.json dict for weights in the FP8 release format (fp8=True) or in BF16."""
+def release_config(config: dict, weights: str) -> dict:
+    """A config.json dict for BF16 weights (weights="bf16") or DeepSeek's FP8 release format ("fp8")."""
     config = {k: v for k, v in config.items() if k != "quantization_config"}
     config["torch_dtype"] = "bfloat16"
-    if fp8:
+    if weights == "fp8":
         config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     return config
-
-
-def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling folder with `write(tmp)`, fsync its files, and only then put it
-    in place of `path` (an existing `path` is replaced: renamed away, the new one renamed in, the
-    old one deleted). A failure leaves `path` as it was and no temporary behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def shard_file_name(i: int, n: int) -> str:
@@ -311,27 +284,28 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> No
 
 
 def save_pretrained(model, path: str | Path, max_shard_bytes: int | None = None, fp8: bool = False) -> None:
-    """Write config.json + safetensors (sharded with an index above max_shard_bytes) atomically.
-    fp8=True writes DeepSeek's FP8 release format (see the module docstring)."""
+    """Write config.json + safetensors into a new folder `path`, atomically (dsv3.checkpoint)."""
+    write_folder_atomically(path, lambda tmp: write_pretrained(model, tmp, max_shard_bytes, fp8))
 
-    def write(tmp: Path) -> None:
-        dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-        config = model.cfg.to_hf(dtype)
-        tensors = to_hf_state_dict(model)
-        if fp8:
-            config = fp8_config(config, fp8=True)
-            tensors = dict(to_fp8_tensors(tensors.items()))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        shards = _shard(tensors, max_shard_bytes)
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            fname = shard_file_name(i, len(shards))
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, fname))
-        if len(shards) > 1:
-            write_index(tmp, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
 
-    write_folder_atomically(path, write)
+def write_pretrained(model, folder: Path, max_shard_bytes: int | None = None, fp8: bool = False) -> None:
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes) into the
+    existing `folder`. fp8=True writes DeepSeek's FP8 release format (see the module docstring)."""
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    config = model.cfg.to_hf(dtype)
+    tensors = to_hf_state_dict(model)
+    if fp8:
+        config = release_config(config, "fp8")
+        tensors = dict(to_fp8_tensors(tensors.items()))
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shards = _shard(tensors, max_shard_bytes)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = shard_file_name(i, len(shards))
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    if len(shards) > 1:
+        write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
@@ -356,7 +330,6 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict
 
 def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
     """Build a Transformer from a HF-layout folder (ours or transformers'), on `device`."""
-    from dsv3.model.moe import Router
     from dsv3.model.transformer import Transformer
 
     path = Path(path)
@@ -379,8 +352,5 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
         raise ConfigError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
     model.load_state_dict(state, strict=False)
     if dtype is not None:
-        model.to(dtype)
-        for m in model.modules():  # the router stays in FP32, as in the paper
-            if isinstance(m, Router):
-                m.float()
+        model.cast_(dtype)
     return model

@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_config(spec: str):
     """A preset name, a config.json, or a folder holding one."""
-    from dsv3.config import PRESETS, ConfigError, ModelConfig
+    from dsv3.config import PRESETS, ModelConfig
+    from dsv3.errors import ConfigError
 
     if spec in PRESETS:
         return ModelConfig.from_preset(spec)

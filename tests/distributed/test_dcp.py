@@ -19,7 +19,7 @@ from _parallel_helpers import (
     train_parallel,
 )
 
-from dsv3.train.checkpoint import LATEST, step_name
+from dsv3.checkpoint import LATEST, step_name
 from dsv3.train.distributed import wants_distributed
 
 

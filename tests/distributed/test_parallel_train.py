@@ -27,7 +27,8 @@ def test_fp8_dispatch_stays_within_fp8_tolerance(root, ref):
 def test_parallel_dims_resolve_and_validate():
     from _parallel_helpers import MICRO_MODEL
 
-    from dsv3.config import ConfigError, ModelConfig
+    from dsv3.config import ModelConfig
+    from dsv3.errors import ConfigError
     from dsv3.parallel.mesh import ParallelDims
 
     model = ModelConfig.from_preset("tiny", **MICRO_MODEL)  # 8 experts in 2 groups
@@ -58,7 +59,7 @@ def test_parallel_dims_resolve_and_validate():
 def test_trainer_rejects_a_bad_layout_before_any_work(tmp_path, monkeypatch):
     from _parallel_helpers import config
 
-    from dsv3.config import ConfigError
+    from dsv3.errors import ConfigError
     from dsv3.train.distributed import DistributedTrainer
 
     monkeypatch.setenv("WORLD_SIZE", "4")  # as under torchrun, before any process group exists

@@ -6,7 +6,7 @@ import pytest
 
 from dsv3.analysis import costs
 from dsv3.analysis.costs import ParallelLayout, count_params, load_architecture
-from dsv3.config import ConfigError
+from dsv3.errors import ConfigError
 
 
 def test_v3_parameter_counts_match_the_paper():

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from dsv3.config import PRESETS, ConfigError, ModelConfig
+from dsv3.config import PRESETS, ModelConfig
+from dsv3.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

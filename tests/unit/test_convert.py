@@ -13,10 +13,11 @@ from safetensors import safe_open
 
 from dsv3 import ModelConfig, Transformer
 from dsv3 import hf as hf_io
+from dsv3.checkpoint import save_checkpoint
 from dsv3.cli import main
+from dsv3.hf import write_pretrained
 from dsv3.infer import convert as conv
 from dsv3.infer.chat import DEFAULT_CHAT_TEMPLATE
-from dsv3.train.checkpoint import save_checkpoint
 
 CFG = dict(vocab_size=300, hidden_size=160, num_hidden_layers=2, intermediate_size=272, num_attention_heads=2,
            q_lora_rank=136, kv_lora_rank=72, qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=24,
@@ -53,7 +54,7 @@ def test_training_run_to_hf_keeps_tensors_and_adds_the_chat_template(tmp_path, t
     m = _model()
 
     def write(folder: Path) -> None:
-        m.save_pretrained(folder)  # fills a sibling temp folder, then renames onto `folder`
+        write_pretrained(m, folder)
         shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
         torch.save({"opt": 1}, folder / "optimizer.pt")
 

@@ -204,7 +204,7 @@ def test_train_with_fp8_flag(tmp_path, scales) -> None:
     the micro run trains (BF16 autocast); a bad format is refused before work."""
     from train_helpers import micro_config, write_corpus
 
-    from dsv3.config import ConfigError
+    from dsv3.errors import ConfigError
     from dsv3.train.trainer import Trainer
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=10)

@@ -74,7 +74,7 @@ def test_drafts_equal_the_training_path_mtp_prediction():
 
 @pytest.mark.skipif(not (TRAINED / "config.json").is_file(), reason="needs the trained tiny model")
 def test_greedy_mtp_identical_on_the_trained_model():
-    from dsv3.train.data import load_tokenizer
+    from dsv3.tokenizer import load_tokenizer
 
     tok = load_tokenizer(TRAINED, 8192)
     texts = ["def __init__(self", "class ", "for i in range(", "    return "]

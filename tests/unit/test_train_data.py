@@ -7,17 +7,10 @@ import pytest
 import torch
 from train_helpers import write_corpus
 
-from dsv3.train.data import (
-    IGNORE_INDEX,
-    Corpus,
-    DataError,
-    Loader,
-    PackedTokens,
-    build_token_cache,
-    cached_tokenizer,
-    load_tokenizer,
-    unigram_entropy,
-)  # fmt: skip
+from dsv3.errors import DataError
+from dsv3.model.loss import IGNORE_INDEX
+from dsv3.tokenizer import load_tokenizer
+from dsv3.train.data import Corpus, Loader, PackedTokens, build_token_cache, cached_tokenizer, unigram_entropy
 
 
 @pytest.fixture(scope="module")

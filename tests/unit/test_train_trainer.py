@@ -8,9 +8,7 @@ import pytest
 import torch
 from train_helpers import MICRO_MODEL, micro_config, write_corpus
 
-from dsv3.config import ConfigError
-from dsv3.train.checkpoint import CheckpointError
-from dsv3.train.data import DataError
+from dsv3.errors import CheckpointError, ConfigError, DataError
 from dsv3.train.metrics import read_metrics, write_report
 from dsv3.train.trainer import TrainConfig, Trainer
 

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.analysis import hardware
     from dsv3.analysis.limits import LimitError
     from dsv3.analysis.network import NetworkError
-    from dsv3.config import ConfigError
+    from dsv3.errors import ConfigError
 
     try:
         catalog = hardware.load_catalog(args.hardware_file)

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsv3.config import PRESETS, ConfigError, ModelConfig
+from dsv3.config import PRESETS, ModelConfig
+from dsv3.errors import ConfigError
 
 DATA_DIR = Path(__file__).with_name("data")
 # Bundled HF config.json files of the models the paper compares (typed from their published configs).

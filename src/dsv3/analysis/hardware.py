@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,27 +121,12 @@ def load_catalog(extra: str | Path | None = None) -> Catalog:
     return Catalog(accs, links)
 
 
-def gemm_tflops(dtype_name: str = "bfloat16", n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """Measured dense n x n x n matmul throughput (best of `repeats`), in TFLOP/s: the roof for MFU."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
-
-    def matmul():
-        a @ b
-        sync()
-
-    matmul(), matmul()  # warm-up (oneDNN builds its BF16 kernels on first use)
-    return 2 * n**3 / min(_timed(matmul) for _ in range(repeats)) / 1e12
-
-
 def measure_cpu(matmul_size: int = 1024, copy_mb: int = 256, repeats: int = 3) -> Accelerator:
     """An entry for this machine's CPU: measured BF16 GEMM TFLOPS and copy bandwidth (read +
     write of a `copy_mb` copy), best of `repeats`."""
     import torch
+
+    from dsv3.device import _timed, gemm_tflops
 
     src = torch.empty(copy_mb * 2**20 // 4)
     dst = torch.empty_like(src)
@@ -163,10 +147,6 @@ def measure_cpu(matmul_size: int = 1024, copy_mb: int = 256, repeats: int = 3) -
     )
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _memory_gb() -> float:

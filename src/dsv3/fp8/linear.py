@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsv3.device import compute_dtype
 from dsv3.fp8.gemm import emulation_dtype, fp8_gemm, resolve_backend
 from dsv3.fp8.quant import ACT, ACT_T, WEIGHT, Fp8Tensor, ScaleFormat, fake_quantize_segments, quantize
 
@@ -127,7 +128,7 @@ def fp8_linear(
 ) -> Tensor:
     """``F.linear`` with the three GEMMs in FP8; x [..., K], weight [N, K] -> [..., N].
     ``wq``: the weight's FP8 copy if the caller keeps one (else it is quantized here)."""
-    out_dtype, backend = _compute_dtype(x), resolve_backend(x.device, backend)
+    out_dtype, backend = compute_dtype(x), resolve_backend(x.device, backend)
     if wq is None:
         with torch.no_grad():
             wq = quantize(weight.detach(), WEIGHT, fmt, _values_dtype(backend, fmt))
@@ -185,7 +186,7 @@ class Fp8GroupedExperts(nn.Module):
         return cls(experts.gate_up_proj, experts.down_proj, backend, fmt)
 
     def forward(self, x: Tensor, offs: Tensor) -> Tensor:
-        out_dtype, backend = _compute_dtype(x), resolve_backend(x.device, self.backend)
+        out_dtype, backend = compute_dtype(x), resolve_backend(x.device, self.backend)
         values = _values_dtype(backend, self.fmt)
         gu_q = self._caches["gate_up_proj"].get(self.gate_up_proj, self.fmt, values)
         down_q = self._caches["down_proj"].get(self.down_proj, self.fmt, values)
@@ -237,8 +238,3 @@ def _expert(wq: Fp8Tensor, e: int) -> Fp8Tensor:
     return Fp8Tensor(wq.data[e], wq.scale[e], wq.block, wq.fmt, values)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a Linear on x produces: autocast's if enabled, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype

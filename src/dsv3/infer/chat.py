@@ -100,7 +100,7 @@ class ChatTokenizer:
         cls, folder: str | Path, vocab_size: int, tokenizer_file: str | Path | None = None
     ) -> ChatTokenizer:
         """Load tokenizer.json (or `tokenizer_file`) and the chat template of tokenizer_config.json."""
-        from dsv3.train.data import load_tokenizer
+        from dsv3.tokenizer import load_tokenizer
 
         folder = Path(folder)
         info = load_tokenizer(tokenizer_file or folder / "tokenizer.json", vocab_size)
@@ -137,7 +137,7 @@ class ChatTokenizer:
 def write_tokenizer_config(folder: str | Path) -> None:
     """Write tokenizer_config.json beside tokenizer.json with the default chat template (the file
     transformers' AutoTokenizer reads: its apply_chat_template then renders what we render)."""
-    from dsv3.train.data import load_tokenizer
+    from dsv3.tokenizer import load_tokenizer
 
     folder = Path(folder)
     info = load_tokenizer(folder / "tokenizer.json", max_vocab=sys.maxsize)

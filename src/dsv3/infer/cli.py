@@ -157,11 +157,9 @@ def sample(folder: Path, prompt: str, max_new_tokens: int, temperature: float = 
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.config import ConfigError
+    from dsv3.errors import CheckpointError, ConfigError, DataError
     from dsv3.infer.chat import ChatError
     from dsv3.infer.sampling import SamplingParams
-    from dsv3.train.checkpoint import CheckpointError
-    from dsv3.train.data import DataError
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip

@@ -36,7 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsv3 import hf as hf_io
-from dsv3.config import ConfigError, ModelConfig
+from dsv3.checkpoint import write_folder_atomically
+from dsv3.config import ModelConfig
+from dsv3.errors import CheckpointError, ConfigError
 from dsv3.fp8 import quant as fp8_quant
 
 FORMATS = ("bf16", "fp8", "hf")
@@ -58,8 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plan(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> tuple[Path, list[Path]]:
     """Check everything before any work: (model folder, its shard files). Raises ConfigError."""
-    from dsv3.train.checkpoint import CheckpointError
-
     if to not in FORMATS:
         raise ConfigError(f"--to {to!r} is not a format; choose one of {', '.join(FORMATS)}")
     src, dst = Path(src), Path(dst)
@@ -104,12 +104,12 @@ def convert(src: str | Path, dst: str | Path, to: str, overwrite: bool = False, 
             hf_io.write_index(tmp, weight_map, total)
         config = json.loads((folder / "config.json").read_text())
         if to != "hf":
-            config = hf_io.fp8_config(config, fp8=to == "fp8")
+            config = hf_io.release_config(config, to)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_tokenizer(folder, tmp)
 
     with _quantizer_mode(sum(f.stat().st_size for f in files)):
-        hf_io.write_folder_atomically(dst, write)
+        write_folder_atomically(dst, write)
     return dst
 
 

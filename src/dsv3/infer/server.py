@@ -608,11 +608,9 @@ def create_app(engine, tokenizer, model_name: str, limits: Limits | None = None)
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dsv3.config import ConfigError
+    from dsv3.errors import CheckpointError, ConfigError, DataError
     from dsv3.infer.chat import ChatError
     from dsv3.infer.cli import load
-    from dsv3.train.checkpoint import CheckpointError
-    from dsv3.train.data import DataError
 
     try:
         import uvicorn

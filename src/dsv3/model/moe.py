@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.device import compute_dtype
 
 
 class MLP(nn.Module):
@@ -119,7 +120,7 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         if dtype not in GROUPED_MM_DTYPES:  # e.g. float64 for exactness tests
             return self.forward_reference(x, offs)
         x = x.to(dtype)
@@ -147,11 +148,6 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return F.grouped_mm(a, b, offs=offs)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would pick for a GEMM on x (grouped_mm is not on autocast's lists)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class LocalDispatcher:
@@ -220,18 +216,24 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.
     return (f * P).sum(dim=-1).mean()
 
 
+def named_routers(model: nn.Module) -> list[tuple[str, Router]]:
+    """Every Router of `model` with its module name, in module order (main layers by index, then
+    the MTP modules): the one way the trainer, EP and the metrics find routers."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Router)]
+
+
 @torch.no_grad()
-def update_router_bias(model: nn.Module, gamma: float) -> torch.Tensor:
+def update_router_bias(model: nn.Module, gamma: float) -> dict[str, torch.Tensor]:
     """Auxiliary-loss-free balancing step (V3R eq. 16), called after each optimizer step.
 
     For every router: b_i += gamma * sign(mean load - load_i), over the tokens counted since the
-    last call; the counters are reset. Returns the loads [n_routers, E] (main layers in order,
-    then MTP modules). gamma = 0 only reads and resets."""
-    loads = []
-    for router in (m for m in model.modules() if isinstance(m, Router)):
+    last call; the counters are reset. Returns each router's loads [E] by module name (module
+    order). gamma = 0 only reads and resets."""
+    loads = {}
+    for name, router in named_routers(model):
         load = router.tokens_per_expert.clone()
         if gamma and router.topk_method == "noaux_tc":
             router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
         router.tokens_per_expert.zero_()
-        loads.append(load)
-    return torch.stack(loads) if loads else torch.zeros(0)
+        loads[name] = load
+    return loads

@@ -6,10 +6,10 @@ can be cached and absorbed (see attention.py).
 
 YaRN (arXiv 2309.00071) stretches the low frequencies by `factor` (40 for V3: 4K -> 160K
 context) and keeps the high ones: with d = rope dim and base theta, frequency i is
-    inv_freq_i = interp_i * (1 - ramp_i) + extrap_i * ramp_i,
+    inv_freq_i = interp_i * (1 - keep_i) + extrap_i * keep_i,
     extrap_i = theta^(-2i/d),  interp_i = extrap_i / factor,
-where ramp_i goes linearly from 1 to 0 between the dimensions that make beta_fast and
-beta_slow rotations over the original context. YaRN also sharpens attention: the softmax
+where keep_i goes linearly from 1 (high frequencies, kept) to 0 (low ones, interpolated) between
+the dimensions that make beta_fast and beta_slow rotations over the original context. YaRN also sharpens attention: the softmax
 scale is multiplied by mscale^2 with mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (see
 `ModelConfig.softmax_scale`), and cos/sin by mscale(factor, mscale) / mscale(factor,
 mscale_all_dim) (1.0 for the published configs).
@@ -43,9 +43,8 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     low = max(math.floor(correction_dim(rs["beta_fast"])), 0)
     high = min(math.ceil(correction_dim(rs["beta_slow"])), d - 1)
     if low == high:
-        high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    keep = 1.0 - ramp  # 1 = keep the original (extrapolated) frequency
+        high += 0.001  # avoid a zero-width transition
+    keep = 1.0 - ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     inv_freq = (extrap / factor) * (1.0 - keep) + extrap * keep
     if rs["mscale"] and rs["mscale_all_dim"]:
         attn_factor = yarn_get_mscale(factor, rs["mscale"]) / yarn_get_mscale(factor, rs["mscale_all_dim"])

@@ -82,6 +82,22 @@ class Transformer(nn.Module):
         if self.rope_inv_freq.device.type != "meta":
             self.rope_inv_freq.copy_(rope_inv_freq(self.cfg)[0])
 
+    @torch.no_grad()
+    def cast_(self, dtype: torch.dtype) -> Transformer:
+        """Cast the weights to `dtype` in place, except what stays in FP32 whatever the weights'
+        dtype (as in DeepSeek's reference and release): the routers' gate weight and selection
+        bias, and the RoPE frequencies. Returns self."""
+        for module in self.modules():
+            if isinstance(module, Router):
+                continue
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
+            for name, b in module.named_buffers(recurse=False):
+                if b.is_floating_point() and name != "rope_inv_freq":
+                    setattr(module, name, b.to(dtype))
+        return self
+
     def num_params(self) -> dict[str, int]:
         """Parameter counts from the modules (works on `meta`), counting what the checkpoint
         stores (parameters and the routers' bias buffers): the main model's total, those

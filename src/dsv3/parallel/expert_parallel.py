@@ -54,8 +54,9 @@ from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
+from dsv3.device import compute_dtype
 from dsv3.fp8.quant import ACT, TILE, Fp8Tensor, quantize
-from dsv3.model.moe import MoE, Router, _compute_dtype
+from dsv3.model.moe import MoE, named_routers
 
 
 @dataclass
@@ -125,7 +126,7 @@ class ExpertParallelDispatcher:
             raise ValueError(f"dispatcher built for {self.n_experts} experts, called with {n_experts}")
         self.stats.calls += 1
         self._count_cross_node(indices, x)
-        x = x.to(_compute_dtype(x))
+        x = x.to(compute_dtype(x))
         if self.node_dedup:
             return self._dispatch_via_nodes(x, indices)
         return self._dispatch_pairs(x, indices)
@@ -241,7 +242,7 @@ class ExpertParallelDispatcher:
         if self.ranks_per_node is None:
             return
         row_bytes = (
-            _fp8_row_bytes(x.shape[1]) if self.fp8_dispatch else _compute_dtype(x).itemsize * x.shape[1]
+            _fp8_row_bytes(x.shape[1]) if self.fp8_dispatch else compute_dtype(x).itemsize * x.shape[1]
         )
         node = indices // (self.n_experts // self.n_nodes)  # [N, K]
         own = self.rank // self.ranks_per_node
@@ -378,7 +379,7 @@ def all_reduce_expert_loads(model: nn.Module, group: dist.ProcessGroup | DeviceM
     Each rank's router counts the loads of *its own* tokens over all E experts (global ids), so
     after this every rank holds the global loads and `update_router_bias` moves all copies of
     the bias identically. Call it right before `update_router_bias`."""
-    routers = [m for m in model.modules() if isinstance(m, Router)]
+    routers = [r for _, r in named_routers(model)]
     if not routers:
         return
     pg = _process_group(group) if group is not None else None

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3.config import ConfigError, ModelConfig
+from dsv3.config import ModelConfig
+from dsv3.errors import ConfigError
 
 MESH_DIMS = ("pp", "dp_replicate", "efsdp", "ep")
 PP_SCHEDULES = ("1f1b", "dualpipev")

@@ -77,9 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.config import ConfigError
-    from dsv3.train.checkpoint import CheckpointError
-    from dsv3.train.data import DataError
+    from dsv3.errors import CheckpointError, ConfigError, DataError
     from dsv3.train.distributed import build_trainer
     from dsv3.train.trainer import TrainConfig
 

@@ -43,18 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsv3.errors import DataError
 from dsv3.model.loss import IGNORE_INDEX
+from dsv3.tokenizer import TokenizerInfo, train_tokenizer
 
-BOS, EOS = "<|bos|>", "<|eos|>"
-EOS_ALIASES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>")
-BOS_ALIASES = (BOS, "<s>", "<|begin_of_text|>")
 TEXT_SUFFIXES = frozenset(
     {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".js", ".ts", ".html", ".tex"}
 )
-
-
-class DataError(ValueError):
-    """Bad data input (missing path, empty corpus, unusable tokenizer); raised before training starts."""
 
 
 # ----------------------------------------------------------------------------------------- corpus
@@ -144,77 +139,13 @@ def _load_cached_hf_dataset(spec: str) -> Any:
 
 
 # -------------------------------------------------------------------------------------- tokenizer
-@dataclass(frozen=True)
-class TokenizerInfo:
-    """A loaded tokenizer with the ids the packer and the sampler need."""
-
-    tokenizer: Any  # tokenizers.Tokenizer
-    bos_id: int | None
-    eos_id: int
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-
-def train_tokenizer(corpus: Corpus, vocab_size: int) -> Any:
-    """Train a byte-level BPE with <|bos|> = 0 and <|eos|> = 1 on the corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    print(
-        f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(corpus)} documents ...", flush=True
-    )
-    tok.train_from_iterator(iter(corpus), trainer, length=len(corpus))
-    return tok
-
-
-def load_tokenizer(path: str | Path, max_vocab: int) -> TokenizerInfo:
-    """Load a `tokenizer.json`; its vocabulary must fit the model's embedding."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"tokenizer file {path} does not exist")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise DataError(f"tokenizer file {path} could not be read: {e}") from e
-    if tok.get_vocab_size() > max_vocab:
-        raise DataError(
-            f"tokenizer {path} has {tok.get_vocab_size()} tokens, more than the model's vocab_size={max_vocab}"
-        )
-    eos = _first_token_id(tok, EOS_ALIASES)
-    if eos is None:
-        raise DataError(f"tokenizer {path} has no end-of-text token (one of {EOS_ALIASES})")
-    return TokenizerInfo(tok, _first_token_id(tok, BOS_ALIASES), eos)
-
-
-def _first_token_id(tok: Any, names: tuple[str, ...]) -> int | None:
-    for name in names:
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i
-    return None
-
-
 def cached_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) -> Path:
     """Path of the tokenizer trained on this corpus, training and caching it on first use."""
     path = cache_dir / f"tokenizer-{corpus.fingerprint()}-{vocab_size}.json"
     if not path.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        train_tokenizer(corpus, vocab_size).save(str(tmp))
+        train_tokenizer(corpus, vocab_size, len(corpus)).save(str(tmp))
         os.replace(tmp, path)
     return path
 

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsv3.config import ConfigError
+from dsv3 import checkpoint as ckpt
+from dsv3.errors import ConfigError
 from dsv3.parallel.mesh import ParallelDims, backend_for, build_mesh
-from dsv3.train import checkpoint as ckpt
 from dsv3.train.trainer import TrainConfig, Trainer
 
 PARALLEL_FIELDS = ("dp_replicate", "dp_shard", "ep", "pp", "pp_schedule", "pp_microbatches", "ranks_per_node")
@@ -206,8 +206,7 @@ class DistributedTrainer(Trainer):
         loads = {}
         for module in pm.modules:
             all_reduce_expert_loads(module, self.mesh["dp"])
-            routers = [n for n, m in module.named_modules() if type(m).__name__ == "Router"]
-            loads.update(zip(routers, update_router_bias(module, gamma)))
+            loads.update(update_router_bias(module, gamma))
         dist.all_reduce(parts)  # only the ranks holding the last stage contribute
         self.step += 1
         self._maybe_fault()

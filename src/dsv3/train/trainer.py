@@ -35,17 +35,17 @@ from typing import Any
 
 import torch
 
-from dsv3.analysis.hardware import gemm_tflops
-from dsv3.config import ConfigError, ModelConfig
-from dsv3.train import checkpoint as ckpt
+from dsv3 import checkpoint as ckpt
+from dsv3.config import ModelConfig
+from dsv3.device import gemm_tflops
+from dsv3.errors import ConfigError
+from dsv3.tokenizer import TokenizerInfo, load_tokenizer
 from dsv3.train.data import (
     Corpus,
     Loader,
     PackedTokens,
-    TokenizerInfo,
     build_token_cache,
     cached_tokenizer,
-    load_tokenizer,
     unigram_entropy,
     validation_batches,
 )  # fmt: skip
@@ -323,7 +323,8 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        load = update_router_bias(self.model, bias_gamma_at(step, cfg.steps, cfg.bias_gamma))
+        loads = update_router_bias(self.model, bias_gamma_at(step, cfg.steps, cfg.bias_gamma))
+        load = torch.stack(list(loads.values())) if loads else torch.zeros(0)
         self.step += 1
         return {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm.item(), "mtp_lambda": lam,
                 "expert_load": load.cpu()}  # fmt: skip
@@ -443,7 +444,9 @@ class Trainer:
         (folder / "train_config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
 
     def _write_hf(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
+        from dsv3.hf import write_pretrained
+
+        write_pretrained(self.model, folder)
         shutil.copyfile(self.tokenizer_path, folder / "tokenizer.json")
 
     def export_hf(self, folder: Path) -> None:
