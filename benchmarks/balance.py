@@ -21,7 +21,6 @@ Shorter than the demo (small batches) so that both runs fit in a couple of minut
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import sys
 import time
@@ -35,10 +34,10 @@ from dsv3.train.trainer import Trainer  # noqa: E402
 
 
 def train(out: Path, gamma: float, args: argparse.Namespace) -> dict:
-    cfg = dataclasses.replace(
-        demo_config(str(out), args.seed, args.steps), batch_size=args.batch, seq_len=args.seq, bias_gamma=gamma,
-        log_every=1, eval_every=args.steps, eval_batches=2, save_every=args.steps, report=False,
-    )  # fmt: skip
+    cfg = demo_config(str(out), args.seed, args.steps).updated({
+        "batch_size": args.batch, "seq_len": args.seq, "bias_gamma": gamma, "log_every": 1,
+        "eval_every": args.steps, "eval_batches": 2, "save_every": args.steps, "report": False,
+    })
     start = time.perf_counter()
     Trainer(cfg).fit()
     records = read_metrics(out / "metrics.jsonl")

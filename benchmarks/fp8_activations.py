@@ -24,25 +24,27 @@ def trained_model(checkpoint: Path | None, batches: int, steps_if_missing: int =
     from dsv3.hf import resolve_model_folder
     from dsv3.model.transformer import Transformer
     from dsv3.tokenizer import load_tokenizer
+    from dsv3.train.config import TrainConfig
     from dsv3.train.data import Corpus, PackedTokens, build_token_cache, validation_batches
-    from dsv3.train.trainer import TrainConfig, Trainer
+    from dsv3.train.trainer import Trainer
 
     if checkpoint is None or not checkpoint.exists():
         out = Path(tempfile.mkdtemp(prefix="dsv3_fp8_"))
         print(
             f"no checkpoint at {checkpoint}: training the tiny preset for {steps_if_missing} steps in {out}"
         )
-        cfg = TrainConfig(out=str(out), steps=steps_if_missing, lr=2e-3, schedule="cosine", warmup_steps=5,
-                          report=False, eval_every=10**9)  # fmt: skip
+        cfg = TrainConfig.from_dict({"out": str(out), "steps": steps_if_missing, "lr": 2e-3, "schedule": "cosine",
+                                     "warmup_steps": 5, "report": False, "eval_every": 10**9})
         Trainer(cfg).fit()
         checkpoint = out
     checkpoint = resolve_model_folder(checkpoint)
-    cfg = TrainConfig(**json.loads((checkpoint / "train_config.json").read_text())["train"])
+    cfg = TrainConfig.from_dict(json.loads((checkpoint / "train_config.json").read_text())["train"])
     model = Transformer.from_pretrained(checkpoint).eval()
     tok = load_tokenizer(checkpoint / "tokenizer.json", model.cfg.vocab_size)
-    cache = build_token_cache(Corpus(cfg.data, None), tok, cfg.val_fraction, Path(cfg.cache_dir))
-    val = PackedTokens(cache.tokens("val"), cfg.seq_len, tok.eos_id, "validation")
-    return model, list(validation_batches(val, cfg.batch_size, batches))
+    d = cfg.data
+    cache = build_token_cache(Corpus(d.sources, None), tok, d.val_fraction, Path(d.cache_dir))
+    val = PackedTokens(cache.tokens("val"), d.seq_len, tok.eos_id, "validation")
+    return model, list(validation_batches(val, d.batch_size, batches))
 
 
 @torch.no_grad()

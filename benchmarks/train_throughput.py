@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import gemm_tflops, save_result  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
-from dsv3.train.trainer import TrainConfig, Trainer  # noqa: E402
+from dsv3.train.config import TrainConfig  # noqa: E402
+from dsv3.train.trainer import Trainer  # noqa: E402
 
 
 def hf_step_fn(hf, device: torch.device, grad_clip: float, lr: float):
@@ -76,10 +77,10 @@ def bench_preset(preset: str, batch: int, seq: int, steps: int, warmup: int, pea
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    cfg = TrainConfig(
-        out=str(out / preset), preset=preset, seq_len=seq, batch_size=batch, steps=warmup + steps,
-        dtype="bfloat16", report=False, peak_tflops=peak, seed=0,
-    )  # fmt: skip
+    cfg = TrainConfig.from_dict({
+        "out": str(out / preset), "preset": preset, "seq_len": seq, "batch_size": batch, "steps": warmup + steps,
+        "dtype": "bfloat16", "report": False, "peak_tflops": peak, "seed": 0,
+    })
     trainer = Trainer(cfg)
     device = trainer.device
     with tempfile.TemporaryDirectory() as d:
@@ -92,7 +93,7 @@ def bench_preset(preset: str, batch: int, seq: int, steps: int, warmup: int, pea
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
-    hf_step = hf_step_fn(hf, device, cfg.grad_clip, cfg.lr)
+    hf_step = hf_step_fn(hf, device, cfg.optim.grad_clip, cfg.optim.lr)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     times: dict[str, list[float]] = {"dsv3": [], "hf": []}
@@ -120,7 +121,7 @@ def bench_preset(preset: str, batch: int, seq: int, steps: int, warmup: int, pea
     tps = {k: tokens / v for k, v in med.items()}
     fpt = {
         "dsv3": trainer.model.training_flops_per_token(seq),
-        "hf": hf_flops_per_token(trainer.model_cfg, seq),
+        "hf": hf_flops_per_token(trainer.model_config, seq),
     }
     mfu = {k: fpt[k] * tps[k] / (peak * 1e12) for k in tps}
     row = {
@@ -128,7 +129,7 @@ def bench_preset(preset: str, batch: int, seq: int, steps: int, warmup: int, pea
         "warmup": warmup, "device": device.type, "median_s": med, "tokens_per_s": tps,
         "ratio_dsv3_over_hf": tps["dsv3"] / tps["hf"], "mfu_ratio_dsv3_over_hf": mfu["dsv3"] / mfu["hf"],
         "flops_per_token": fpt, "mfu": mfu,
-        "first_step_loss": first_loss, "mtp_depth_dsv3": trainer.model_cfg.num_nextn_predict_layers,
+        "first_step_loss": first_loss, "mtp_depth_dsv3": trainer.model_config.num_nextn_predict_layers,
     }  # fmt: skip
     print(
         f"{preset} (batch {batch} x seq {seq}, median of {steps} steps after {warmup} warm-up):\n"

@@ -9,11 +9,13 @@ DeepSeek-V3 `config.json` so that `from_hf` / `to_hf` are near-identity maps:
     cfg = ModelConfig.from_hf("path/to/config.json")      # or the folder holding it
     cfg.to_hf()                                           # dict for config.json
 
-Routing variants, by `topk_method` (and `scoring_func`):
+Routing variants, by `topk_method` (and `scoring_func`), are the classes registered in
+`dsv3.model.routing.ROUTING_METHODS` (the score functions in its `SCORE_FUNCTIONS`):
   * "noaux_tc"             DeepSeek-V3: sigmoid scores, a selection-only bias, group score =
                            sum of the top-2 biased scores per group, unselected groups -> -inf.
   * "group_limited_greedy" DeepSeek-V2: group score = max score in the group.
   * "greedy"               plain top-k (V2-Lite).
+`cfg.routing_method` is the configured method object.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from dsv3.errors import ConfigError
+from dsv3.model.routing import ROUTING_METHODS, SCORE_FUNCTIONS, RoutingMethod
 
-SCORING_FUNCS = ("sigmoid", "softmax")
-TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 HIDDEN_ACTS = ("silu",)
 
 
@@ -125,6 +126,11 @@ class ModelConfig:
         per_layer = self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
         return self.num_hidden_layers * per_layer
 
+    @property
+    def routing_method(self) -> RoutingMethod:
+        """The routing method `topk_method` names, with this config's scoring and groups."""
+        return ROUTING_METHODS[self.topk_method](self.scoring_func, self.n_group, self.topk_group)
+
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -160,8 +166,8 @@ class ModelConfig:
         need(self.n_routed_experts >= 1, "n_routed_experts", "must be >= 1 when the model has MoE layers")
         need(self.moe_intermediate_size >= 1, "moe_intermediate_size", "must be >= 1")
         need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
-        need(self.scoring_func in SCORING_FUNCS, "scoring_func", f"must be one of {SCORING_FUNCS}")
-        need(self.topk_method in TOPK_METHODS, "topk_method", f"must be one of {TOPK_METHODS}")
+        need(self.scoring_func in SCORE_FUNCTIONS, "scoring_func", f"must be one of {tuple(SCORE_FUNCTIONS)}")
+        need(self.topk_method in ROUTING_METHODS, "topk_method", f"must be one of {tuple(ROUTING_METHODS)}")
         need(
             1 <= self.num_experts_per_tok <= self.n_routed_experts,
             "num_experts_per_tok",
@@ -174,19 +180,19 @@ class ModelConfig:
             f"must be divisible by n_group={self.n_group}",
         )
         need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]")
-        if self.topk_method != "greedy":
-            per_group = self.n_routed_experts // self.n_group
+        method = self.routing_method
+        if method.group_limited:
+            per_group, m = self.n_routed_experts // self.n_group, method.group_score_experts
             need(
                 self.num_experts_per_tok <= self.topk_group * per_group,
                 "num_experts_per_tok",
                 f"must be <= topk_group x experts per group = {self.topk_group} x {per_group}",
             )
-            if self.topk_method == "noaux_tc" and self.n_group > 1:
-                need(
-                    per_group >= 2,
-                    "n_group",
-                    "noaux_tc scores a group by its top-2 experts: needs >= 2 per group",
-                )
+            need(
+                per_group >= m,
+                "n_group",
+                f"{self.topk_method} scores a group by its top-{m} experts: needs >= {m} per group",
+            )
         need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
         need(self.aux_loss_alpha >= 0, "aux_loss_alpha", "must be >= 0")
 
@@ -221,9 +227,7 @@ class ModelConfig:
             path = Path(source)
             if path.is_dir():
                 path = path / "config.json"
-            if not path.is_file():
-                raise ConfigError(f"no config.json at {path}")
-            d, where = json.loads(path.read_text()), str(path)
+            d, where = read_config_json(path), str(path)
         model_type = d.get("model_type")
         if model_type not in HF_DEFAULTS and model_type is not None:
             raise ConfigError(
@@ -248,7 +252,12 @@ class ModelConfig:
             kwargs["n_group"] = 1
         if kwargs.get("topk_group") is None:
             kwargs["topk_group"] = kwargs["n_group"]
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            if isinstance(source, dict):
+                raise
+            raise ConfigError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -369,3 +378,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # DeepSeek-V3 as published (671B total, 37B activated, MTP depth 1).
     "v3-671b": dict(rope_scaling=dict(_V3_YARN)),
 }  # fmt: skip
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The JSON object in a config file; a ConfigError naming the file if it is missing, is not
+    JSON, or holds something other than an object."""
+    if not path.is_file():
+        raise ConfigError(f"no config.json at {path}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        kind = kinds.get(type(d), "a number")
+        raise ConfigError(f"{path} holds {kind}, not a JSON object {{...}} of config keys")
+    return d

@@ -39,12 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def demo_config(out: str, seed: int, steps: int, max_minutes: float | None = None) -> TrainConfig:
     from dsv3.train.trainer import TrainConfig
 
-    return TrainConfig(
-        out=out, preset="tiny", data=["stdlib"], seq_len=256, batch_size=8, steps=steps, lr=2e-3,
-        max_minutes=max_minutes,
-        schedule="cosine", warmup_steps=max(1, steps // 20), bias_gamma=0.01, seed=seed,
-        log_every=10, eval_every=max(10, steps // 6), eval_batches=8, save_every=max(10, steps // 3),
-    )  # fmt: skip
+    return TrainConfig.from_dict({
+        "out": out, "model": {"preset": "tiny"}, "data": {"sources": ["stdlib"], "seq_len": 256, "batch_size": 8},
+        "optim": {"steps": steps, "lr": 2e-3, "schedule": "cosine", "warmup_steps": max(1, steps // 20),
+                  "bias_gamma": 0.01},
+        "run": {"seed": seed, "max_minutes": max_minutes},
+        "logging": {"log_every": 10, "eval_every": max(10, steps // 6), "eval_batches": 8},
+        "checkpoint": {"save_every": max(10, steps // 3)},
+    })
 
 
 def calibrate_steps(out: str, seed: int, budget_s: float) -> int:
@@ -80,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     train_s = time.perf_counter() - train_start
     first, last = summary["first"], summary["last"]
     steps = trainer.step
-    print(f"\ntrained {steps} steps x {trainer.cfg.batch_size * trainer.cfg.seq_len} tokens in {train_s:.0f} s "
-          f"({steps * trainer.cfg.batch_size * trainer.cfg.seq_len / train_s:,.0f} tokens/s)")  # fmt: skip
+    tokens = trainer.cfg.data.batch_size * trainer.cfg.data.seq_len
+    print(f"\ntrained {steps} steps x {tokens} tokens in {train_s:.0f} s ({steps * tokens / train_s:,.0f} tokens/s)")
     print(f"train loss      {first['loss']:.3f} -> {last['loss']:.3f} nats/token")
     print(
         f"validation loss {last['val_loss']:.3f} (unigram baseline {summary['unigram_loss']:.3f}, "

@@ -1,10 +1,14 @@
 """`dsv3 info PRESET_OR_CONFIG`: parameter counts (built on the meta device, so even the 671B
-model takes seconds and no memory) and the KV-cache bytes per token of both MLA paths."""
+model takes seconds and no memory) and the KV-cache bytes per token of both MLA paths.
+
+An unknown name, a missing or malformed config.json, or an invalid config value is reported as
+`error: <what is wrong>` on one line, with exit status 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -46,7 +50,13 @@ def model_info(cfg) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.model)
+    from dsv3.errors import UserError
+
+    try:
+        cfg = load_config(args.model)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     info = model_info(cfg)
     if args.json:
         print(json.dumps(info, indent=2))

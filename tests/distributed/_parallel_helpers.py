@@ -43,13 +43,13 @@ def reference(root: Path, layers: int = 2, **overrides) -> tuple[list[dict], dic
 
 
 def train_parallel(rank: int, world: int, cfg_dict: dict) -> list[dict] | None:
-    """In each of `world` processes: DistributedTrainer.fit(); rank 0 saves the gathered weights
+    """In each of `world` processes: Trainer.fit(); rank 0 saves the gathered weights
     to OUT/final.pt and returns the metrics records."""
     from dsv3.parallel.checkpoint import full_state_dict
-    from dsv3.train.distributed import DistributedTrainer
-    from dsv3.train.trainer import TrainConfig
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.trainer import Trainer
 
-    trainer = DistributedTrainer(TrainConfig(**cfg_dict))
+    trainer = Trainer(TrainConfig.from_dict(cfg_dict))
     trainer.fit()
     state = full_state_dict(trainer.pm)
     if rank != 0:

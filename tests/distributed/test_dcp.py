@@ -20,7 +20,6 @@ from _parallel_helpers import (
 )
 
 from dsv3.checkpoint import LATEST, step_name
-from dsv3.train.distributed import wants_distributed
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +52,18 @@ def test_resume_with_ep2(root, ep4):
 
 
 def test_resume_on_one_process_without_torchrun(root, ep4):
-    """`dsv3 train --resume` on a DCP checkpoint: build_trainer picks the distributed trainer, which
-    starts a one-rank process group by itself."""
+    """`dsv3 train --resume` on a DCP checkpoint in one process: the trainer (a world of size 1)
+    reads the shards of the ep=4 run."""
     import torch.distributed as dist
 
-    from dsv3.train.distributed import DistributedTrainer, build_trainer
     from dsv3.train.metrics import read_metrics
+    from dsv3.train.trainer import Trainer
 
     run = resume_copy(root, "resumed_1", 3)
     cfg = config(root, "resumed_1", resume=True, stop_after=1, threads=1)
-    assert wants_distributed(cfg)
-    trainer = build_trainer(cfg)
+    trainer = Trainer(cfg)
     try:
-        assert isinstance(trainer, DistributedTrainer) and trainer.dims.world_size == 1
+        assert trainer.dims.world_size == 1
         trainer.fit()
     finally:
         dist.destroy_process_group()

@@ -148,7 +148,7 @@ def _check_meta():
     with torch.device("meta"):
         model = Transformer(_tiny_cfg())
     apply_expert_parallel(model, dist.group.WORLD)
-    experts = model.layers[1].mlp.experts
+    experts = model.layers["1"].mlp.experts
     return dict(
         shape=tuple(experts.gate_up_proj.shape),
         first_expert=experts.first_expert,
@@ -282,7 +282,7 @@ def _tiny_cfg():
 def _batch(rank, vocab):
     g = torch.Generator().manual_seed(10 + rank)
     ids = torch.randint(0, vocab, (2, 9), generator=g)
-    return ids[:, :-1], ids[:, 1:]
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
 
 def _loss(out):
@@ -296,10 +296,10 @@ def _check_transformer(rank, world_size, **ep_kw):
     apply_expert_parallel(ep, dist.group.WORLD, **ep_kw)
     ref_losses = []
     for r in range(world_size):
-        loss = _loss(ref(*_batch(r, 256)))
+        loss = _loss(ref(**_batch(r, 256)))
         loss.backward()
         ref_losses.append(loss.item())
-    loss = _loss(ep(*_batch(rank, 256)))
+    loss = _loss(ep(**_batch(rank, 256)))
     loss.backward()
     n_local = 8 // world_size
     errors = {"loss": abs(loss.item() - ref_losses[rank]) / abs(ref_losses[rank])}

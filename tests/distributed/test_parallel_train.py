@@ -60,9 +60,9 @@ def test_trainer_rejects_a_bad_layout_before_any_work(tmp_path, monkeypatch):
     from _parallel_helpers import config
 
     from dsv3.errors import ConfigError
-    from dsv3.train.distributed import DistributedTrainer
+    from dsv3.train.trainer import Trainer
 
     monkeypatch.setenv("WORLD_SIZE", "4")  # as under torchrun, before any process group exists
     with pytest.raises(ConfigError, match="ep=3 must divide dp_shard=4"):
-        DistributedTrainer(config(tmp_path, "bad", ep=3))
+        Trainer(config(tmp_path, "bad", ep=3))
     assert not (tmp_path / "bad").exists()

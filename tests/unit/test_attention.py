@@ -6,6 +6,7 @@ from model_helpers import SMALL
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.infer.cache import LatentCache
+from dsv3.model.attention import AttentionCache
 
 
 @pytest.mark.parametrize("q_lora_rank", [32, None])
@@ -34,6 +35,34 @@ def test_prefill_then_absorbed_decode_equals_full_forward():
     assert (naive_chunk - full[:, 6:]).abs().max().item() <= 1e-10
 
 
+class ConcatCache(AttentionCache):
+    """A latent cache in a few lines: per layer, everything so far, grown by concatenation."""
+
+    def __init__(self):
+        self.latents = {}
+
+    def update(self, layer_idx, c_kv, k_pe, start_pos):
+        if layer_idx in self.latents:
+            old_kv, old_pe = self.latents[layer_idx]
+            assert old_kv.shape[1] == start_pos  # append-only
+            c_kv, k_pe = torch.cat((old_kv, c_kv), 1), torch.cat((old_pe, k_pe), 1)
+        self.latents[layer_idx] = c_kv, k_pe
+        return c_kv, k_pe
+
+
+def test_any_attention_cache_serves_prefill_and_decode():
+    """MLA needs nothing of a cache but `update`: a new one is a class of its own."""
+    cfg = ModelConfig.from_dict(SMALL)
+    model = Transformer(cfg).double().eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = ConcatCache()
+        steps = [model(ids[:, :5], cache=cache).logits]
+        steps += [model(ids[:, t : t + 1], cache=cache, start_pos=t).logits for t in range(5, 9)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-10
+
+
 def test_cache_holds_only_the_latent():
     cfg = ModelConfig.from_dict(SMALL)
     cache = LatentCache(cfg, batch_size=2, max_len=7)
@@ -42,10 +71,12 @@ def test_cache_holds_only_the_latent():
     assert cache.bytes_per_token == per_token_values * 4
     with pytest.raises(ValueError, match="cache overflow"):
         Transformer(cfg)(torch.zeros(2, 8, dtype=torch.long), cache=cache)
+    with pytest.raises(TypeError, match="start_pos must be an int.*PagedLatentCache"):
+        Transformer(cfg)(torch.zeros(2, 1, dtype=torch.long), cache=cache, start_pos=torch.tensor([1, 2]))
 
 
 def test_absorbed_weights_are_views_of_kv_b_proj():
-    attn = Transformer(ModelConfig.from_dict(SMALL)).layers[0].self_attn
+    attn = Transformer(ModelConfig.from_dict(SMALL)).layers["0"].self_attn
     w_uk, w_uv = attn.absorbed_weights()
     assert w_uk.shape == (4, 16, 24) and w_uv.shape == (4, 12, 24)
     assert w_uk.untyped_storage().data_ptr() == attn.kv_b_proj.weight.untyped_storage().data_ptr()

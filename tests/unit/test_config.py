@@ -4,6 +4,7 @@ import pytest
 
 from dsv3.config import PRESETS, ModelConfig
 from dsv3.errors import ConfigError
+from dsv3.model.routing import Greedy, NoAuxTC
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -29,6 +30,7 @@ def test_tiny_linear_dims_are_fp8_tile_aligned():
         (dict(num_experts_per_tok=17), "num_experts_per_tok", "n_routed_experts=16"),
         (dict(scoring_func="relu"), "scoring_func", "sigmoid"),
         (dict(topk_method="best"), "topk_method", "noaux_tc"),
+        (dict(n_group=16, topk_group=16), "n_group", "noaux_tc scores a group by its top-2 experts"),
         (dict(qk_rope_head_dim=33), "qk_rope_head_dim", "even"),
         (dict(hidden_size=0), "hidden_size", "positive integer"),
         (dict(first_k_dense_replace=9), "first_k_dense_replace", "num_hidden_layers=4"),
@@ -40,6 +42,18 @@ def test_validation_names_field_value_and_rule(overrides, field, rule):
         ModelConfig.from_preset("tiny", **overrides)
     msg = str(e.value)
     assert msg.startswith(f"{field}=") and rule in msg
+
+
+def test_routing_method_comes_from_the_registry():
+    v3 = ModelConfig.from_preset("v3-671b").routing_method
+    assert type(v3) is NoAuxTC and v3.selection_bias and v3.group_limited
+    assert (v3.n_group, v3.topk_group) == (8, 4)
+    lite = ModelConfig.from_preset("v2-lite").routing_method
+    assert type(lite) is Greedy and not lite.selection_bias and not lite.group_limited
+    assert not ModelConfig.from_preset("tiny", n_group=1, topk_group=1).routing_method.group_limited
+    # a group scored by its best expert needs one expert per group (top-2 needs two: see above)
+    one_per_group = dict(n_group=16, topk_group=16, topk_method="group_limited_greedy")
+    assert ModelConfig.from_preset("tiny", **one_per_group).routing_method.group_limited
 
 
 def test_unknown_keys_and_presets_are_errors():

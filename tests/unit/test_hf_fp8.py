@@ -33,7 +33,7 @@ def _eager_fp8(monkeypatch):
 def _model():
     torch.manual_seed(0)
     m = Transformer(ModelConfig.from_preset("tiny", **CFG)).eval()
-    m.layers[1].mlp.gate.e_score_correction_bias.normal_()
+    m.layers["1"].mlp.gate.e_score_correction_bias.normal_()
     return m
 
 
@@ -163,7 +163,7 @@ def test_fp8_checkpoint_logits_within_fp8_error(tmp_path):
     assert bound < sqnr < bf16_only - 10, (sqnr, bound, bf16_only)
     # loading straight to BF16 keeps the router in FP32 and stays within the same error
     low = Transformer.from_pretrained(tmp_path / "fp8", dtype=torch.bfloat16).eval()
-    assert low.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert low.layers["1"].mlp.gate.weight.dtype == torch.float32
     with torch.no_grad():
         assert sqnr_db(ref, low(x).logits.float()) > bound
 
@@ -186,7 +186,7 @@ def test_scale_in_another_shard_is_found_through_the_index(tmp_path):
     (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
     a = Transformer.from_pretrained(tmp_path / "a")
     b = Transformer.from_pretrained(tmp_path / "b")
-    assert torch.equal(a.layers[1].mlp.experts.down_proj, b.layers[1].mlp.experts.down_proj)
+    assert torch.equal(a.layers["1"].mlp.experts.down_proj, b.layers["1"].mlp.experts.down_proj)
     del weight_map[moved]
     hf_io.write_index(tmp_path / "b", weight_map, 0)
     with pytest.raises(ConfigError, match="has no model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"):

@@ -19,7 +19,7 @@ CFG = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, intermediate_size
 def _model():
     torch.manual_seed(0)
     m = Transformer(ModelConfig.from_preset("tiny", **CFG))
-    m.layers[1].mlp.gate.e_score_correction_bias.normal_()
+    m.layers["1"].mlp.gate.e_score_correction_bias.normal_()
     return m
 
 
@@ -63,7 +63,7 @@ def test_checkpoint_without_mtp_loads_with_fresh_mtp(tmp_path, caplog):
     save_file({k: v.clone() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
     loaded = Transformer.from_pretrained(tmp_path)
     assert "no MTP weights" in caplog.text
-    assert torch.equal(loaded.layers[1].mlp.experts.down_proj, m.layers[1].mlp.experts.down_proj)
+    assert torch.equal(loaded.layers["1"].mlp.experts.down_proj, m.layers["1"].mlp.experts.down_proj)
 
 
 def test_missing_or_unexpected_tensors_are_clear_errors(tmp_path):
@@ -129,14 +129,14 @@ def test_fp8_block_scaled_checkpoint_dequantizes_on_cpu(tmp_path):
     m.cfg.save(tmp_path / "config.json", dtype="float32")
     save_file(fp8, str(tmp_path / "model.safetensors"))
     loaded = Transformer.from_pretrained(tmp_path)
-    w = loaded.layers[0].mlp.up_proj.weight  # [160, 64]: a 2x1 block grid with a partial edge
+    w = loaded.layers["0"].mlp.up_proj.weight  # [160, 64]: a 2x1 block grid with a partial edge
     torch.testing.assert_close(w, expected["model.layers.0.mlp.up_proj.weight"], rtol=0, atol=0)
     # the block scale is applied per 128x128 block: rows 128.. use the second block's scale
     q, s = fp8["model.layers.0.mlp.up_proj.weight"], fp8["model.layers.0.mlp.up_proj.weight_scale_inv"]
     assert torch.equal(w[130], q[130].float() * s[1, 0])
-    rel = (w - m.layers[0].mlp.up_proj.weight).norm() / m.layers[0].mlp.up_proj.weight.norm()
+    rel = (w - m.layers["0"].mlp.up_proj.weight).norm() / m.layers["0"].mlp.up_proj.weight.norm()
     assert rel < 0.05  # E4M3 keeps ~3 mantissa bits
-    gate_up = loaded.layers[1].mlp.experts.gate_up_proj
+    gate_up = loaded.layers["1"].mlp.experts.gate_up_proj
     assert torch.equal(gate_up[3, :32], expected["model.layers.1.mlp.experts.3.gate_proj.weight"])
     with pytest.raises(ConfigError, match="does not tile"):
         hf_io.dequantize_fp8_block(q, s[:1])

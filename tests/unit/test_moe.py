@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from dsv3 import ModelConfig
 from dsv3.model.moe import (
+    Dispatcher,
     GroupedExperts,
     LocalDispatcher,
     MoE,
@@ -14,6 +15,7 @@ from dsv3.model.moe import (
     sequence_balance_loss,
     update_router_bias,
 )
+from dsv3.model.routing import ROUTING_METHODS, RoutingMethod
 
 
 def _cfg(**kw):
@@ -58,15 +60,60 @@ def test_moe_equals_dense_per_token_reference():
     x = torch.randn(2, 5, 32)
     y, _ = moe(x)
     route = moe.gate(x.view(10, 32))
-    ref = torch.zeros(10, 32)
-    for n in range(10):
-        for w, e in zip(route.weights[n], route.indices[n]):
-            gate, up = torch.nn.functional.linear(x.view(10, 32)[n], moe.experts.gate_up_proj[e]).chunk(2)
+    ref = _dense_reference(moe, x.view(10, 32), route.indices.tolist(), route.weights)
+    torch.testing.assert_close(y.view(10, 32), ref, rtol=1e-5, atol=1e-5)
+
+
+def _dense_reference(moe, x, chosen, weights):
+    """x [N, H], chosen[n] the experts of token n, weights [N, K] -> MoE output [N, H], token by token."""
+    ref = moe.shared_experts(x)
+    for n, experts in enumerate(chosen):
+        for w, e in zip(weights[n], experts):
+            gate, up = torch.nn.functional.linear(x[n], moe.experts.gate_up_proj[e]).chunk(2)
             ref[n] += w * torch.nn.functional.linear(
                 torch.nn.functional.silu(gate) * up, moe.experts.down_proj[e]
             )
-    ref += moe.shared_experts(x.view(10, 32))
-    torch.testing.assert_close(y.view(10, 32), ref, rtol=1e-5, atol=1e-5)
+    return ref
+
+
+class GroupMean(RoutingMethod):
+    """A toy routing method: biased selection within the groups of the highest mean choice."""
+
+    name = "group_mean"
+    selection_bias = True
+    group_score_experts = 1
+
+    def group_scores(self, grouped):
+        return grouped.mean(dim=-1)
+
+
+def test_a_new_routing_method_is_one_class_and_one_registry_entry(monkeypatch):
+    """Registered under its name, the toy method is accepted by the config, gets its bias buffer
+    and balancing, and routes a MoE forward as a plain per-token reference says it should."""
+    monkeypatch.setitem(ROUTING_METHODS, GroupMean.name, GroupMean)
+    cfg = _cfg(topk_method="group_mean")  # 16 experts in 4 groups, 2 groups kept, top 4
+    assert cfg.routing_method.group_limited
+    moe = MoE(cfg).double()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    bias = torch.randn(16, dtype=torch.float64) * 0.3
+    moe.gate.e_score_correction_bias.copy_(bias)
+    x = torch.randn(10, 32, dtype=torch.float64)
+    y, _ = moe(x.view(2, 5, 32))
+
+    scores = torch.sigmoid(x @ moe.gate.weight.T)  # [N, E]
+    chosen = []
+    for choice in (scores + bias).tolist():
+        groups = torch.tensor(choice).view(4, 4).mean(1).topk(2).indices.tolist()
+        allowed = [e for e in range(16) if e // 4 in groups]
+        chosen.append(sorted(allowed, key=lambda e: -choice[e])[:4])
+    weights = torch.stack([scores[n, c] / scores[n, c].sum() for n, c in enumerate(chosen)])
+    ref = _dense_reference(moe, x, chosen, weights * cfg.routed_scaling_factor)
+    torch.testing.assert_close(y.view(10, 32), ref)
+
+    moe.train()(x.view(2, 5, 32))
+    update_router_bias(moe, 0.01)
+    assert not torch.equal(moe.gate.e_score_correction_bias, bias)
 
 
 def test_bias_changes_selection_but_not_gate_weights():
@@ -184,6 +231,15 @@ def test_balancing_evens_out_a_skewed_router():
         moe(x)
         update_router_bias(moe, 0.01)
     assert start > 0.2 and violation() < 0.5 * start
+
+
+def test_a_dispatcher_must_implement_the_whole_protocol():
+    class DispatchOnly(Dispatcher):
+        def dispatch(self, x, indices, n_experts):
+            return LocalDispatcher().dispatch(x, indices, n_experts)
+
+    with pytest.raises(TypeError, match="combine"):
+        DispatchOnly()
 
 
 def test_dispatcher_is_a_permutation():

@@ -9,8 +9,9 @@ import torch
 from train_helpers import MICRO_MODEL, micro_config, write_corpus
 
 from dsv3.errors import CheckpointError, ConfigError, DataError
+from dsv3.train.config import TrainConfig
 from dsv3.train.metrics import read_metrics, write_report
-from dsv3.train.trainer import TrainConfig, Trainer
+from dsv3.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_metrics_records_and_exports(corpus, tmp_path):
     assert "val_loss" in records[1] and "val_loss" not in records[2]
     assert (run / "report.png").stat().st_size > 10_000 and summary["report"] == str(run / "report.png")
     saved = json.loads((run / "train_config.json").read_text())
-    assert saved["train"]["steps"] == 4 and saved["model"]["hidden_size"] == 64
+    assert saved["train"]["optim"]["steps"] == 4 and saved["model"]["hidden_size"] == 64
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (run / "hf" / name).is_file()
     from dsv3 import Transformer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from dsv3.train.trainer import TrainConfig
+from dsv3.train.config import TrainConfig
 
 # A micro DeepSeek-V3 (MLA, 1 dense + 1 MoE layer with 8 experts in 2 groups, MTP depth 1).
 MICRO_MODEL = dict(
@@ -33,4 +33,4 @@ def micro_config(tmp: Path, corpus: Path, cache: Path, **overrides) -> TrainConf
         eval_every=3, eval_batches=2, save_every=3, report=False, peak_tflops=1.0, threads=1,
     )  # fmt: skip
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)

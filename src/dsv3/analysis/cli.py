@@ -11,6 +11,9 @@
 (deepseek-v3, deepseek-v2, qwen2.5-72b, llama-3.1-405b, llama-3.1-8b, mixtral-8x7b) or a
 Hugging Face config.json (or its folder). --hardware takes a catalog name or "cpu" (measured);
 --hardware-file adds entries. JSON schemas are documented in `dsv3.analysis.report`.
+
+Bad input (an unknown model or accelerator, a malformed config.json, an out-of-range figure) is
+reported as `error: <what is wrong>` on one line, with exit status 2.
 """
 
 from __future__ import annotations
@@ -113,16 +116,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsv3.analysis import hardware
-    from dsv3.analysis.limits import LimitError
-    from dsv3.analysis.network import NetworkError
-    from dsv3.errors import ConfigError
+    from dsv3.errors import UserError
 
     try:
         catalog = hardware.load_catalog(args.hardware_file)
         handler = HANDLERS[args.analysis]
         tables, payload, plots = handler(args, catalog)
-    except (ConfigError, hardware.HardwareError, LimitError, NetworkError) as e:
-        print(f"dsv3 analyze {args.analysis}: error: {e}", file=sys.stderr)
+    except UserError as e:  # ConfigError, HardwareError, LimitError, NetworkError
+        print(f"error: {e}", file=sys.stderr)
         return 2
     _emit(args, tables, payload)
     for path in plots:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsv3.config import PRESETS, ModelConfig
+from dsv3.config import PRESETS, ModelConfig, read_config_json
 from dsv3.errors import ConfigError
 
 DATA_DIR = Path(__file__).with_name("data")
@@ -180,7 +180,7 @@ def load_architecture(spec: str | Path | dict[str, Any]) -> Architecture:
             f"unknown model {text!r}: not a preset {sorted(PRESETS)}, not a reference model "
             f"{sorted(REFERENCE_MODELS)}, and no config.json at {path}"
         )
-    return from_hf_dict(json.loads(path.read_text()), str(path))
+    return from_hf_dict(read_config_json(path), str(path))
 
 
 def from_model_config(cfg: ModelConfig, name: str) -> Architecture:
@@ -203,7 +203,7 @@ def from_model_config(cfg: ModelConfig, name: str) -> Architecture:
             cfg.num_experts_per_tok,
             cfg.n_shared_experts,
             cfg.moe_intermediate_size,
-            selection_bias=cfg.topk_method == "noaux_tc",
+            selection_bias=cfg.routing_method.selection_bias,
         )
     return Architecture(
         name,

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsv3.errors import UserError
+
 DATA_DIR = Path(__file__).with_name("data")
 CATALOG_FILE = DATA_DIR / "hardware.json"
 
 
-class HardwareError(ValueError):
+class HardwareError(UserError):
     """An unknown accelerator name or an invalid hardware figure."""
 
 

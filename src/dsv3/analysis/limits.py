@@ -40,9 +40,10 @@ from dsv3.analysis.costs import (
 )
 from dsv3.analysis.hardware import Accelerator
 from dsv3.analysis.network import transfer_time_us
+from dsv3.errors import UserError
 
 
-class LimitError(ValueError):
+class LimitError(UserError):
     """A speed-limit parameter out of range."""
 
 

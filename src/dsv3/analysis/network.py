@@ -32,11 +32,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dsv3.errors import UserError
+
 SWITCH_PRICE = 83_000.0  # $ per 64-port switch
 LINK_PRICE = 504.0  # $ per switch-to-switch link (cable + optics)
 
 
-class NetworkError(ValueError):
+class NetworkError(UserError):
     """A topology or traffic parameter out of range."""
 
 

@@ -3,7 +3,7 @@ shared RoPE key k_pe [qk_rope_head_dim] of each token, i.e.
     bytes per token = layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes
 (70,272 B for DeepSeek-V3 in BF16), instead of layers x heads x (d_qk + d_v) for expanded K/V.
 
-Two forms:
+Two forms, both `dsv3.model.attention.AttentionCache`s (what MLA's `cache` argument takes):
   * `LatentCache`: contiguous, one [B, max_len, .] buffer per layer, for a batch that starts and
     grows together (`dsv3.infer.generate`, the attention tests).
   * `PagedLatentCache`: the serving form. One pool of fixed-size blocks per layer,
@@ -30,9 +30,10 @@ import torch
 
 from dsv3.config import ModelConfig
 from dsv3.fp8.quant import ACT, TILE, Fp8Tensor, quantize
+from dsv3.model.attention import AttentionCache
 
 
-class LatentCache:
+class LatentCache(AttentionCache):
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
         if max_len > cfg.max_position_embeddings:
             raise ValueError(
@@ -43,8 +44,15 @@ class LatentCache:
         self.kv = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
         self.pe = torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
 
-    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int):
+    def update(
+        self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write c_kv [B, T, r] and k_pe [B, T, dr] at start_pos; return all up to start_pos+T."""
+        if isinstance(start_pos, torch.Tensor):
+            raise TypeError(
+                "LatentCache holds a batch at one position: start_pos must be an int "
+                "(per-sequence positions need a PagedLatentCache view)"
+            )
         end = start_pos + c_kv.shape[1]
         if end > self.max_len:
             raise ValueError(f"cache overflow: positions up to {end} but max_len={self.max_len}")
@@ -159,16 +167,23 @@ class PagedLatentCache:
         return CacheView(self, write_idx, read_blocks, start)
 
 
-class CacheView:
+class CacheView(AttentionCache):
     """What MLA sees as `cache` during one batched forward: `update` writes the new latents to
     their slots and returns each sequence's latents [B, S, .] (or the new ones themselves for a
-    prefill). `start_pos` [B] is the tensor to pass the model as start_pos."""
+    prefill). `start_pos` [B] is the tensor to pass the model as start_pos; the view was built
+    for those positions, so `update` does not read its own start_pos argument."""
 
     def __init__(self, cache: PagedLatentCache, write_idx, read_blocks, start_pos):
         self.cache, self.write_idx = cache, write_idx  # [B*T] slots of the new tokens
         self.read_blocks, self.start_pos = read_blocks, start_pos  # [B, S / block_size] or None; [B]
 
-    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos=None):
+    def update(
+        self,
+        layer_idx: int,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        start_pos: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """c_kv [B, T, r], k_pe [B, T, dr] -> (c_kv [B, S, r], k_pe [B, S, dr]) in c_kv's dtype."""
         cache, (B, T, r), dr = self.cache, c_kv.shape, k_pe.shape[-1]
         if cache.fp8:

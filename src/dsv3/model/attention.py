@@ -20,9 +20,15 @@ Two ways to compute the same attention:
     attention with 576-wide keys and 512-wide values; W_UV is applied after the weighted sum.
     No per-head K/V is ever materialized: memory-bound decode reads only the latent cache.
 Both use the softmax scale 1/sqrt(d_nope + d_rope), times mscale^2 under YaRN.
+
+The cache is anything with `update` (`AttentionCache`): dsv3.infer.cache holds a contiguous one
+and a paged one, and MLA neither knows nor cares which.
 """
 
 from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,20 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
+
+
+class AttentionCache(Protocol):
+    """What MLA needs of a latent KV cache: one call per layer per forward."""
+
+    @abstractmethod
+    def update(
+        self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer `layer_idx`'s new latents c_kv [B, T, r] and RoPE keys k_pe [B, T, dr] of
+        positions start_pos.. (an int, or a LongTensor [B] of per-sequence starts) and return
+        the latents the queries attend to, c_kv [B, S, r] and k_pe [B, S, dr] (key s sits at
+        position s; keys after a query's own position are masked by MLA, so slots past a
+        sequence's end may hold anything)."""
 
 
 class MLA(nn.Module):
@@ -64,18 +84,18 @@ class MLA(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache=None,
+        cache: AttentionCache | None = None,
         layer_idx: int = 0,
         start_pos: int | torch.Tensor = 0,
         absorb: bool = False,
     ) -> torch.Tensor:
         """x [B, T, hidden]; cos/sin [T, d_rope/2] for positions start_pos..start_pos+T-1.
 
-        Without a cache, causal attention over the T tokens. With a cache (see
-        `dsv3.infer.cache.LatentCache`), the new latents are written at start_pos and the
+        Without a cache, causal attention over the T tokens. With a cache (an `AttentionCache`,
+        e.g. `dsv3.infer.cache.LatentCache`), the new latents are written at start_pos and the
         queries attend to everything cached up to their own position. For a batch of sequences
-        of different lengths (`dsv3.infer.cache.PagedLatentCache`), start_pos is a LongTensor [B]
-        of per-sequence positions and cos/sin are [B, T, d_rope/2]."""
+        of different lengths (a view of `dsv3.infer.cache.PagedLatentCache`), start_pos is a
+        LongTensor [B] of per-sequence positions and cos/sin are [B, T, d_rope/2]."""
         B, T, _ = x.shape
         H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         if self.q_lora_rank is None:

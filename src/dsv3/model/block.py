@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.attention import MLA
+from dsv3.model.attention import MLA, AttentionCache
 from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
 
@@ -27,8 +27,8 @@ class Block(nn.Module):
         cos,
         sin,
         with_aux: bool = False,
-        cache=None,
-        start_pos: int = 0,
+        cache: AttentionCache | None = None,
+        start_pos: int | torch.Tensor = 0,
         absorb: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, H] -> (x [B, T, H], balance loss of this layer or None)."""

@@ -5,10 +5,9 @@
 Routing (`Router`, module name `gate` as in the checkpoint), in FP32:
     s_i = sigmoid(u . e_i)  (V3)  or  softmax_i(u . e)  (V2)
     choice_i = s_i + b_i    b = e_score_correction_bias, used for *selection only*
-Group-limited (node-limited) routing: the experts form n_group groups (one per node in V3); a
-group scores the sum of its top-2 choice values (V3, "noaux_tc") or its max (V2); the best
-topk_group groups are kept and every expert of the others is masked with -inf (not 0: with a
-zero mask a negative bias could make a masked expert win), then top-k over what is left.
+    the top-k choice_i, within the best topk_group of n_group expert groups (node-limited)
+What differs between DeepSeek versions (score function, bias or not, how a group is scored) is
+a `RoutingMethod`, one class each in model/routing.py, which also explains the group limit.
 The gate weights are the *unbiased* s_i of the chosen experts, normalized to sum 1
 (norm_topk_prob) and multiplied by routed_scaling_factor (2.5 in V3).
 
@@ -21,12 +20,15 @@ with s' the affinities normalized over all experts, computed per sequence and av
 Execution is split as router -> dispatcher -> experts -> combine. The single-device
 `LocalDispatcher` sorts the N*K (token, expert) pairs by expert so `GroupedExperts` runs all
 experts as two grouped GEMMs (`torch.nn.functional.grouped_mm`) with no Python loop over
-experts and no host sync; expert parallelism replaces only the dispatcher.
+experts and no host sync; expert parallelism replaces only the dispatcher, which is anything
+implementing the `Dispatcher` protocol.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -52,17 +54,18 @@ class MLP(nn.Module):
 class Router(nn.Module):
     """Top-k expert selection. forward(x [N, H]) -> RouterOutput (all FP32)."""
 
+    e_score_correction_bias: torch.Tensor  # [E] buffer, only if the routing method has a selection bias
+    tokens_per_expert: torch.Tensor  # [E] buffer
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts = cfg.n_routed_experts
         self.top_k = cfg.num_experts_per_tok
-        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
-        self.topk_method = cfg.topk_method
-        self.scoring_func = cfg.scoring_func
+        self.method = cfg.routing_method
         self.norm_topk_prob = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
-        if self.topk_method == "noaux_tc":  # V2 checkpoints have no selection bias
+        if self.method.selection_bias:  # V2 checkpoints have no selection bias
             self.register_buffer(
                 "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
             )
@@ -73,11 +76,9 @@ class Router(nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)  # FP32, or FP64 in exactness tests
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(dtype), self.weight.to(dtype))  # [N, E]
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
-        if self.n_group > 1 and self.topk_method != "greedy":
-            choice = self._mask_groups(choice.detach())
-        indices = choice.topk(self.top_k, dim=-1).indices  # [N, K]
+        scores = self.method.score(logits)  # [N, E]
+        choice = scores + self.e_score_correction_bias if self.method.selection_bias else scores
+        indices = self.method.select(choice, self.top_k)  # [N, K]
         weights = scores.gather(1, indices)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -87,16 +88,13 @@ class Router(nn.Module):
                 self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts)
         return RouterOutput(weights, indices, scores)
 
-    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
-        N = choice.shape[0]
-        grouped = choice.view(N, self.n_group, -1)  # [N, G, E/G]
-        if self.topk_method == "noaux_tc":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        else:
-            group_scores = grouped.amax(dim=-1)
-        keep = group_scores.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
-        masked = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-        return grouped.masked_fill(masked[..., None], float("-inf")).view(N, -1)
+    @torch.no_grad()
+    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std) gate weight, zero selection bias, zero load counters."""
+        nn.init.normal_(self.weight, 0.0, std, generator=generator)
+        if self.method.selection_bias:
+            self.e_score_correction_bias.zero_()
+        self.tokens_per_expert.zero_()
 
 
 @dataclass
@@ -148,15 +146,43 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return F.grouped_mm(a, b, offs=offs)
 
 
+DispatchState = TypeVar("DispatchState")
 
 
-class LocalDispatcher:
+class Dispatcher(Protocol[DispatchState]):
+    """The seam between the router and the experts: where each (token, expert) pair's hidden
+    state goes, and how the experts' outputs come back. MoE calls, per forward,
+
+        x_sorted, offs, state = dispatch(x, indices, n_experts)
+        y = combine(experts(x_sorted, offs), weights, state)
+
+    dispatch: x [N, H], indices [N, K] global expert ids -> x_sorted [M, H], the rows for the
+    experts held here grouped by expert, offs int32 [E_here] their cumulative ends (what
+    `GroupedExperts` takes), and whatever `combine` needs to undo it (opaque to MoE).
+    combine: y_sorted [M, H] the experts' outputs in x_sorted's order, weights [N, K] ->
+    y [N, H] = sum_k weights[n, k] * (output of expert indices[n, k] for token n).
+    Implementations: `LocalDispatcher` (one device) and
+    `dsv3.parallel.expert_parallel.ExpertParallelDispatcher` (all-to-all over the ep group)."""
+
+    @abstractmethod
+    def dispatch(
+        self, x: torch.Tensor, indices: torch.Tensor, n_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]: ...
+
+    @abstractmethod
+    def combine(
+        self, y_sorted: torch.Tensor, weights: torch.Tensor, state: DispatchState
+    ) -> torch.Tensor: ...
+
+
+class LocalDispatcher(Dispatcher[torch.Tensor]):
     """Single-device dispatch: sort (token, expert) pairs by expert; combine by weighted sum.
+    The state is the sorting permutation."""
 
-    The seam for expert parallelism: an all-to-all dispatcher offers the same two methods."""
-
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, n_experts: int):
-        """x [N, H], indices [N, K] -> x_sorted [N*K, H], offs [E], state for combine."""
+    def dispatch(
+        self, x: torch.Tensor, indices: torch.Tensor, n_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H], indices [N, K] -> x_sorted [N*K, H], offs [E], order [N*K]."""
         flat = indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
         offs = torch.bincount(flat, minlength=n_experts).cumsum(0).to(torch.int32)
@@ -183,7 +209,7 @@ class MoE(nn.Module):
             if cfg.n_shared_experts
             else None
         )
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher: Dispatcher[Any] = LocalDispatcher()
 
     def forward(self, x: torch.Tensor, with_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, H] -> (y [B, T, H], sequence-wise balance loss or None)."""
@@ -226,13 +252,13 @@ def named_routers(model: nn.Module) -> list[tuple[str, Router]]:
 def update_router_bias(model: nn.Module, gamma: float) -> dict[str, torch.Tensor]:
     """Auxiliary-loss-free balancing step (V3R eq. 16), called after each optimizer step.
 
-    For every router: b_i += gamma * sign(mean load - load_i), over the tokens counted since the
-    last call; the counters are reset. Returns each router's loads [E] by module name (module
-    order). gamma = 0 only reads and resets."""
+    For every router with a selection bias: b_i += gamma * sign(mean load - load_i), over the
+    tokens counted since the last call; every router's counters are reset. Returns each router's
+    loads [E] by module name (module order). gamma = 0 only reads and resets."""
     loads = {}
     for name, router in named_routers(model):
         load = router.tokens_per_expert.clone()
-        if gamma and router.topk_method == "noaux_tc":
+        if gamma and router.method.selection_bias:
             router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
         router.tokens_per_expert.zero_()
         loads[name] = load

@@ -13,6 +13,13 @@ positions whose chain t..t+k crosses a -100, so MTP never predicts across a docu
 
 The three losses come back separately so the trainer can weigh them:
     total = loss + lambda * mtp_loss + balance_loss    (balance_loss already carries alpha).
+
+A pipeline stage (parallel/pipeline.py) is this model with parts removed, as in torchtitan: the
+layers are a ModuleDict keyed by layer index, so a stage keeps the full model's parameter names;
+a stage without `embed_tokens` takes the previous stage's activations (h, emb, balance) instead of
+token ids, and a stage with a part removed returns those activations instead of logits. The last
+stage's loss function finishes the forward with `losses(h, emb, balance, labels)`, the same method
+`forward` ends with, so there is one forward to read and keep correct.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model.attention import AttentionCache
 from dsv3.model.block import Block
 from dsv3.model.loss import IGNORE_INDEX, linear_cross_entropy
 from dsv3.model.moe import GroupedExperts, Router
@@ -46,7 +54,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(
@@ -71,10 +79,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.gate_up_proj, 0.0, std, generator=generator)
                 nn.init.normal_(module.down_proj, 0.0, std, generator=generator)
             elif isinstance(module, Router):
-                nn.init.normal_(module.weight, 0.0, std, generator=generator)
-                if module.topk_method == "noaux_tc":
-                    module.e_score_correction_bias.zero_()
-                module.tokens_per_expert.zero_()
+                module.reset_parameters(std, generator)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
         if self.cfg.tie_word_embeddings:
@@ -122,7 +127,7 @@ class Transformer(nn.Module):
 
         mtp = count(self.mtp)
         total = count(self) - mtp
-        activated = total - inactive(self.layers)
+        activated = total - inactive(self.layers.values())
         return {
             "total_params": total,
             "activated_params": activated,
@@ -153,44 +158,67 @@ class Transformer(nn.Module):
             positions = torch.arange(start_pos, start_pos + length, device=self.rope_inv_freq.device)
         return rope_cos_sin(self.rope_inv_freq, self.rope_attn_factor, positions)
 
+    @property
+    def is_pipeline_stage(self) -> bool:
+        """True for a pipeline stage: the model with its embedding or its head removed."""
+        return self.embed_tokens is None or self.lm_head is None
+
     def forward(
         self,
         input_ids: torch.Tensor,
+        *carried: torch.Tensor,
         labels: torch.Tensor | None = None,
-        *,
-        cache=None,
+        cache: AttentionCache | None = None,
         start_pos: int | torch.Tensor = 0,
         absorb: bool | None = None,
         return_logits: bool = False,
         logits_to_keep: int = 0,
-    ) -> TransformerOutput:
+    ):
         """input_ids [B, T]. With a cache, the tokens sit at positions start_pos.. and attend to
         the cached ones; `absorb` picks the attention path (default: absorbed when decoding
         over a non-empty cache, naive otherwise). start_pos may be a LongTensor [B], one start
         per sequence (a batch of different lengths over a paged cache). Without labels,
-        `logits_to_keep` > 0 computes the logits of the last that many positions only."""
-        B, T = input_ids.shape
+        `logits_to_keep` > 0 computes the logits of the last that many positions only.
+
+        A pipeline stage returns (h, emb, balance) [B, T, H], [B, T, H], [1]; a stage without the
+        embedding takes them as (input_ids=h, *carried=(emb, balance))."""
+        if self.embed_tokens is not None:
+            if carried:
+                raise TypeError("Transformer.forward takes labels as a keyword: model(input_ids, labels=labels)")
+            h = emb = self.embed_tokens(input_ids)  # [B, T, H]
+            balance = None
+            if self.is_pipeline_stage:  # the first stage starts the balance loss that travels down the pipe
+                balance = torch.zeros(1, device=h.device, requires_grad=torch.is_grad_enabled())
+        else:
+            h, (emb, balance) = input_ids, carried
+        T = h.shape[1]
         if absorb is None:
             absorb = cache is not None and (isinstance(start_pos, torch.Tensor) or start_pos > 0)
         cos, sin = self.rope(start_pos, T)
-        with_aux = labels is not None
-        emb = self.embed_tokens(input_ids)  # [B, T, H]
-        h, balance = emb, None
-        for block in self.layers:
+        with_aux = labels is not None or self.is_pipeline_stage
+        for block in self.layers.values():
             h, aux = block(h, cos, sin, with_aux, cache, start_pos, absorb)
             balance = _add(balance, aux)
+        if self.is_pipeline_stage:
+            return h, emb, balance
         if labels is None:
             kept = h[:, -logits_to_keep:] if logits_to_keep else h
             return TransformerOutput(logits=self.lm_head(self.norm(kept)), hidden=h)  # [B, T, V]
-        hn = self.norm(h)
-        loss = linear_cross_entropy(hn, self.lm_head.weight, labels)
-        logits = self.lm_head(hn) if return_logits else None
+        loss, mtp_loss, balance = self.losses(h, emb, balance, labels)
+        logits = self.lm_head(self.norm(h)) if return_logits else None
+        return TransformerOutput(logits, loss, mtp_loss, balance, h)
+
+    def losses(self, h, emb, balance, labels) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The end of the forward with labels: (next-token CE, mean MTP CE or None, balance loss incl.
+        the MTP blocks') from the last block's output h [B, T, H] and the embedding output emb."""
+        cos, sin = self.rope(0, h.shape[1])
+        loss = linear_cross_entropy(self.norm(h), self.lm_head.weight, labels)
         mtp_loss, mtp_balance = self._mtp_loss(h, emb, labels, cos, sin)
-        return TransformerOutput(logits, loss, mtp_loss, _add(balance, mtp_balance), h)
+        return loss, mtp_loss, _add(balance, mtp_balance)
 
     def _mtp_loss(self, h, emb, labels, cos, sin):
         """Mean over depths of the MTP cross entropies, and the MTP blocks' balance loss."""
-        if not len(self.mtp):
+        if not self.mtp:
             return None, None
         T = labels.shape[1]
         chain_ok = labels != IGNORE_INDEX  # [B, T]: positions i..i+k all have targets

@@ -1,4 +1,12 @@
-"""Distributed checkpoints (torch.distributed.checkpoint, DCP) that load into any layout.
+"""Training checkpoints of model and optimizer state, for any layout.
+
+`save(pm, optimizer, folder, model_config)` / `load(pm, optimizer, folder)` are what the trainer
+calls. When one process holds the whole model (every parallel dimension 1) the state is written
+in the Hugging Face layout (config.json + model.safetensors, readable by `dsv3 generate` and
+transformers) plus optimizer.pt; otherwise as distributed checkpoint shards (below). `load` reads
+either: DCP shards into any layout, the HF layout into one process.
+
+Distributed checkpoints (torch.distributed.checkpoint, DCP) load into any layout.
 
 Every rank writes only its shards, in parallel, into one folder (`__<rank>_0.distcp` files plus
 DCP's `.metadata`); the names are the *single-process model's* parameter names and the global
@@ -19,7 +27,7 @@ The layout-free view (`_layout_free`), per parameter (and each Adam moment, stor
 On load the same view is built for the current layout, DCP fills it, and each rank copies its
 part back into its parameters and optimizer state.
 
-Atomic like the single-process checkpoints (train/checkpoint.py, whose folder logic is reused):
+Atomic like every checkpoint (dsv3/checkpoint.py, whose folder logic is reused):
 rank 0 creates the temporary folder and shares its name, all ranks write their shards into it,
 and after DCP's final barrier rank 0 adds the trainer state and the manifest and renames the
 folder; `latest` moves last. The folder must be on a file system all ranks see (one node, or a
@@ -83,17 +91,29 @@ def _persistent(module: nn.Module):
     return [(n, b) for n, b in module.named_buffers() if n not in skip]
 
 
-def save(pm: ParallelModel, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """All ranks: write this rank's shards of model and optimizer into `folder` (collective)."""
+def save(pm: ParallelModel, optimizer: torch.optim.Optimizer, folder: Path, model_config) -> None:
+    """All ranks: write this rank's part of model and optimizer into `folder` (collective)."""
+    if pm.dims.world_size == 1:
+        from dsv3.hf import write_pretrained
+
+        write_pretrained(pm.modules[0], folder)
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        return
     import torch.distributed.checkpoint as dcp
 
     sd, _ = _layout_free(pm, optimizer)
     dcp.save(sd, checkpoint_id=str(folder))
+    if dist.get_rank() == 0:
+        model_config.save(folder / "config.json")
 
 
 @torch.no_grad()
 def load(pm: ParallelModel, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """All ranks: fill model and optimizer from a DCP checkpoint saved with any layout (collective)."""
+    """All ranks: fill model and optimizer from a checkpoint (collective): DCP shards saved with
+    any layout, or a one-process checkpoint into one process."""
+    if not (folder / ".metadata").is_file():
+        _load_whole(pm, optimizer, folder)
+        return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -104,6 +124,19 @@ def load(pm: ParallelModel, optimizer: torch.optim.Optimizer, folder: Path) -> N
         if isinstance(target, DTensor):
             local = distribute_tensor(local, target.device_mesh, target.placements)
         target.copy_(local)
+
+
+def _load_whole(pm: ParallelModel, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    from dsv3.errors import CheckpointError
+    from dsv3.model.transformer import Transformer
+
+    if pm.dims.world_size != 1:
+        raise CheckpointError(f"{folder} is a one-process checkpoint; resume it with one process (without "
+                              "torchrun and parallel flags), or from a checkpoint saved under torchrun")
+    model = pm.modules[0]
+    saved = Transformer.from_pretrained(folder, device=next(model.parameters()).device)
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=next(model.parameters()).device))
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from dsv3.device import compute_dtype
 from dsv3.fp8.quant import ACT, TILE, Fp8Tensor, quantize
-from dsv3.model.moe import MoE, named_routers
+from dsv3.model.moe import Dispatcher, MoE, named_routers
 
 
 @dataclass
@@ -96,8 +96,8 @@ class _NodeState:
     n_tokens: int
 
 
-class ExpertParallelDispatcher:
-    """All-to-all dispatch to the experts' ranks; the same two methods as `LocalDispatcher`.
+class ExpertParallelDispatcher(Dispatcher[_PairState | _NodeState]):
+    """All-to-all dispatch to the experts' ranks: the `Dispatcher` contract, as `LocalDispatcher`.
     One row per (token, expert), or with node_dedup (needs ranks_per_node and > 1 node) once per
     (token, node) and a fan-out inside the node (the two hops of the module docstring)."""
 
@@ -119,7 +119,9 @@ class ExpertParallelDispatcher:
         self.node_dedup = node_dedup and self.n_nodes > 1
         self.stats = TrafficStats()
 
-    def dispatch(self, x: Tensor, indices: Tensor, n_experts: int):
+    def dispatch(
+        self, x: Tensor, indices: Tensor, n_experts: int
+    ) -> tuple[Tensor, Tensor, _PairState | _NodeState]:
         """x [N, H], indices [N, K] global expert ids -> x_sorted [M, H] (the pairs routed to this
         rank's experts, by local expert), offs int32 [E/ep], state for combine."""
         if n_experts != self.n_experts:
@@ -139,7 +141,7 @@ class ExpertParallelDispatcher:
         return (y * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
 
     # --------------------------------------------------------- one row per (token, expert)
-    def _dispatch_pairs(self, x: Tensor, indices: Tensor):
+    def _dispatch_pairs(self, x: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, _PairState]:
         """x [N, H], indices [N, K] with -1 for no expert -> x_sorted, offs, _PairState."""
         flat = indices.flatten()  # [N*K]
         pos = (flat >= 0).nonzero().squeeze(1)  # [P]
@@ -167,7 +169,7 @@ class ExpertParallelDispatcher:
         return y.view(N, K, -1)
 
     # --------------------------------------------------------- once per (token, node), then fan-out
-    def _dispatch_via_nodes(self, x: Tensor, indices: Tensor):
+    def _dispatch_via_nodes(self, x: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, _NodeState]:
         R, N = self.ranks_per_node, len(indices)
         node = indices // (self.n_experts // self.n_nodes)  # [N, K] node of each chosen expert
         reached = torch.zeros(N, self.n_nodes, dtype=torch.bool, device=x.device).scatter_(1, node, True)
@@ -333,9 +335,10 @@ def apply_expert_parallel(
     for moe in moes:
         if isinstance(moe.dispatcher, ExpertParallelDispatcher):
             raise ValueError("apply_expert_parallel: the model already has expert parallelism applied")
-        router = moe.gate
-        group_limited = router.n_group > 1 and router.topk_method != "greedy"
-        check_expert_parallel_layout(moe.n_routed_experts, router.n_group, ep, ranks_per_node, group_limited)
+        method = moe.gate.method
+        check_expert_parallel_layout(
+            moe.n_routed_experts, method.n_group, ep, ranks_per_node, method.group_limited
+        )
     for moe in moes:
         n_local = moe.n_routed_experts // ep
         lo = rank * n_local

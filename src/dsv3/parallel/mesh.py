@@ -26,7 +26,8 @@ expert_parallel.check_expert_parallel_layout) before any process group is touche
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,13 +43,18 @@ class ParallelDims:
     """Sizes of the parallel dimensions; -1 = automatic: dp_shard takes the ranks left after pp and
     dp_replicate (dp_replicate = 1 when both are automatic), dp_replicate those left after dp_shard."""
 
-    dp_replicate: int = -1
-    dp_shard: int = -1
-    ep: int = 1
-    pp: int = 1
-    pp_schedule: str = "1f1b"
-    pp_microbatches: int | None = None  # default: the number of stages
-    ranks_per_node: int | None = None  # set to account node-limited traffic; default: all ranks one node
+    dp_replicate: int = field(default=-1, metadata={
+        "help": "data-parallel replicas (HSDP; -1: 1, or the ranks left after dp_shard)"})
+    dp_shard: int = field(default=-1, metadata={
+        "help": "data-parallel FSDP shards (-1: the ranks left after pp and dp_replicate)"})
+    ep: int = field(default=1, metadata={
+        "help": "expert-parallel ranks, carved from dp_shard (must divide it and n_routed_experts)"})
+    pp: int = field(default=1, metadata={"help": "pipeline stages (ranks); dualpipev puts two stages on each"})
+    pp_schedule: str = field(default="1f1b", metadata={"help": "pipeline schedule", "choices": PP_SCHEDULES})
+    pp_microbatches: int | None = field(default=None, metadata={
+        "help": "microbatches per pipeline step (default: the number of stages)"})
+    ranks_per_node: int | None = field(default=None, metadata={
+        "help": "EP ranks per node, for node-limited routing and cross-node byte counts"})
 
     def resolve(self, world_size: int) -> ParallelDims:
         """A copy with the -1 sizes filled from the world size; raises ConfigError on a mismatch."""
@@ -70,7 +76,7 @@ class ParallelDims:
         for name, value in dims.items():
             if value == -1:
                 dims[name] = world_size // known
-        out = ParallelDims(**{**self.__dict__, **dims})
+        out = dataclasses.replace(self, **dims)
         if out.world_size != world_size:
             raise ConfigError(
                 f"pp={out.pp} x dp_replicate={out.dp_replicate} x dp_shard={out.dp_shard} = "
@@ -112,7 +118,7 @@ class ParallelDims:
 
             if not model.num_moe_layers:
                 raise ConfigError(f"ep={self.ep}: the model has no MoE layers to split")
-            group_limited = model.n_group > 1 and model.topk_method != "greedy"
+            group_limited = model.routing_method.group_limited
             try:
                 check_expert_parallel_layout(
                     model.n_routed_experts, model.n_group, self.ep, self.ranks_per_node, group_limited

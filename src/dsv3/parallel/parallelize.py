@@ -4,16 +4,18 @@
         model = Transformer(cfg)
     pm = parallelize(model, dims, mesh, device=..., init=reference_weights(cfg, seed))
 
-One fixed order, each step swapping or wrapping modules of the (still empty) model:
-    1. pipeline split   keep this pp rank's stage modules (parallel/pipeline.py)
+One fixed order, each step swapping or wrapping modules of the (still empty) model, each skipped
+when its dimension is 1 (so one process gets the plain model):
+    1. pipeline split   keep this pp rank's stages: the model with parts removed (parallel/pipeline.py)
     2. expert parallel  each MoE keeps E/ep experts and gets the all-to-all dispatcher
-    3. activation checkpointing (optional)  recompute each block's attention in backward
-    4. torch.compile (optional)  per block, in place (parameter names unchanged)
-    5. FSDP2            shard experts, blocks and the root over the dp ranks (parallel/fsdp.py)
+    3. FP8 (optional)   linears and experts compute in FP8 (fp8/linear.py), same parameters
+    4. activation checkpointing (optional)  recompute each block's attention in backward
+    5. torch.compile (optional)  per block, in place (parameter names unchanged)
+    6. FSDP2            shard experts, blocks and the root over the dp ranks (parallel/fsdp.py)
 then the parameters are allocated on the device (`to_empty`) and filled.
 
-Same start as one process: `reference_weights` builds the full model on the CPU under the seed,
-exactly as the single-process trainer does, and every rank copies its slice of every tensor
+Same start for every layout: `reference_weights` builds the full model on the CPU under the seed
+(the weights one process would train), and every rank copies its slice of every tensor
 (its experts' rows under EP, its FSDP shard via `distribute_tensor`). Cheap for models that fit
 in host memory; beyond that the scaling path is a seed checkpoint: initialize once, save it with
 parallel/checkpoint.py (DCP), and let every rank load only its shards.
@@ -91,11 +93,13 @@ def parallelize(
     param_dtype: torch.dtype = torch.float32,
     activation_checkpoint: bool = False,
     compile: bool = False,
+    fp8: str | None = None,
     fp8_dispatch: bool = False,
     reshard: str = "default",
     microbatch: tuple[int, int] | None = None,
 ) -> ParallelModel:
-    """Apply pp -> EP -> AC -> compile -> FSDP to `model` (on meta), then fill it from `init`.
+    """Apply pp -> EP -> FP8 -> AC -> compile -> FSDP to `model` (on meta), then fill it from `init`.
+    fp8: a scale format ("pow2", "fp32", "ue8m0") to run the linears and experts in FP8, or None.
     With pp > 1, `microbatch` = (sequences, seq_len) of one pipeline microbatch on one dp rank."""
     from dsv3.model.block import Block
 
@@ -113,14 +117,19 @@ def parallelize(
             apply_expert_parallel(
                 module, mesh["ep"], fp8_dispatch=fp8_dispatch, ranks_per_node=dims.ranks_per_node
             )
+    if fp8 is not None:  # 3. FP8 linears and experts (same Parameters and names)
+        from dsv3.fp8.linear import convert_to_fp8
+
+        for module in pm.modules:
+            convert_to_fp8(module, fmt=fp8)
     blocks = [b for m in pm.modules for b in m.modules() if isinstance(b, Block)]
-    if activation_checkpoint:  # 3.
+    if activation_checkpoint:  # 4.
         for block in blocks:
             _checkpoint_attention(block)
-    if compile:  # 4.
+    if compile:  # 5.
         for block in blocks:
             block.compile()
-    if dims.dp > 1:  # 5. FSDP2
+    if dims.dp > 1:  # 6. FSDP2
         from dsv3.parallel.fsdp import apply_fsdp
 
         apply_fsdp(pm.modules, mesh, dp=dims.dp, param_dtype=param_dtype, reshard=reshard,
@@ -131,7 +140,7 @@ def parallelize(
     if dims.pp > 1:
         from dsv3.parallel.pipeline import StageLoss, build_schedule
 
-        last = [m for m in pm.modules if m.last]
+        last = [m for m in pm.modules if m.lm_head is not None]
         pm.loss = StageLoss(last[0], model.cfg.num_nextn_predict_layers) if last else None
         act_dtype = param_dtype if dims.dp > 1 else torch.float32  # FSDP's mixed precision casts activations
         pm.schedule = build_schedule(pm.modules, pm.stage_ids, dims, microbatch, act_dtype, mesh["pp"].get_group(),

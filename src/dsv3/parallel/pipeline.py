@@ -1,21 +1,23 @@
 """Pipeline parallelism with torch.distributed.pipelining: stages, 1F1B and DualPipeV.
 
-The Transformer is cut into S stages of consecutive blocks (`split_stages`); stage modules are
-built by hand from the (meta) model, keeping the full model's parameter names (`layers` is a
-ModuleDict keyed by the original layer index), so checkpoints and weight init see one namespace:
+The Transformer is cut into S stages of consecutive blocks (`split_stages`). A stage is the
+(meta) model itself with the parts it does not hold removed, as in torchtitan: a copy whose
+`layers` ModuleDict keeps only its blocks (keyed by their index in the full model) and whose
+embedding, or norm, head and MTP modules are None. Parameter names stay the full model's, so
+checkpoints and weight init see one namespace, and `Transformer.forward` is the stage's forward:
 
     stage 0:     embed_tokens, layers 0..a          (input_ids [b, T]) -> (h, emb, balance)
     stage s:     layers ..                          (h, emb, balance)  -> (h, emb, balance)
     stage S-1:   layers .., norm, lm_head, mtp      (h, emb, balance)  -> same; the loss function
-                                                     runs norm + head + MTP on them with the labels
+                                                     finishes with Transformer.losses (norm, head, MTP)
 
 MTP needs Emb(t_{i+1}) on the last stage, far from the embedding. dsv3 sends the embedding output
 `emb` [b, T, H] down the pipeline with h: one more activation per hop, and its gradient flows back
 to the first stage through the schedule's own backward, so the embedding is trained exactly as on
 one device (no second copy to keep tied, no all-reduce between first and last stage). The
 sequence-balance losses of every MoE layer travel as `balance` [1] and join the objective on the
-last stage. The loss function (`StageLoss`) is the head + cross entropy + MTP of
-Transformer.forward, weighted per microbatch by parallel/objective.py so that the microbatches sum
+last stage. The loss function (`StageLoss`) is `Transformer.losses`, the end of the model's own
+forward, weighted per microbatch by parallel/objective.py so that the microbatches sum
 to the single-process loss; schedules run with scale_grads=False.
 
 Schedules (pp ranks P, microbatches m >= stages):
@@ -27,10 +29,10 @@ Schedules (pp ranks P, microbatches m >= stages):
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import copy
 
-from dsv3.model.loss import linear_cross_entropy
+import torch
+
 from dsv3.model.transformer import Transformer
 
 
@@ -48,55 +50,13 @@ def stage_ids_of_rank(rank: int, pp: int, schedule: str) -> list[int]:
     return [rank, 2 * pp - 1 - rank] if schedule == "dualpipev" else [rank]
 
 
-class StageModule(nn.Module):
-    """One pipeline stage of a Transformer, sharing its modules (and parameter names)."""
-
-    def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
-        super().__init__()
-        self.cfg, self.first, self.last = model.cfg, first, last
-        self.embed_tokens = model.embed_tokens if first else None
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
-        self.norm = model.norm if last else None
-        self.lm_head = model.lm_head if last else None
-        self.mtp = model.mtp if last else None
-        self.register_buffer("rope_inv_freq", model.rope_inv_freq, persistent=False)
-        self.rope_attn_factor = model.rope_attn_factor
-
-    rope = Transformer.rope
-    _mtp_loss = Transformer._mtp_loss
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.first:
-            (input_ids,) = inputs  # [b, T]
-            h = emb = self.embed_tokens(input_ids)  # [b, T, H]
-            # a leaf that needs grad keeps the balance output in the schedule's backward
-            balance = torch.zeros(1, device=h.device, requires_grad=torch.is_grad_enabled())
-        else:
-            h, emb, balance = inputs
-        cos, sin = self.rope(0, h.shape[1])
-        for block in self.layers.values():
-            h, aux = block(h, cos, sin, with_aux=True)
-            if aux is not None:
-                balance = balance + aux
-        return h, emb, balance
-
-    def losses(self, h, emb, balance, labels) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Last stage: (next-token CE, MTP CE or None, balance [1] incl. MTP's), as Transformer.forward."""
-        cos, sin = self.rope(0, h.shape[1])
-        loss = linear_cross_entropy(self.norm(h), self.lm_head.weight, labels)
-        mtp_loss, mtp_balance = self._mtp_loss(h, emb, labels, cos, sin)
-        if mtp_balance is not None:
-            balance = balance + mtp_balance
-        return loss, mtp_loss, balance
-
-
 class StageLoss:
     """The schedule's loss_fn: this microbatch's weighted share of the objective (parallel/objective.py).
 
     Set `split`, `mtp_lambda` and `scale` (1 / gradient-accumulation steps) before each schedule
     step; each microbatch's shares of the three losses are appended to `parts` for the metrics."""
 
-    def __init__(self, last_stage: StageModule, mtp_depth: int):
+    def __init__(self, last_stage: Transformer, mtp_depth: int):
         self.stage, self.mtp_depth = last_stage, mtp_depth
         self.split, self.mtp_lambda, self.scale, self.parts = None, 0.0, 1.0, []
 
@@ -104,18 +64,32 @@ class StageLoss:
         from dsv3.parallel.objective import target_counts
 
         h, emb, balance = outputs
-        ce, mtp, bal = self.stage.losses(h, emb, balance, labels)
+        ce, mtp, bal = self.stage.losses(h, emb, balance, labels)  # bal [1]
         terms = self.split.terms(target_counts(labels, self.mtp_depth), ce, mtp, bal.sum())
         self.parts.append([0.0 if t is None else t.item() for t in terms])
         return self.split.objective(terms, self.mtp_lambda) * self.scale
 
 
-def build_pipeline(model: Transformer, pp_rank: int, pp: int, schedule: str):
-    """The stage modules this pp rank holds, built from `model` (meta or real)."""
+def build_pipeline(model: Transformer, pp_rank: int, pp: int, schedule: str) -> tuple[list[int], list[Transformer]]:
+    """The stages this pp rank holds: copies of `model` (meta, so copying is free) without the
+    parts they do not hold."""
     num_stages = pp * (2 if schedule == "dualpipev" else 1)
     layers = split_stages(model.cfg.num_hidden_layers, num_stages)
     ids = stage_ids_of_rank(pp_rank, pp, schedule)
-    return ids, [StageModule(model, layers[s], s == 0, s == num_stages - 1) for s in ids]
+    return ids, [stage_of(model, layers[s], first=s == 0, last=s == num_stages - 1) for s in ids]
+
+
+def stage_of(model: Transformer, layer_ids: list[int], first: bool, last: bool) -> Transformer:
+    """A copy of `model` holding only `layer_ids`, the embedding if first, the head and MTP if last."""
+    stage = copy.deepcopy(model)
+    for i in list(stage.layers):
+        if int(i) not in layer_ids:
+            del stage.layers[i]
+    if not first:
+        stage.embed_tokens = None
+    if not last:
+        stage.norm, stage.lm_head, stage.mtp = None, None, None
+    return stage
 
 
 def build_schedule(stage_modules, stage_ids, dims, microbatch, dtype, pp_group, device, loss):

@@ -3,8 +3,9 @@
 * `MetricsLog` appends one JSON object per logged step to `metrics.jsonl` (always `step`, `loss`,
   `lr`; plus MTP and balance losses, grad norm, tokens/s, MFU, per-layer expert-load MaxVio and
   the raw expert-load matrix; `val_loss` on evaluation steps). On resume, records after the
-  checkpoint's step are dropped, so the file tells one consistent history. TensorBoard scalars are
-  mirrored when asked (tensorboard is imported only then).
+  checkpoint's step are dropped, so the file tells one consistent history. A run killed mid-write
+  leaves a partial last line: readers drop it (a bad line anywhere else is a DataError naming the
+  file and line). TensorBoard scalars are mirrored when asked (tensorboard is imported only then).
 * `Progress` is a live rich bar (step, loss, tokens/s, MFU, ETA) on a terminal, and plain lines
   when the output is a file or a pipe.
 * MFU = achieved training FLOP/s over the device's peak. FLOP per token follows the convention that
@@ -28,13 +29,17 @@ from typing import Any
 
 import torch
 
+from dsv3.errors import DataError
+
 
 class MetricsLog:
     """Append-only JSONL log (and optional TensorBoard mirror) of per-step records."""
 
     def __init__(self, path: Path, keep_up_to_step: int | None, tensorboard_dir: Path | None = None) -> None:
         self.path = path
-        kept = [r for r in read_metrics(path) if keep_up_to_step is not None and r["step"] <= keep_up_to_step]
+        kept = (
+            [] if keep_up_to_step is None else [r for r in read_metrics(path) if r["step"] <= keep_up_to_step]
+        )
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(path, "a")  # noqa: SIM115 - open for the whole run
         self._tb = None
@@ -58,9 +63,21 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] if there is none), without a partial last line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break  # the run was killed while writing this line
+            raise DataError(f"{path} line {number} is not a JSON record ({e}); delete that line") from e
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def max_violation(load: torch.Tensor) -> list[float]:
@@ -122,10 +139,10 @@ def write_report(
 
     records = read_metrics(metrics_path)
     if not records:
-        raise ValueError(f"{metrics_path} has no records to plot")
+        raise DataError(f"{metrics_path} has no records to plot")
     base = read_metrics(baseline) if baseline is not None else None
     if base == []:
-        raise ValueError(f"{baseline} has no records to plot")
+        raise DataError(f"{baseline} has no records to plot")
     fig, axes = plt.subplots(3 if base else 2, 3, figsize=(16, 12.75 if base else 8.5), squeeze=False)
     _plot_losses(axes[0, 0], records)
     _plot_series(axes[0, 1], records, ["lr"], "learning rate")
@@ -209,4 +226,5 @@ def _plot_series(
             steps, values = zip(*points)
             ax.plot(steps, values, marker="o" if key == "val_loss" else None, label=key + _named(label))
     ax.set(title=title, xlabel="step")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run without this series leaves the panel empty
+        ax.legend()

@@ -29,6 +29,7 @@ V3_DECAY_END = 14.3 / 14.8
 V3_TAIL_START = (14.3 + 0.333) / 14.8
 V3_MIN_RATIO = 2.2e-5 / 2.2e-4
 V3_TAIL_RATIO = 7.3e-6 / 2.2e-4
+SCHEDULES = ("v3", "cosine")
 
 
 @dataclass(frozen=True)

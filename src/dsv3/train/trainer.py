@@ -1,45 +1,66 @@
-"""The training loop: configuration, checks before work, steps, evaluation, checkpoints, resume.
+"""The training loop, one for every layout: a single process is the world of size 1.
 
-One optimizer step (`Trainer.train_step`):
+    trainer = Trainer(TrainConfig(...))     # checks everything before any work
+    summary = trainer.fit()
+
+The same code runs `dsv3 train` in one process and under torchrun with data (FSDP2 / HSDP),
+expert and pipeline parallelism (parallel/parallelize.py applies them to a model built on `meta`;
+with every dimension 1 it applies nothing). One optimizer step (`train_step`):
+
     for each of grad_accum micro-batches:
-        out  = model(input_ids, labels=labels)                   # under bf16 autocast unless fp32
-        loss = out.loss + lambda * out.mtp_loss + out.balance_loss   (balance loss already has alpha)
-        (loss / grad_accum).backward()
-    clip the global gradient norm to 1.0; set the scheduled lr; AdamW step
-    update_router_bias(model, gamma)   # auxiliary-loss-free balancing: b_i -= gamma * sign(load_i - mean)
+        every dp rank reads its rows of the same global batch (the Loader draws the batch of one
+        process; `RankSlice` keeps this rank's contiguous rows; pp ranks of a dp group read the same)
+        forward + backward of this rank's exact share of the single-process objective
+            L = CE + lambda * MTP + balance    (parallel/objective.py; a pipeline schedule runs the
+            microbatches and its last stage computes the losses)
+    clip the global gradient norm (squares of the local shards summed over ranks, replicas once)
+    AdamW step at the scheduled learning rate
+    balance the experts: sum the routers' expert loads over the dp ranks, then move every router's
+        selection bias b_i by gamma against its load (auxiliary-loss-free balancing, V3R eq. 16)
 
-Everything that decides the trajectory is seeded or saved: the model is initialized under the seed,
-the loader's state, the optimizer state, router biases (buffers in the model's state dict) and the
-RNG states are in every checkpoint, and lr / lambda / gamma are pure functions of the step. So
-`--resume` continues exactly: on CPU in float32 the losses and weights are bitwise identical to an
-uninterrupted run (tests/unit/test_train_trainer.py holds this).
+So losses and weights match one process up to float rounding whatever the layout (the
+distributed tests hold 1, 2 and 4 processes to 1e-5), and in one process in float32 a resumed run
+is bitwise identical to an uninterrupted one: the weights are initialized under the seed, the
+loader state, optimizer state, router biases and RNG states are in every checkpoint, and lr /
+lambda / gamma are pure functions of the step.
 
-`TrainConfig` holds every run option; `TrainConfig.validate` and `Trainer.__init__` reject bad input
-(unknown preset, negative lr, seq_len beyond the model's positions, missing data, a tokenizer bigger
-than the vocabulary, resume without a checkpoint) before any tokenizing or training starts.
+Only rank 0 writes metrics.jsonl, the progress bar and the report; rank 0 decides what all ranks
+must agree on (the checkpoint to resume, the tokenizer, when the wall-clock budget is spent).
+Checkpoints: parallel/checkpoint.py writes the whole model in the Hugging Face layout when one
+process holds it, and DCP shards otherwise; either loads into any layout that can read it.
+
+Failures: a NaN or Inf loss or gradient stops the run, skips the step, or rolls back to the last
+checkpoint (`--on-nonfinite`), naming the step and the tensor. With `--sdc-check-every N` the
+data-parallel replicas compare checksums of their weights every N steps and name a rank that
+disagrees (silent data corruption, ISCA sec. 6.1). Test hooks: DSV3_FAULT_AT_STEP=K (and
+DSV3_FAULT_RANK=R) kills rank R with SIGKILL after step K on torchrun's first attempt;
+DSV3_FAULT_BITFLIP_AT_STEP=K flips a bit of a weight on the last rank after step K.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsv3 import checkpoint as ckpt
-from dsv3.config import ModelConfig
-from dsv3.device import gemm_tflops
-from dsv3.errors import ConfigError
-from dsv3.tokenizer import TokenizerInfo, load_tokenizer
+from dsv3.device import choose_dtype, format_mfu, gemm_shapes, resolve_device
+from dsv3.errors import CheckpointError, ConfigError
+from dsv3.model.moe import update_router_bias
+from dsv3.parallel.mesh import build_mesh
+from dsv3.parallel.world import World
+from dsv3.tokenizer import load_tokenizer
+from dsv3.train.config import TrainConfig
 from dsv3.train.data import (
     Corpus,
     Loader,
@@ -48,339 +69,321 @@ from dsv3.train.data import (
     cached_tokenizer,
     unigram_entropy,
     validation_batches,
-)  # fmt: skip
-from dsv3.train.metrics import (
-    MetricsLog,
-    Progress,
-    max_violation,
-    write_report,
-)  # fmt: skip
+)
+from dsv3.train.metrics import MetricsLog, Progress, max_violation, write_report
 from dsv3.train.optim import Schedule, bias_gamma_at, build_optimizer, mtp_lambda_at
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-FP8_SCALES = ("pow2", "fp32", "ue8m0")  # dsv3.fp8.quant.ScaleFormat
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN or Inf; the message names the step and the tensor."""
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("DSV3_CACHE", str(Path.home() / ".cache" / "dsv3"))
+class ReplicaMismatchError(RuntimeError):
+    """Data-parallel replicas hold different weights (silent data corruption); names the rank."""
 
 
-@dataclass
-class TrainConfig:
-    """Every option of a training run (CLI flags and config-file keys have these names)."""
+class RankSlice:
+    """PackedTokens seen by one dp rank: of each global batch of windows, its contiguous rows."""
 
-    out: str = "runs/tiny"
-    # model
-    preset: str = "tiny"
-    model_config: str | None = None  # a config.json (ours or HF's) instead of the preset
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    # data
-    data: list[str] = field(default_factory=lambda: ["stdlib"])
-    tokenizer: str | None = None  # a tokenizer.json; default: BPE trained on the corpus and cached
-    cache_dir: str = field(default_factory=default_cache_dir)
-    max_corpus_mb: float | None = None
-    val_fraction: float = 0.01
-    seq_len: int = 256
-    batch_size: int = 8
-    grad_accum: int = 1
-    # schedule and optimizer (V3R section 4.2)
-    steps: int = 1000
-    stop_after: int | None = None
-    max_minutes: float | None = None  # also stop (with a checkpoint) after this much wall time
-    lr: float = 2.2e-4
-    schedule: str = "v3"
-    warmup_steps: int | None = None  # default: min(2000, steps // 20)
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    bf16_moments: bool = False
-    mtp_lambda: float = 0.3
-    mtp_lambda_later: float = 0.1
-    bias_gamma: float = 0.001
-    # execution
-    dtype: str = "bfloat16"
-    device: str = "auto"
-    compile: bool = False
-    fp8: bool = False
-    fp8_scales: str = "pow2"  # pow2 (fast exact CPU path, UE8M0-valued) | fp32 (the V3 paper's) | ue8m0
-    threads: int | None = None
-    seed: int = 0
-    # parallelism under torchrun (train/distributed.py; world = pp x dp_replicate x dp_shard)
-    dp_replicate: int = -1  # -1: automatic (1, or the ranks left after pp and an explicit dp_shard)
-    dp_shard: int = -1  # -1: the ranks left after pp and dp_replicate
-    ep: int = 1  # expert parallelism, carved from dp_shard
-    pp: int = 1
-    pp_schedule: str = "1f1b"
-    pp_microbatches: int | None = None  # default: one per stage
-    ranks_per_node: int | None = None  # node-limited routing: EP ranks per node
-    fp8_dispatch: bool = False
-    activation_checkpoint: bool = False
-    # observability and checkpoints
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 500
-    keep: int = 3
-    tensorboard: bool = False
-    report: bool = True
-    peak_tflops: float | None = None  # default: measured with a GEMM at start
-    resume: bool = False
+    def __init__(self, data: PackedTokens, rank: int, ranks: int) -> None:
+        self.data, self.rank, self.ranks = data, rank, ranks
 
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read a JSON (or .toml) run config; unknown keys are errors; `overrides` win."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        if path.suffix == ".toml":
-            import tomllib
+    def __len__(self) -> int:
+        return len(self.data)
 
-            values = tomllib.loads(path.read_text())
-        else:
-            values = json.loads(path.read_text())
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"{path}: unknown keys {unknown}; valid keys are {sorted(names)}")
-        return cls(**{**values, **overrides})
-
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(1, min(2000, self.steps // 20))
-
-    def validate(self) -> None:
-        def need(ok: bool, name: str, rule: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name}={getattr(self, name)!r}: {rule}")
-
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "eval_every",
-                     "eval_batches", "save_every", "keep"):  # fmt: skip
-            value = getattr(self, name)
-            need(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                name,
-                "must be a positive integer",
-            )
-        need(self.stop_after is None or self.stop_after > 0, "stop_after", "must be a positive integer")
-        need(self.max_minutes is None or self.max_minutes > 0, "max_minutes", "must be > 0")
-        need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
-        need(self.schedule in ("v3", "cosine"), "schedule", "must be 'v3' or 'cosine'")
-        need(0 < self.warmup <= self.steps, "warmup_steps", f"must be in [1, steps={self.steps}]")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
-        need(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
-        need(self.grad_clip > 0, "grad_clip", "must be > 0")
-        need(self.mtp_lambda >= 0 and self.mtp_lambda_later >= 0, "mtp_lambda", "MTP weights must be >= 0")
-        need(self.bias_gamma >= 0, "bias_gamma", "must be >= 0")
-        need(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
-        need(self.max_corpus_mb is None or self.max_corpus_mb > 0, "max_corpus_mb", "must be > 0")
-        need(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
-        need(
-            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-            "device",
-            "must be auto, cpu or cuda[:N]",
-        )
-        need(self.threads is None or self.threads > 0, "threads", "must be a positive integer")
-        need(self.fp8_scales in FP8_SCALES, "fp8_scales", f"must be one of {list(FP8_SCALES)}")
-        for name in ("dp_replicate", "dp_shard"):
-            need(getattr(self, name) in (-1,) or getattr(self, name) > 0, name, "must be > 0 or -1 (auto)")
-        for name in ("ep", "pp"):
-            need(getattr(self, name) > 0, name, "must be a positive integer")
-        need(self.pp_schedule in ("1f1b", "dualpipev"), "pp_schedule", "must be '1f1b' or 'dualpipev'")
-        need(self.pp_microbatches is None or self.pp_microbatches > 0, "pp_microbatches", "must be > 0")
-        need(self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node", "must be > 0")
-        need(bool(self.data), "data", "needs at least one source")
-        if self.device.startswith("cuda"):
-            need(torch.cuda.is_available(), "device", "CUDA is not available on this machine")
-        for enabled, name, module in (
-            (self.fp8, "fp8", "dsv3.fp8.linear"),
-            (self.tensorboard, "tensorboard", "tensorboard"),
-        ):
-            if enabled and importlib.util.find_spec(module) is None:
-                raise ConfigError(f"{name}=True: the module {module} is not installed")
-
-    def model_cfg(self) -> ModelConfig:
-        if self.model_config is not None:
-            base = ModelConfig.from_hf(self.model_config).to_dict()
-            return ModelConfig.from_dict({**base, **self.model_overrides})
-        return ModelConfig.from_preset(self.preset, **self.model_overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# Options that may change between a run and its resumption without changing the trajectory.
-RUN_CONTROL = {"out", "resume", "stop_after", "max_minutes", "log_every", "eval_every", "eval_batches", "save_every",
-               "keep", "tensorboard", "report", "peak_tflops", "threads", "cache_dir",
-               "dp_replicate", "dp_shard", "ep", "pp", "pp_schedule", "pp_microbatches", "ranks_per_node",
-               "activation_checkpoint"}  # fmt: skip
+    def batch(self, indices: np.ndarray):
+        per = len(indices) // self.ranks
+        return self.data.batch(indices[self.rank * per : (self.rank + 1) * per])
 
 
 class Trainer:
     """Builds everything a run needs from a TrainConfig (checking it first), then `fit()`s."""
 
-    is_main = True  # the rank that writes metrics, progress and report (train/distributed.py)
-
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.model_cfg = cfg.model_cfg()
-        if cfg.seq_len > self.model_cfg.max_position_embeddings:
+        self.model_config = cfg.model.build()
+        if cfg.data.seq_len > self.model_config.max_position_embeddings:
             raise ConfigError(
-                f"seq_len={cfg.seq_len}: beyond the model's max_position_embeddings="
-                f"{self.model_cfg.max_position_embeddings}"
+                f"data.seq_len={cfg.data.seq_len}: beyond the model's max_position_embeddings="
+                f"{self.model_config.max_position_embeddings}"
             )
-        self.out = Path(cfg.out)
+        self.dims = self._parallel_dims(World.expected_size())
+        self.world = World.join(resolve_device(cfg.run.device))
+        self.device = self.world.device
+        self.is_main = self.world.is_main
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.out = Path(cfg.out).resolve()
         self.ckpt_root = self.out / "checkpoints"
-        self.resume_from = self._checkpoint_to_resume()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
-        self.dtype = DTYPES[cfg.dtype]
-        corpus = Corpus(cfg.data, None if cfg.max_corpus_mb is None else int(cfg.max_corpus_mb * 1e6))
-        self.tokenizer_path = self._tokenizer_path(corpus)
-        self.tok = load_tokenizer(self.tokenizer_path, self.model_cfg.vocab_size)
-        self.model_cfg = dataclasses.replace(
-            self.model_cfg, bos_token_id=self.tok.bos_id, eos_token_id=self.tok.eos_id
+        if self.world.restart_count and not cfg.checkpoint.resume and (self.ckpt_root / ckpt.LATEST).exists():
+            cfg.checkpoint.resume = True  # a job restarted by torchrun continues from its last checkpoint
+            self._print("restarted by torchrun: resuming from the latest checkpoint")
+        self.resume_from = self.world.on_rank0(self._checkpoint_to_resume)
+        self.mesh = build_mesh(self.dims, self.device.type)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.dtype_choice = choose_dtype(
+            cfg.run.dtype, gemm_shapes(self.model_config, cfg.data.batch_size * cfg.data.seq_len), self.device,
+            cfg.data.cache_dir,
         )
-        self._build_data(corpus, self.tok)
+        self.dtype = self.dtype_choice.dtype
+        corpus = Corpus(cfg.data.sources, None if cfg.data.max_corpus_mb is None else int(cfg.data.max_corpus_mb * 1e6))
+        self.tokenizer_path = self.world.on_rank0(self._tokenizer_path, corpus, then_others=True)
+        self.tok = load_tokenizer(self.tokenizer_path, self.model_config.vocab_size)
+        self.model_config = dataclasses.replace(self.model_config, bos_token_id=self.tok.bos_id,
+                                                eos_token_id=self.tok.eos_id)
+        self.world.on_rank0(self._build_data, corpus, then_others=True)
+        self.loader = Loader(RankSlice(self.train_data, self.dp_rank, self.dims.dp), cfg.data.batch_size,
+                             cfg.run.seed)
         self._build_model()
 
     # ------------------------------------------------------------------------ construction steps
+    def _parallel_dims(self, world_size: int):
+        from dsv3.parallel.mesh import ParallelDims
+
+        cfg = self.cfg
+        try:  # bad layouts fail here, before any work
+            dims = cfg.parallel.resolve(world_size)
+            dims.validate(self.model_config, cfg.data.batch_size)
+        except ConfigError as e:
+            if "WORLD_SIZE" not in os.environ:
+                raise ConfigError(f"{e} (one process: launch with `torchrun --nproc-per-node N -m dsv3 train ...`)"
+                                  ) from None
+            raise
+        if cfg.run.fp8 and dims.world_size > 1:
+            raise ConfigError("run.fp8=True (FP8 linears) is not supported with parallelism yet; use "
+                              "--fp8-dispatch for FP8 expert-parallel dispatch")
+        if cfg.parallel.fp8_dispatch and dims.ep == 1:
+            raise ConfigError("parallel.fp8_dispatch=True needs expert parallelism (--ep > 1)")
+        return ParallelDims(**{f.name: getattr(dims, f.name) for f in dataclasses.fields(ParallelDims)})
+
     def _checkpoint_to_resume(self) -> Path | None:
-        if self.cfg.resume:
+        if self.cfg.checkpoint.resume:
             found = ckpt.latest_checkpoint(self.ckpt_root)
             if found is None:
-                raise ckpt.CheckpointError(f"--resume: no checkpoint under {self.ckpt_root}")
+                raise CheckpointError(f"--resume: no checkpoint under {self.ckpt_root}")
             return found
         if (self.ckpt_root / ckpt.LATEST).exists():
-            raise ConfigError(
-                f"out={self.cfg.out!r} already holds a run; pass --resume or choose a new --out"
-            )
+            raise ConfigError(f"out={self.cfg.out!r} ({self.out}) already holds a run; pass --resume or choose "
+                              "a new --out")
         return None
 
     def _tokenizer_path(self, corpus: Corpus) -> Path:
-        if self.cfg.tokenizer is not None:
-            return Path(self.cfg.tokenizer)
+        if self.cfg.data.tokenizer is not None:
+            return Path(self.cfg.data.tokenizer)
         if self.resume_from is not None:
             return self.resume_from / "tokenizer.json"
-        return cached_tokenizer(corpus, self.model_cfg.vocab_size, Path(self.cfg.cache_dir))
+        return cached_tokenizer(corpus, self.model_config.vocab_size, Path(self.cfg.data.cache_dir))
 
-    def _build_data(self, corpus: Corpus, tok: TokenizerInfo) -> None:
-        cache = build_token_cache(corpus, tok, self.cfg.val_fraction, Path(self.cfg.cache_dir))
-        self.train_data = PackedTokens(cache.tokens("train"), self.cfg.seq_len, tok.eos_id, "train")
-        self.val_data = PackedTokens(cache.tokens("val"), self.cfg.seq_len, tok.eos_id, "validation")
-        self.loader = Loader(self.train_data, self.cfg.batch_size, self.cfg.seed)
-        self.unigram_loss = unigram_entropy(cache.tokens("train"), tok.vocab_size)
+    def _build_data(self, corpus: Corpus) -> None:
+        d = self.cfg.data
+        split = build_token_cache(corpus, self.tok, d.val_fraction, Path(d.cache_dir)).split(d.seq_len)
+        self._print(split.summary)  # sources, documents, tokens, skipped files, how validation was chosen
+        self.train_data = PackedTokens(split.train, d.seq_len, self.tok.eos_id, "train")
+        self.val_data = PackedTokens(split.val, d.seq_len, self.tok.eos_id, "validation")
+        self.unigram_loss = unigram_entropy(split.train, self.tok.vocab_size)
 
     def _build_model(self) -> None:
         from dsv3.model.transformer import Transformer
+        from dsv3.parallel.parallelize import parallelize, reference_weights
 
-        torch.manual_seed(self.cfg.seed)
-        self.model = Transformer(self.model_cfg).to(self.device)
-        if self.cfg.fp8:
-            from dsv3.fp8.linear import convert_to_fp8
-
-            convert_to_fp8(self.model, fmt=self.cfg.fp8_scales)
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
-        self.optimizer = build_optimizer(
-            self.model, self.cfg.lr, (self.cfg.beta1, self.cfg.beta2), self.cfg.weight_decay,
-            bf16_moments=self.cfg.bf16_moments,
-        )  # fmt: skip
-        self.schedule = Schedule(
-            self.cfg.lr, self.cfg.steps, self.cfg.warmup, self.cfg.schedule, self.cfg.min_lr_ratio
+        cfg, dims = self.cfg, self.dims
+        with torch.device("meta"):
+            self.model_shape = Transformer(self.model_config)  # the full structure, for FLOP counts
+            structure = Transformer(self.model_config)  # this rank's part, parallelized in place
+        self.pm = parallelize(
+            structure, dims, self.mesh, device=self.device, init=reference_weights(self.model_config, cfg.run.seed),
+            param_dtype=self.dtype, activation_checkpoint=cfg.parallel.activation_checkpoint,
+            compile=cfg.run.compile, fp8=cfg.run.fp8_scales if cfg.run.fp8 else None,
+            fp8_dispatch=cfg.parallel.fp8_dispatch,
+            microbatch=(cfg.data.batch_size // (dims.dp * dims.microbatches), cfg.data.seq_len),
         )
+        self.optimizer = build_optimizer(
+            torch.nn.ModuleList(self.pm.modules), cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
+            cfg.optim.weight_decay, bf16_moments=cfg.optim.bf16_moments,
+        )
+        o = cfg.optim
+        self.schedule = Schedule(o.lr, o.steps, o.warmup, o.schedule, o.min_lr_ratio)
         self.step = 0
+        self.last_checkpoint: Path | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model of a one-process run (the whole Transformer)."""
+        if len(self.pm.modules) != 1 or self.dims.world_size != 1:
+            raise AttributeError("Trainer.model: this rank holds only part of the model (use .pm)")
+        return self.pm.modules[0]
+
+    def _print(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
 
     # ---------------------------------------------------------------------------------- training
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns its metrics."""
-        from dsv3.model.moe import update_router_bias
-
+        """One optimizer step over grad_accum micro-batches (collective); returns its metrics."""
         cfg, step = self.cfg, self.step
-        lam = mtp_lambda_at(step, cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_later)
-        sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        self.model.train()
-        for _ in range(cfg.grad_accum):
-            x, y = (t.to(self.device) for t in self.loader.next_batch())
-            with self._autocast():
-                out = self.forward(x, labels=y)
-            total = out.loss
-            for key, weight in (("mtp_loss", lam), ("balance_loss", 1.0)):
-                part = getattr(out, key)
-                if part is not None:
-                    total = total + weight * part
-                    sums[key] += part.item() / cfg.grad_accum
-            (total / cfg.grad_accum).backward()
-            sums["loss"] += out.loss.item() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        lam = mtp_lambda_at(step, cfg.optim.steps, cfg.optim.mtp_lambda, cfg.optim.mtp_lambda_later)
+        parts = torch.zeros(3, dtype=torch.float64)  # this rank's shares of loss, mtp_loss, balance_loss
+        self.pm.train()
+        for _ in range(cfg.data.grad_accum):
+            x, y = (t.to(self.device) for t in self.loader.next_batch())  # this dp rank's rows
+            parts += self._forward_backward(x, y, lam, scale=1.0 / cfg.data.grad_accum, train=True)
+        self.world.all_reduce(parts)  # only the ranks holding the last stage contribute
+        loss, mtp_loss, balance_loss = (parts / cfg.data.grad_accum).tolist()
+        grad_norm = self._clip_grad_norm(cfg.optim.grad_clip)
+        bad = self._nonfinite(loss, mtp_loss, balance_loss, grad_norm)
         lr = self.schedule.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        if bad is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loads = update_router_bias(self.model, bias_gamma_at(step, cfg.steps, cfg.bias_gamma))
-        load = torch.stack(list(loads.values())) if loads else torch.zeros(0)
+        loads = self._balance_experts(bias_gamma_at(step, cfg.optim.steps, cfg.optim.bias_gamma) if bad is None
+                                      else 0.0)
         self.step += 1
-        return {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm.item(), "mtp_lambda": lam,
-                "expert_load": load.cpu()}  # fmt: skip
+        self._fault_hooks()
+        record = {"step": self.step, "loss": loss, "mtp_loss": mtp_loss, "balance_loss": balance_loss, "lr": lr,
+                  "grad_norm": grad_norm, "mtp_lambda": lam, "expert_load": loads}
+        if bad is not None:
+            record["nonfinite"] = bad
+        return record
+
+    def _forward_backward(self, x, y, lam: float, scale: float, train: bool) -> torch.Tensor:
+        """One global (micro-)batch: this rank's shares [3] of the losses; backward when training."""
+        from dsv3.parallel.objective import global_split, target_counts
+
+        pm, dims = self.pm, self.dims
+        mtp_depth = self.model_config.num_nextn_predict_layers
+        dp_group = self.mesh["dp"].get_group()
+        if dims.pp == 1:
+            split, counts = global_split([y], mtp_depth, dims.dp, dp_group)
+            with self._autocast():
+                out = pm.modules[0](x, labels=y)
+            terms = split.terms(counts[0], out.loss, out.mtp_loss, out.balance_loss)
+            if train:
+                (split.objective(terms, lam) * scale).backward()
+            return torch.tensor([0.0 if t is None else t.item() for t in terms], dtype=torch.float64)
+        from dsv3.parallel.pipeline import forward_only
+
+        chunks = list(y.chunk(dims.microbatches)) if train else [y]
+        split, _ = global_split(chunks, mtp_depth, dims.dp, dp_group)
+        if not train:  # evaluation: the stages one after another, no schedule
+            with self._autocast():
+                ce = forward_only(pm, x, y)
+            if ce is None:
+                return torch.zeros(3, dtype=torch.float64)
+            share = split.terms(target_counts(y, mtp_depth), ce, None, None)[0]
+            return torch.tensor([share.item(), 0.0, 0.0], dtype=torch.float64)
+        if pm.loss is not None:
+            pm.loss.split, pm.loss.mtp_lambda, pm.loss.scale, pm.loss.parts = split, lam, scale, []
+        args = (x,) if 0 in pm.stage_ids else ()
+        with self._autocast():
+            pm.schedule.step(*args, target=y if pm.has_last_stage else None, return_outputs=False)
+        if pm.loss is None:
+            return torch.zeros(3, dtype=torch.float64)
+        return torch.tensor(pm.loss.parts, dtype=torch.float64).sum(0)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss over the fixed validation batches (not counted as expert load)."""
-        from dsv3.model.moe import update_router_bias
+    def _clip_grad_norm(self, max_norm: float) -> float:
+        """torch.nn.utils.clip_grad_norm_ over all ranks' shards: the local norm as torch computes
+        it, squares summed over the world (replicas once), the same clip coefficient. In one process
+        this is clip_grad_norm_ to the bit (a float32 norm squared and rooted in float64 is exact)."""
+        from torch.distributed.tensor import DTensor
 
-        self.model.eval()
-        losses = []
-        for x, y in validation_batches(self.val_data, self.cfg.batch_size, self.cfg.eval_batches):
-            with self._autocast():
-                losses.append(self.forward(x.to(self.device), labels=y.to(self.device)).loss.item())
-        update_router_bias(self.model, 0.0)  # drop the evaluation tokens from the expert-load counts
-        return sum(losses) / len(losses)
+        grads = [p.grad for p in self.pm.parameters() if p.grad is not None]
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        norm = torch.nn.utils.get_total_norm(local) if local else torch.zeros(())
+        sq = self.world.all_reduce(norm.to(torch.float64).square())
+        replicas = self.dims.dp_replicate if self.dims.dp > 1 else self.dims.dp  # FSDP shards, or copies
+        total = (sq / replicas).sqrt().to(norm.dtype)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for g in local:
+            g.mul_(coef.to(g.device, g.dtype))
+        return total.item()
+
+    @torch.no_grad()
+    def _balance_experts(self, gamma: float) -> torch.Tensor:
+        """The auxiliary-loss-free balancing phase of a step: expert loads summed over the dp ranks,
+        then every router's bias moved by gamma (0: only read and reset the counters). Returns the
+        loads [routers, E] of the whole model in single-process order (main layers, then MTP)."""
+        from dsv3.parallel.expert_parallel import all_reduce_expert_loads
+
+        loads = {}
+        for module in self.pm.modules:
+            if self.world.size > 1:
+                all_reduce_expert_loads(module, self.mesh["dp"])
+            loads.update(update_router_bias(module, gamma))
+        if self.dims.pp > 1:
+            import torch.distributed as dist
+
+            everyone = [None] * self.dims.pp
+            dist.all_gather_object(everyone, {k: v.cpu() for k, v in loads.items()},
+                                   group=self.mesh["pp"].get_group())
+            loads = {k: v for part in everyone for k, v in part.items()}
+        order = sorted(loads, key=lambda n: (n.startswith("mtp"), int(n.split(".")[1])))
+        return torch.stack([loads[n].cpu() for n in order]) if order else torch.zeros(0)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the fixed validation batches (collective; not counted as expert load)."""
+        self.pm.train(False)
+        total, n = 0.0, 0
+        rows_per_batch = self.dims.dp * self.dims.microbatches
+        for x, y in validation_batches(self.val_data, self.cfg.data.batch_size, self.cfg.logging.eval_batches):
+            if len(x) % rows_per_batch:
+                break  # a last partial batch that does not split over the ranks is skipped
+            rows = len(x) // self.dims.dp
+            x, y = (t[self.dp_rank * rows : (self.dp_rank + 1) * rows].to(self.device) for t in (x, y))
+            parts = self.world.all_reduce(self._forward_backward(x, y, 0.0, 1.0, train=False))
+            total, n = total + parts[0].item(), n + 1
+        self._balance_experts(0.0)  # drop the evaluation tokens from the expert-load counts
+        self.pm.reshard()  # a forward without backward leaves FSDP's root parameters gathered
+        return total / max(n, 1)
 
     def fit(self) -> dict[str, Any]:
         """Train to `steps` (or `stop_after` more steps, or `max_minutes`), logging, evaluating and
-        checkpointing; the report is drawn at the end of every invocation, the HF export at the end
-        of the schedule."""
+        checkpointing (collective); the report is drawn at the end of every invocation, the HF
+        export at the end of the schedule."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if self.resume_from is not None:
             self.load(self.resume_from)
-        elif self.is_main:
-            shutil.copyfile(self.tokenizer_path, self.out / "tokenizer.json")
-        if self.is_main:
+        if self.is_main:  # the run's own copy: checkpoints are pruned, this file stays
+            if self.tokenizer_path.resolve() != (self.out / "tokenizer.json").resolve():
+                shutil.copyfile(self.tokenizer_path, self.out / "tokenizer.json")
             (self.out / "train_config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
-        end = cfg.steps if cfg.stop_after is None else min(cfg.steps, self.step + cfg.stop_after)
+        self.tokenizer_path = self.out / "tokenizer.json"
+        self.world.barrier()
+        end = cfg.optim.steps if cfg.run.stop_after is None else min(cfg.optim.steps, self.step + cfg.run.stop_after)
         log = MetricsLog(self.out / "metrics.jsonl", self.step if self.resume_from else None,
-                         self.out / "tensorboard" if cfg.tensorboard else None) if self.is_main else None  # fmt: skip
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-        flops_per_step = self.model.training_flops_per_token(cfg.seq_len) * tokens_per_step
-        peak = 1e12 * (
-            cfg.peak_tflops or gemm_tflops(str(self.dtype).removeprefix("torch."), device=self.device.type)
-        )
-        progress = Progress(cfg.steps, self.step, live=None if self.is_main else False)
+                         self.out / "tensorboard" if cfg.logging.tensorboard else None) if self.is_main else None
+        tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len
+        flops_per_step = self.model_shape.training_flops_per_token(cfg.data.seq_len) * tokens_per_step
+        peak = 1e12 * (cfg.logging.peak_tflops or self.dtype_choice.peak_tflops)
+        progress = Progress(cfg.optim.steps, self.step, live=None if self.is_main else False)
         summary: dict[str, Any] = {"start_step": self.step, "unigram_loss": self.unigram_loss}
         window_seconds, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
-        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+        deadline = time.monotonic() + 60 * cfg.run.max_minutes if cfg.run.max_minutes else math.inf
         try:
             while self.step < end:
                 step_start = time.perf_counter()
                 record = self.train_step()
                 window_seconds += time.perf_counter() - step_start
                 window_steps += 1
-                last = self.step == end or self._past(deadline)
-                evaluate = self.step % cfg.eval_every == 0 or last
+                if "nonfinite" in record and self._recover(record):
+                    continue
+                if cfg.parallel.sdc_check_every and self.step % cfg.parallel.sdc_check_every == 0:
+                    self.check_replicas()
+                last = self.step == end or self.world.broadcast(time.monotonic() > deadline)
+                evaluate = self.step % cfg.logging.eval_every == 0 or last
                 if evaluate:
                     record["val_loss"] = self.evaluate()
                     record["unigram_loss"] = self.unigram_loss
-                logged = self.step % cfg.log_every == 0 or evaluate or self.step == 1
+                logged = self.step % cfg.logging.log_every == 0 or evaluate or self.step == 1
                 if logged:
                     record["tokens_per_s"] = tokens_per_step * window_steps / window_seconds
                     record["mfu"] = flops_per_step * window_steps / window_seconds / peak
@@ -392,7 +395,7 @@ class Trainer:
                     summary["last"] = record
                 if self.is_main:
                     progress.update(self.step, _progress_info(record) if logged else "", logged)
-                if self.step % cfg.save_every == 0 or last:
+                if self.step % cfg.checkpoint.save_every == 0 or last:
                     self.save()
                 if last:
                     break
@@ -400,14 +403,11 @@ class Trainer:
             progress.close()
             if log is not None:
                 log.close()
-        if self.step == cfg.steps:
+        if self.step == cfg.optim.steps:
             self.export_hf(self.out / "hf")
-        if cfg.report and summary.get("last") and self.is_main:
+        if cfg.logging.report and summary.get("last") and self.is_main:
             summary["report"] = str(self._report())
         return summary
-
-    def _past(self, deadline: float) -> bool:
-        return time.monotonic() > deadline
 
     def _loggable(self, record: dict[str, Any]) -> dict[str, Any]:
         load = record.pop("expert_load")
@@ -418,76 +418,191 @@ class Trainer:
 
     def _report(self) -> Path:
         try:
-            return write_report(
-                self.out / "metrics.jsonl", self.out / "report.png", title=f"dsv3 {self.cfg.out}"
-            )
+            return write_report(self.out / "metrics.jsonl", self.out / "report.png", title=f"dsv3 {self.cfg.out}")
         except ImportError:
             print("matplotlib is not installed: skipping report.png (pip install 'dsv3[plots]')")
             return Path()
 
+    def header(self) -> dict[str, Any]:
+        """What the run header prints: the resolved config and the measured dtype choice."""
+        return {**self.resolved_config(), "dtype": self.dtype_choice.describe(), "world_size": self.world.size}
+
     def resolved_config(self) -> dict[str, Any]:
-        return {"train": self.cfg.to_dict(), "model": self.model_cfg.to_dict()}
+        return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict()}
+
+    # ------------------------------------------------------------------------------ failures
+    def _nonfinite(self, loss: float, mtp_loss: float, balance_loss: float, grad_norm: float) -> str | None:
+        """None if the step is finite, else what was not (a loss, or the first parameter whose
+        gradient is NaN/Inf on this rank)."""
+        for name, value in (("loss", loss), ("mtp_loss", mtp_loss), ("balance_loss", balance_loss)):
+            if not math.isfinite(value):
+                return f"{name}={value}"
+        if math.isfinite(grad_norm):
+            return None
+        for module in self.pm.modules:
+            for name, p in module.named_parameters():
+                if p.grad is not None and not torch.isfinite(p.grad.detach()).all():
+                    return f"the gradient of {name}"
+        return f"grad_norm={grad_norm}"
+
+    def _recover(self, record: dict[str, Any]) -> bool:
+        """Apply --on-nonfinite to a non-finite step; True when the step was dropped (skip/rollback)."""
+        policy, what = self.cfg.run.on_nonfinite, record["nonfinite"]
+        message = f"step {record['step']}: {what} is not finite"
+        if policy == "stop":
+            self._print(f"error: {message}; stopping (--on-nonfinite skip or rollback continue instead)")
+            raise NonFiniteError(message)
+        if policy == "skip":
+            self._print(f"warning: {message}; the step was skipped (weights and optimizer unchanged)")
+            return False
+        found = ckpt.latest_checkpoint(self.ckpt_root) if self.is_main else None
+        found = self.world.broadcast(found)
+        if found is None:
+            raise NonFiniteError(f"{message}; no checkpoint to roll back to")
+        position = self.loader.state_dict()
+        self.load(found)
+        self.loader.load_state_dict(position)  # go on with the batches after the bad one
+        self._print(f"warning: {message}; rolled back to {found} (step {self.step}), continuing with new data")
+        return True
+
+    @torch.no_grad()
+    def check_replicas(self) -> None:
+        """Silent-data-corruption check: every data-parallel replica of a weight must be bit-equal.
+        Compares an integer checksum of each rank's local weights over the replicas (dp_replicate
+        ranks for FSDP shards, every dp rank for unsharded weights and the routers' biases);
+        raises ReplicaMismatchError naming the rank(s) that disagree with the majority."""
+        import torch.distributed as dist
+
+        def checksum(tensors) -> int:
+            total = 0
+            for t in tensors:
+                t = t.detach().contiguous()
+                ints = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+                total += int(ints.to(torch.int64).sum())
+            return total
+
+        from torch.distributed.tensor import DTensor
+
+        sharded = [p.to_local() for p in self.pm.parameters() if isinstance(p, DTensor)]
+        replicated = [p for p in self.pm.parameters() if not isinstance(p, DTensor)]
+        replicated += [b for m in self.pm.modules for n, b in m.named_buffers() if "e_score_correction_bias" in n]
+        for what, tensors, dim in (("sharded weights", sharded, "dp_replicate"), ("weights", replicated, "dp")):
+            group = self.mesh[dim]
+            if group.size() == 1 or not tensors:
+                continue
+            sums = [None] * group.size()
+            dist.all_gather_object(sums, checksum(tensors), group=group.get_group())
+            majority = max(set(sums), key=sums.count)
+            bad = [i for i, s in enumerate(sums) if s != majority]
+            if bad:
+                ranks = [dist.get_global_rank(group.get_group(), i) for i in bad]
+                raise ReplicaMismatchError(
+                    f"step {self.step}: the {what} of rank(s) {ranks} differ from their replicas "
+                    f"(checksums {sums}): silent data corruption or a diverged replica"
+                )
+
+    def _fault_hooks(self) -> None:
+        """Test hooks for fault tolerance (see the module docstring)."""
+        rank, last = self.world.rank, self.world.size - 1
+        at = os.environ.get("DSV3_FAULT_AT_STEP")
+        if at is not None and int(at) == self.step and self.world.restart_count == 0:
+            if rank == int(os.environ.get("DSV3_FAULT_RANK", last)):
+                print(f"DSV3_FAULT_AT_STEP={at}: rank {rank} kills itself (test hook)", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        flip = os.environ.get("DSV3_FAULT_BITFLIP_AT_STEP")
+        if flip is not None and int(flip) == self.step and rank == last:
+            with torch.no_grad():
+                p = next(iter(self.pm.parameters()))
+                p = p.to_local() if hasattr(p, "to_local") else p
+                bits = p.view(-1).view(torch.int32)
+                bits[0] ^= 1 << 20
+            print(f"DSV3_FAULT_BITFLIP_AT_STEP={flip}: rank {rank} flipped a weight bit (test hook)", flush=True)
 
     # ----------------------------------------------------------------------------- checkpointing
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, self._write_checkpoint, self.cfg.keep)
+        """Write a checkpoint of this step (collective): rank 0 makes the folder atomically, every
+        rank writes its part of model and optimizer into it (parallel/checkpoint.py)."""
+        from dsv3.parallel import checkpoint as state_io
 
-    def _write_checkpoint(self, folder: Path) -> None:
-        self._write_hf(folder)
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        def write(folder: Path) -> None:  # rank 0, inside the atomic folder writer
+            self.world.broadcast(str(folder))
+            state_io.save(self.pm, self.optimizer, folder, self.model_config)
+            self._write_trainer_files(folder)
+
+        if self.is_main:
+            previous = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.is_dir() else None
+            needed = ckpt.folder_bytes(previous) if previous is not None else None  # about the same again
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, write, self.cfg.checkpoint.keep, needed)
+        else:
+            state_io.save(self.pm, self.optimizer, Path(self.world.broadcast(None)), self.model_config)
+            path = self.ckpt_root / ckpt.step_name(self.step)
+        self.world.barrier()  # the checkpoint is complete and current for everyone
+        self.last_checkpoint = path
+        return path
+
+    def _write_trainer_files(self, folder: Path) -> None:
+        shutil.copyfile(self.tokenizer_path, folder / "tokenizer.json")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(
-            {"step": self.step, "loader": self.loader.state_dict(), "rng": rng}, folder / "trainer_state.pt"
-        )
+        state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng}
+        torch.save(state, folder / "trainer_state.pt")
         (folder / "train_config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
 
-    def _write_hf(self, folder: Path) -> None:
-        from dsv3.hf import write_pretrained
-
-        write_pretrained(self.model, folder)
-        shutil.copyfile(self.tokenizer_path, folder / "tokenizer.json")
-
-    def export_hf(self, folder: Path) -> None:
-        """A Hugging Face-layout folder (config.json, model.safetensors, tokenizer.json)."""
-        ckpt.write_folder_atomically(folder, self._write_hf)
-
     def load(self, folder: Path) -> None:
-        """Restore model, optimizer, loader, step and RNG states from a verified checkpoint."""
-        from dsv3.model.transformer import Transformer
+        """Restore model, optimizer, loader, step and RNG states from a verified checkpoint (collective)."""
+        from dsv3.parallel import checkpoint as state_io
 
-        ckpt.verify_checkpoint(folder)
-        self._warn_config_changes(json.loads((folder / "train_config.json").read_text())["train"])
-        saved = Transformer.from_pretrained(folder)
-        self.model.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device))
-        state = torch.load(folder / "trainer_state.pt")
+        if self.is_main:
+            ckpt.verify_checkpoint(folder)
+            self._warn_config_changes(json.loads((folder / "train_config.json").read_text())["train"])
+        state_io.load(self.pm, self.optimizer, folder)
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        print(f"resumed from {folder} at step {self.step}", flush=True)
+        self.last_checkpoint = folder
+        self._print(f"resumed from {folder} at step {self.step}")
 
     def _warn_config_changes(self, saved: dict[str, Any]) -> None:
-        now = self.cfg.to_dict()
-        changed = sorted(k for k in now if k not in RUN_CONTROL and now[k] != saved.get(k))
-        for key in changed:
-            print(f"warning: {key} changed since the checkpoint ({saved.get(key)!r} -> {now[key]!r}); "
-                  "the resumed run will differ from an uninterrupted one")  # fmt: skip
+        try:
+            before = TrainConfig.from_dict(saved).flat()
+        except ConfigError:
+            print("warning: the checkpoint's train_config.json is from another version; not comparing options")
+            return
+        now = self.cfg.flat()
+        for key in sorted(k for k in now if self.cfg.changes_trajectory(k) and now[k] != before[k]):
+            print(f"warning: {key} changed since the checkpoint ({before[key]!r} -> {now[key]!r}); "
+                  "the resumed run will differ from an uninterrupted one")
+
+    def export_hf(self, folder: Path) -> None:
+        """Gather the full model to rank 0 and write the Hugging Face layout there (collective)."""
+        from dsv3.hf import write_pretrained
+        from dsv3.model.transformer import Transformer
+        from dsv3.parallel.checkpoint import full_state_dict
+
+        state = full_state_dict(self.pm)
+        if self.is_main:
+            model = Transformer(self.model_config) if self.dims.world_size > 1 else self.model
+            if self.dims.world_size > 1:
+                model.load_state_dict(state)
+
+            def write(tmp: Path) -> None:
+                write_pretrained(model, tmp)
+                shutil.copyfile(self.tokenizer_path, tmp / "tokenizer.json")
+
+            ckpt.write_folder_atomically(folder, write)
+        self.world.barrier()
 
 
 def _progress_info(record: dict[str, Any]) -> str:
     parts = [f"loss {record['loss']:.3f}"]
     if "val_loss" in record:
         parts.append(f"val {record['val_loss']:.3f}")
-    parts += [
-        f"lr {record['lr']:.2e}",
-        f"{record['tokens_per_s']:,.0f} tok/s",
-        f"MFU {100 * record['mfu']:.1f}%",
-    ]
+    parts += [f"lr {record['lr']:.2e}", f"{record['tokens_per_s']:,.0f} tok/s", format_mfu(record["mfu"])]
     if "maxvio" in record:
         parts.append(f"MaxVio {record['maxvio']:.2f}")
     return "  ".join(parts)
