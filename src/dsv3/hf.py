@@ -241,7 +241,7 @@ def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     through the index if it lives there)."""
     path = Path(path)
     for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt") as f:
+        with open_safetensors(file) as f:
             keys = set(f.keys())
             for name in sorted(keys):
                 if name.endswith(".weight" + SCALE_SUFFIX):
@@ -260,8 +260,18 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
     file = json.loads(index.read_text())["weight_map"].get(name) if index.is_file() else None
     if file is None:
         raise ConfigError(f"{path}: FP8 tensor {name.removesuffix(SCALE_SUFFIX)} has no {name}")
-    with safe_open(str(path / file), framework="pt") as f:
+    with open_safetensors(path / file) as f:
         return f.get_tensor(name)
+
+
+def open_safetensors(file: Path):
+    """safe_open(file), with a CheckpointError naming the file if it is truncated or not safetensors."""
+    from safetensors import SafetensorError
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}): truncated or corrupt") from None
 
 
 def release_config(config: dict, weights: str) -> dict:

@@ -49,6 +49,24 @@ def test_fp8_linear_matches_bf16_module(fmt) -> None:
     assert sqnr_db(db_ref, db) >= 40  # bias gradient stays high precision
 
 
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_pow2_emulation_runs_in_the_compute_dtype_exactly(compute) -> None:
+    """Power-of-2 scales: the emulated GEMM runs in the run's compute dtype (FP32 where a CPU's BF16
+    GEMM is slow) and equals the per-128-block FP32-accumulating reference in either."""
+    from dsv3.fp8.gemm import gemm_reference
+    from dsv3.fp8.quant import ACT, WEIGHT
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64, bias=False)
+    x = torch.randn(8, 256).to(compute)
+    fp8 = Fp8Linear.from_linear(linear, fmt="pow2")
+    with torch.no_grad():
+        y = fp8(x)
+    assert y.dtype == compute and fp8._wcache.q.values.dtype == compute
+    ref = gemm_reference(quantize(x.float(), ACT, "pow2"), quantize(linear.weight.detach(), WEIGHT, "pow2"))
+    torch.testing.assert_close(y.float(), ref, rtol=2**-8 if compute == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
 def test_fp8_linear_shares_parameters_and_state_dict() -> None:
     linear = nn.Linear(128, 64, bias=False)
     fp8 = Fp8Linear.from_linear(linear)

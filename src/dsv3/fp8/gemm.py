@@ -17,7 +17,9 @@ Backends behind one seam (``BACKENDS``, chosen by device unless named):
   pair applied to every product of a K-block instead of to the block's sum changes nothing
   (multiplying by 2**k is exact). So the fast path dequantizes to BF16 and runs oneDNN's BF16
   GEMM (FP32 accumulation, one rounding to BF16 at the end): bit-faithful to an FP8 GEMM with
-  FP32 accumulation and BF16 output, at BF16 GEMM speed. FP32 scales (the V3 paper's recipe)
+  FP32 accumulation and BF16 output, at BF16 GEMM speed. Where this CPU's BF16 GEMM is slow (no
+  AVX-512 BF16 / AMX: dsv3.device measures it and the run computes in FP32), the same exact
+  values run as an FP32 GEMM instead (`emulation_dtype`). FP32 scales (the V3 paper's recipe)
   cannot be folded into BF16 operands exactly (code * scale needs up to 28 bits), so they run the
   same GEMM in FP32, ~2x slower on this CPU. Either way the output is what the GEMM returns:
   the BF16 path rounds to BF16 even where the hardware would write FP32 (torch's CPU mm has no
@@ -71,13 +73,15 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 
 def gemm_emulate(a: Fp8Tensor, b: Fp8Tensor) -> Tensor:
-    dtype = emulation_dtype(a.fmt, b.fmt)
+    dtype = a.values.dtype if a.values is not None else emulation_dtype(a.fmt, b.fmt)
     return a.dequantize(dtype) @ b.dequantize(dtype).t()
 
 
-def emulation_dtype(*fmts: str) -> torch.dtype:
-    """BF16 holds dequantized E4M3 exactly only with power-of-2 scales; FP32 scales need FP32."""
-    return torch.float32 if "fp32" in fmts else torch.bfloat16
+def emulation_dtype(*fmts: str, compute: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """The dtype the emulated FP8 GEMMs run in. E4M3 values times power-of-2 scales are exact in
+    BF16 and in FP32, so they run in the run's compute dtype, which dsv3.device chose by measuring
+    both (FP32 where this CPU's BF16 GEMM is slow); FP32 scales need FP32."""
+    return torch.float32 if "fp32" in fmts or compute == torch.float32 else torch.bfloat16
 
 
 def gemm_reference(a: Fp8Tensor, b: Fp8Tensor) -> Tensor:

@@ -21,8 +21,9 @@ optimizer state and checkpoints are unchanged), and every ``GroupedExperts`` bec
 
 Recipe and speed. The default scales are powers of two (``fmt="pow2"``; UE8M0, the scale format
 of DeepSeek-V3.1 and of Blackwell's MX GEMMs, stores the same values in a byte): then the
-dequantized operands are exact in BF16 and the CPU emulation is a BF16 GEMM (see gemm.py), and
-one fused pass per operand makes the E4M3 codes, the scales and the BF16 values together.
+dequantized operands are exact in BF16 (and FP32), so the CPU emulation is a GEMM in the run's
+compute dtype, BF16 where this CPU has fast BF16 GEMMs and FP32 elsewhere (see gemm.py), and one
+fused pass per operand makes the E4M3 codes, the scales and the values together.
 ``fmt="fp32"`` is the V3 paper's FP32-scale recipe, emulated exactly with FP32 GEMMs (slower).
 The weight is quantized once per optimizer step: its FP8 copy is cached on the module and
 re-made only when the weight changes (its version counter moves), and Dgrad uses the same
@@ -55,7 +56,7 @@ class _Fp8Matmul(torch.autograd.Function):
         ctx, x: Tensor, weight: Tensor, wq: Fp8Tensor, out_dtype: torch.dtype, backend: str
     ) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            xq = quantize(x, ACT, wq.fmt, values=_values_dtype(backend, wq.fmt))
+            xq = quantize(x, ACT, wq.fmt, values=_values_of(wq))
             ctx.save_for_backward(xq.data, xq.scale)
             ctx.wq, ctx.x_dtype, ctx.weight_dtype, ctx.backend = wq, x.dtype, weight.dtype, backend
             return fp8_gemm(xq, wq, out_dtype, backend)
@@ -64,7 +65,7 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
         x_data, x_scale = ctx.saved_tensors
         wq, backend = ctx.wq, ctx.backend
-        fmt, values = wq.fmt, _values_dtype(backend, wq.fmt)
+        fmt, values = wq.fmt, _values_of(wq)
         with torch.autocast(dy.device.type, enabled=False):
             dx = fp8_gemm(quantize(dy, ACT, fmt, values), wq.t(), ctx.x_dtype, backend)  # [M, N] x [N, K]
             dy_t = quantize(dy, ACT_T, fmt, values).t()  # [N, M], tiles along tokens
@@ -131,7 +132,7 @@ def fp8_linear(
     out_dtype, backend = compute_dtype(x), resolve_backend(x.device, backend)
     if wq is None:
         with torch.no_grad():
-            wq = quantize(weight.detach(), WEIGHT, fmt, _values_dtype(backend, fmt))
+            wq = quantize(weight.detach(), WEIGHT, fmt, _values_dtype(backend, fmt, out_dtype))
     y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, wq, out_dtype, backend)
     y = y.view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias.to(out_dtype)
@@ -157,7 +158,7 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         backend = resolve_backend(x.device, self.backend)
-        wq = self._wcache.get(self.weight, self.fmt, _values_dtype(backend, self.fmt))
+        wq = self._wcache.get(self.weight, self.fmt, _values_dtype(backend, self.fmt, compute_dtype(x)))
         return fp8_linear(x, self.weight, self.bias, backend, self.fmt, wq)
 
 
@@ -187,7 +188,7 @@ class Fp8GroupedExperts(nn.Module):
 
     def forward(self, x: Tensor, offs: Tensor) -> Tensor:
         out_dtype, backend = compute_dtype(x), resolve_backend(x.device, self.backend)
-        values = _values_dtype(backend, self.fmt)
+        values = _values_dtype(backend, self.fmt, out_dtype)
         gu_q = self._caches["gate_up_proj"].get(self.gate_up_proj, self.fmt, values)
         down_q = self._caches["down_proj"].get(self.down_proj, self.fmt, values)
         if backend == "emulate":
@@ -228,9 +229,14 @@ def convert_to_fp8(
     return model
 
 
-def _values_dtype(backend: str, fmt: ScaleFormat) -> torch.dtype | None:
+def _values_dtype(backend: str, fmt: ScaleFormat, compute: torch.dtype) -> torch.dtype | None:
     """The emulation GEMMs run on dequantized values made with the codes; other backends don't."""
-    return emulation_dtype(fmt) if backend == "emulate" else None
+    return emulation_dtype(fmt, compute=compute) if backend == "emulate" else None
+
+
+def _values_of(wq: Fp8Tensor) -> torch.dtype | None:
+    """Activations are dequantized to the dtype of their weight's values (None: no values kept)."""
+    return None if wq.values is None else wq.values.dtype
 
 
 def _expert(wq: Fp8Tensor, e: int) -> Fp8Tensor:

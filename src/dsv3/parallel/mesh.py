@@ -154,7 +154,13 @@ class ParallelDims:
 def build_mesh(dims: ParallelDims, device_type: str = "cpu"):
     """The DeviceMesh over all ranks (process group must be initialized), with flattened views
     "dp_shard" (efsdp x ep) and "dp" (dp_replicate x efsdp x ep)."""
+    import warnings
+
     from torch.distributed.device_mesh import init_device_mesh
+
+    # torch 2.13 announces that slicing flattened dims ("dp", "dp_shard") from the root mesh will
+    # be deprecated; it is still the documented way FSDP2 takes a (replicate, shard) mesh
+    warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh", category=UserWarning)
 
     mesh = init_device_mesh(
         device_type, (dims.pp, dims.dp_replicate, dims.efsdp, dims.ep), mesh_dim_names=MESH_DIMS

@@ -230,10 +230,11 @@ class Trainer:
             parts += self._forward_backward(x, y, lam, scale=1.0 / cfg.data.grad_accum, train=True)
         self.world.all_reduce(parts)  # only the ranks holding the last stage contribute
         loss, mtp_loss, balance_loss = (parts / cfg.data.grad_accum).tolist()
-        grad_norm = self._clip_grad_norm(cfg.optim.grad_clip)
-        bad = self._nonfinite(loss, mtp_loss, balance_loss, grad_norm)
+        grad_norm = self._grad_norm()
+        bad = self._nonfinite(loss, mtp_loss, balance_loss, grad_norm.item())
         lr = self.schedule.lr_at(step)
         if bad is None:
+            self._clip_grads(grad_norm, cfg.optim.grad_clip)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
@@ -243,7 +244,7 @@ class Trainer:
         self.step += 1
         self._fault_hooks()
         record = {"step": self.step, "loss": loss, "mtp_loss": mtp_loss, "balance_loss": balance_loss, "lr": lr,
-                  "grad_norm": grad_norm, "mtp_lambda": lam, "expert_load": loads}
+                  "grad_norm": grad_norm.item(), "mtp_lambda": lam, "expert_load": loads}
         if bad is not None:
             record["nonfinite"] = bad
         return record
@@ -286,23 +287,30 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
-    @torch.no_grad()
-    def _clip_grad_norm(self, max_norm: float) -> float:
-        """torch.nn.utils.clip_grad_norm_ over all ranks' shards: the local norm as torch computes
-        it, squares summed over the world (replicas once), the same clip coefficient. In one process
-        this is clip_grad_norm_ to the bit (a float32 norm squared and rooted in float64 is exact)."""
+    def _local_grads(self) -> list[torch.Tensor]:
+        """This rank's gradient tensors (the local shards of FSDP's DTensors)."""
         from torch.distributed.tensor import DTensor
 
         grads = [p.grad for p in self.pm.parameters() if p.grad is not None]
-        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+    @torch.no_grad()
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, as torch.nn.utils.clip_grad_norm_ computes it on one process:
+        the local norm as torch computes it, squares summed over the world (replicas once). In one
+        process this is clip_grad_norm_'s to the bit (a float32 norm squared and rooted in float64
+        is exact)."""
+        local = self._local_grads()
         norm = torch.nn.utils.get_total_norm(local) if local else torch.zeros(())
         sq = self.world.all_reduce(norm.to(torch.float64).square())
         replicas = self.dims.dp_replicate if self.dims.dp > 1 else self.dims.dp  # FSDP shards, or copies
-        total = (sq / replicas).sqrt().to(norm.dtype)
+        return (sq / replicas).sqrt().to(norm.dtype)
+
+    @torch.no_grad()
+    def _clip_grads(self, total: torch.Tensor, max_norm: float) -> None:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
-        for g in local:
+        for g in self._local_grads():
             g.mul_(coef.to(g.device, g.dtype))
-        return total.item()
 
     @torch.no_grad()
     def _balance_experts(self, gamma: float) -> torch.Tensor:
@@ -494,6 +502,8 @@ class Trainer:
             dist.all_gather_object(sums, checksum(tensors), group=group.get_group())
             majority = max(set(sums), key=sums.count)
             bad = [i for i, s in enumerate(sums) if s != majority]
+            if bad and 2 * sums.count(majority) <= len(sums):  # no majority: every replica is suspect
+                bad = list(range(len(sums)))
             if bad:
                 ranks = [dist.get_global_rank(group.get_group(), i) for i in bad]
                 raise ReplicaMismatchError(
