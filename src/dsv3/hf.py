@@ -342,7 +342,7 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
     """Build a Transformer from a HF-layout folder (ours or transformers'), on `device`."""
     from dsv3.model.transformer import Transformer
 
-    path = Path(path)
+    path = resolve_model_folder(path)  # a run folder means its latest checkpoint
     cfg = ModelConfig.from_hf(path)
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -13,6 +13,10 @@ BPE pieces); they are also passed as stop strings so that a model that starts th
 stops there. Templates are rendered with jinja2 (a dependency of transformers) in a sandbox; without
 jinja2 the default template is rendered by `render_default`, a transcription the tests hold
 equal to the Jinja rendering.
+
+The text of a generation is built here too, in time linear in its length: IncrementalText
+(incremental detokenization, used by the engine), StopStrings (KMP automata for the stop
+strings) and TextDeltas (the pieces of a growing text that are safe to stream).
 """
 
 from __future__ import annotations
@@ -66,8 +70,13 @@ def render_default(
     return "".join(out)
 
 
-def render(template: str, messages: list[dict[str, Any]], bos_token: str, eos_token: str,
-           add_generation_prompt: bool = True) -> str:  # fmt: skip
+def render(
+    template: str,
+    messages: list[dict[str, Any]],
+    bos_token: str,
+    eos_token: str,
+    add_generation_prompt: bool = True,
+) -> str:
     """Render a chat template the way transformers' apply_chat_template does."""
     check_messages(messages)
     try:
@@ -120,15 +129,19 @@ class ChatTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """A completion prompt: <|bos|> + text, as in training."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if self.bos_id is not None else []) + ids
+        return ([self.bos_id] if self.bos_id is not None else []) + self._ids(text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """The conversation rendered with the template, ending in the assistant's turn."""
         text = render(
             self.chat_template, messages, self.bos_token, self.eos_token, add_generation_prompt=True
         )
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self._ids(text)
+
+    def _ids(self, text: str) -> list[int]:
+        # encode_batch releases the GIL while it works (encode does not): a long prompt tokenized
+        # in a worker thread then leaves the server's event loop free
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -153,30 +166,145 @@ def write_tokenizer_config(folder: str | Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+class StopStrings:
+    """Finds stop strings in a text that grows at its end, in time linear in the text.
+
+    Each stop string s has a Knuth-Morris-Pratt automaton whose state, after reading the text, is
+    the length of the longest prefix of s that ends the text; one more character moves it in
+    amortized O(1) (on a mismatch the failure function says how far to fall back). A match is
+    the state reaching len(s), and the largest state is the tail of the text that may still
+    become a stop string, which a stream must hold back (`held`). Reading a piece costs
+    O(len(piece)) per stop string, whatever their lengths, where searching the whole text again
+    after every token would cost O(text x stop) per token."""
+
+    def __init__(self, stops: tuple[str, ...] = ()) -> None:
+        self.stops = tuple(stops)
+        self.failure = [_failure_function(s) for s in self.stops]
+        self.states = [0] * len(self.stops)
+        self.length = 0  # characters read so far
+
+    def feed(self, piece: str) -> int | None:
+        """Read `piece`; returns where (in the text read so far) the earliest-starting stop string
+        completed within `piece` starts, or None."""
+        found = None
+        for i, (stop, failure) in enumerate(zip(self.stops, self.failure)):
+            q = self.states[i]
+            for j, c in enumerate(piece):
+                while q and stop[q] != c:
+                    q = failure[q - 1]
+                if stop[q] == c:
+                    q += 1
+                if q == len(stop):
+                    start = self.length + j + 1 - len(stop)
+                    found = start if found is None else min(found, start)
+                    q = failure[q - 1]
+            self.states[i] = q
+        self.length += len(piece)
+        return found
+
+    @property
+    def held(self) -> int:
+        """The length of the longest tail of the text that is a proper prefix of a stop string."""
+        return max(self.states, default=0)
+
+
+def _failure_function(s: str) -> list[int]:
+    """KMP's failure function: f[i] = the length of the longest proper prefix of s[: i + 1] that
+    is also its suffix."""
+    f = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f
+
+
+class IncrementalText:
+    """A generation's text, built as its tokens arrive in time linear in the text (the
+    incremental detokenization of vLLM and of transformers' TextStreamer), with its stop strings.
+
+    Decoding the whole output again after every token would cost O(n) per token. Instead each
+    new token is decoded together with the tokens since the last point where the text was
+    settled, plus the window before them as context (so that decoders that treat a leading space
+    specially, like Metaspace, see the same neighbours): decode(ids[prefix:]) minus the
+    characters of decode(ids[prefix:read]) is the text of ids[read:]. While that text ends in
+    U+FFFD (an incomplete UTF-8 character: byte-level BPE splits characters across tokens) only
+    what precedes it is settled; once it no longer does, the window moves on. For byte-level
+    BPE the settled text is then exactly decode(ids) without its incomplete tail, and `finish`
+    makes it exactly decode(ids). A run of more than MAX_PENDING tokens that all end in U+FFFD
+    (no UTF-8 character spans more than 4 bytes) is settled as it is, so that a model emitting
+    invalid bytes forever still costs linear time.
+
+    `add` returns where a stop string starts when the new token completed one (StopStrings over
+    the settled text); `visible` is the text without the tail that may still become one."""
+
+    MAX_PENDING = 16
+
+    def __init__(self, decode, stop: tuple[str, ...] = ()) -> None:
+        self.decode, self.stops = decode, StopStrings(stop)
+        self.text = ""  # settled text
+        self.prefix = self.read = 0  # ids[:read] are settled; ids[prefix:read] is the context window
+        self.prefix_chars = 0  # len(decode(ids[prefix:read]))
+        self.shown = 0  # characters of the text of ids[read:] already settled
+        self.final = False
+
+    def _pending(self, ids: list[int]) -> str:
+        """The text of ids[read:], decoded in its context window."""
+        return self.decode(ids[self.prefix :])[self.prefix_chars :]
+
+    def add(self, ids: list[int]) -> int | None:
+        """ids: the output so far, its last token new. Returns where in `text` a stop string
+        starts if this token completed one, else None."""
+        pending = self._pending(ids)
+        if pending.endswith("\ufffd") and len(ids) - self.read < self.MAX_PENDING:
+            piece = pending.rstrip("\ufffd")[self.shown :]
+            self.shown += len(piece)
+        else:
+            piece = pending[self.shown :]
+            self.prefix, self.read, self.shown = self.read, len(ids), 0
+            self.prefix_chars = len(self.decode(ids[self.prefix : self.read]))
+        self.text += piece
+        return self.stops.feed(piece)
+
+    def cut(self, at: int) -> None:
+        """The generation stopped at a stop string starting at text[at]: the text ends before it."""
+        self.text, self.final = self.text[:at], True
+
+    def finish(self, ids: list[int]) -> None:
+        """The generation ended (eos, stop token, length): its text is all of decode(ids)."""
+        if not self.final:
+            self.text += self._pending(ids)[self.shown :]
+            self.final = True
+
+    @property
+    def visible(self) -> str:
+        """The text that can be shown while generating: it only ever grows."""
+        return self.text[: len(self.text) - self.stops.held]
+
+
 class TextDeltas:
     """Stream a generation's text in pieces that are never taken back. The engine's text so far
     may end in an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) or
     in the first characters of a stop string (cut from the final text if the rest follows);
-    both are held back until the next update settles them."""
+    both are held back until the next update settles them. Each update reads only the new
+    characters (StopStrings), so a stream costs time linear in its text."""
 
     def __init__(self, stop: tuple[str, ...] = ()) -> None:
-        self.stop, self.sent = stop, 0
+        self.stops, self.sent = StopStrings(stop), 0
 
     def update(self, text: str | None, finished: bool) -> str:
         """The new piece of `text` (the engine's decoded output so far) that is safe to show."""
         text = text or ""
         end = len(text)
         if not finished:
-            end = len(text.rstrip("\ufffd"))
-            end -= max(  # the longest tail of text[:end] that begins a stop string
-                (
-                    k
-                    for s in self.stop
-                    for k in range(1, min(len(s) - 1, end) + 1)
-                    if text[end - k : end] == s[:k]
-                ),
-                default=0,
-            )
+            while end > self.stops.length and text[end - 1] == "\ufffd":
+                end -= 1
+            if end > self.stops.length:
+                self.stops.feed(text[self.stops.length : end])
+            end = min(end, self.stops.length - self.stops.held)
         delta = text[self.sent : max(end, self.sent)]
         self.sent += len(delta)
         return delta

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv3.infer.cache import PagedLatentCache
+from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams
 from dsv3.infer.speculative import mtp_logits, verify
 from dsv3.model.attention import MLA
@@ -68,7 +69,7 @@ class _Request:
     seen: torch.Tensor | None = None  # [V] bool, for the repetition penalty
     draft: int | None = None  # MTP draft for the token after the pending one
     draft_q: torch.Tensor | None = None  # [V] its distribution (sampled requests)
-    text: str | None = None
+    text: IncrementalText | None = None  # with Engine(decode=...), once a token is out
     finish_reason: str | None = None
 
     @property
@@ -349,7 +350,9 @@ class Engine:
         self._counters["preemptions"] += 1
 
     def _emit(self, req: _Request, tokens: list[int]) -> RequestOutput:
-        """Append sampled tokens one by one, stopping at eos / stop token / stop string / length."""
+        """Append sampled tokens one by one, stopping at eos / stop token / stop string / length.
+        The text grows by IncrementalText: each token is decoded in a short window and read once
+        by the stop strings' automata, so a generation's text costs time linear in its length."""
         p, new = req.params, []
         for t in tokens:
             self._counters["generation_tokens_total"] += 1
@@ -360,32 +363,30 @@ class Engine:
             if req.seen is not None:
                 req.seen[t] = True
             if self.decode is not None:
-                text = self.decode(req.output)
-                cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-                if cut >= 0:  # the token completing a stop string is dropped, the text cut before it
+                req.text = req.text or IncrementalText(self.decode, p.stop)
+                cut = req.text.add(req.output)
+                if cut is not None:  # the token completing a stop string is dropped, the text cut before it
                     req.output.pop()
-                    req.text = text[:cut]
+                    req.text.cut(cut)
                     req.finish_reason = "stop"
                     break
-                req.text = text
             new.append(t)
             if len(req.output) >= p.max_tokens:
                 req.finish_reason = "length"
                 break
         if req.finish_reason is not None:
+            if req.text is not None:
+                req.text.finish(req.output)
             self._finish(req)
         return self._output(req, new)
 
     @staticmethod
     def _visible_text(req: _Request) -> str | None:
-        """The text to report: while running, without a tail that may still turn into a stop
-        string or is an incomplete character, so that reported text only ever grows."""
-        text = req.text
-        if text is None or req.finish_reason is not None:
-            return text
-        hold = max((k for s in req.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        text = text[: len(text) - hold]
-        return text.rstrip("\ufffd")
+        """The text to report: all of it once finished; while running, without a tail that may
+        still turn into a stop string or is an incomplete character, so that it only ever grows."""
+        if req.text is None:
+            return None
+        return req.text.text if req.finish_reason is not None else req.text.visible
 
     def _finish(self, req: _Request) -> None:
         self.cache.release(req.id)

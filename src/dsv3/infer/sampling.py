@@ -10,6 +10,12 @@ and `probs` returns the resulting distribution; a greedy row (temperature 0) is 
 argmax, so greedy decoding and speculative acceptance go through the same code. A token is drawn
 by inverse CDF from one uniform per row, taken from that request's own torch.Generator: the
 same seed gives the same tokens whatever else is in the batch. Greedy rows draw nothing.
+
+Ranges. `validate` holds every parameter to the range this code can compute with: integers that
+become int64 tensors (top_k, stop_token_ids) or seed a generator fit in int64; floats are finite;
+a temperature below GREEDY_BELOW is greedy (as in vLLM; dividing the logits by a temperature
+near 0 overflows float32 and the distribution turns to NaN); the repetition penalty,
+which divides or multiplies logits, lies in [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY].
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
+INT64_MAX = 2**63 - 1
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-6, 1e6
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (below GREEDY_BELOW) = greedy
     top_p: float = 1.0  # 1.0 = off
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
@@ -52,11 +62,16 @@ class SamplingParams:
             "must be a number >= 0 (0 = greedy)",
         )
         need(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number in (0, 1] (1 = off)")
-        need(is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 = off)")
         need(
-            is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+            is_int(self.top_k) and 0 <= self.top_k <= INT64_MAX,
+            "top_k",
+            f"must be an integer in [0, {INT64_MAX}] (0 = off)",
+        )
+        need(
+            is_num(self.repetition_penalty)
+            and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
             "repetition_penalty",
-            "must be a number > 0 (1 = off)",
+            f"must be a number in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 = off)",
         )
         need(
             isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
@@ -65,16 +80,20 @@ class SamplingParams:
         )
         need(
             isinstance(self.stop_token_ids, (tuple, list))
-            and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+            and all(is_int(t) and 0 <= t <= INT64_MAX for t in self.stop_token_ids),
             "stop_token_ids",
-            "must be a list of integers >= 0",
+            f"must be a list of integers in [0, {INT64_MAX}]",
         )
         need(isinstance(self.ignore_eos, bool), "ignore_eos", "must be true or false")
-        need(self.seed is None or is_int(self.seed), "seed", "must be an integer or None")
+        need(
+            self.seed is None or (is_int(self.seed) and 0 <= self.seed <= INT64_MAX),
+            "seed",
+            f"must be an integer in [0, {INT64_MAX}] or None",
+        )
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -112,12 +131,17 @@ class SamplingBatch:
     seen: per row a bool [V] mask of the tokens seen so far (prompt and output), or None for a
     row without repetition penalty."""
 
-    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator],
-                 seen: list[torch.Tensor | None], device):  # fmt: skip
+    def __init__(
+        self,
+        params: list[SamplingParams],
+        generators: list[torch.Generator],
+        seen: list[torch.Tensor | None],
+        device,
+    ):
         self.params, self.generators, self.device = params, generators, device
         self.greedy = torch.tensor([p.greedy for p in params], device=device)
         self.all_greedy = bool(self.greedy.all())
-        self.temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        self.temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
         self.top_k = torch.tensor([p.top_k for p in params], device=device)
         self.top_p = torch.tensor([float(p.top_p) for p in params], device=device)
         self.penalty = torch.tensor([float(p.repetition_penalty) for p in params], device=device)
@@ -159,8 +183,8 @@ def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator
 ) -> torch.Tensor:
     """logits [B, V] -> token ids [B] with one set of parameters for the batch (the simple
-    sampler of `dsv3.infer.generate`). temperature 0 is greedy."""
-    if temperature == 0:
+    sampler of `dsv3.infer.generate`). A temperature below GREEDY_BELOW is greedy."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     B = logits.shape[0]
     probs = filtered_probs(

@@ -88,8 +88,10 @@ class MLA(nn.Module):
         layer_idx: int = 0,
         start_pos: int | torch.Tensor = 0,
         absorb: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T, hidden]; cos/sin [T, d_rope/2] for positions start_pos..start_pos+T-1.
+        """x [B, T, hidden]; cos/sin [T, d_rope/2] for positions start_pos..start_pos+T-1; mask: an
+        explicit attention mask [B, 1, T, S] (packed documents) instead of the causal one.
 
         Without a cache, causal attention over the T tokens. With a cache (an `AttentionCache`,
         e.g. `dsv3.infer.cache.LatentCache`), the new latents are written at start_pos and the
@@ -114,10 +116,10 @@ class MLA(nn.Module):
         if absorb:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos)
         else:
-            out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos)
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos, mask)
         return self.o_proj(out.reshape(B, T, H * self.v_head_dim))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, start_pos) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, start_pos, mask=None) -> torch.Tensor:
         """Per-head K/V from the latent, then SDPA. Returns [B, T, H, dv]."""
         B, T, H, _ = q_nope.shape
         S = c_kv.shape[1]
@@ -125,7 +127,8 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # [B, T, H, dqk]
         k = torch.cat((k_nope, k_pe[:, :, None].expand(B, S, H, self.qk_rope_head_dim)), dim=-1)
-        mask = None if S == T and isinstance(start_pos, int) else _causal_mask(T, S, start_pos, q.device)
+        if mask is None and not (S == T and isinstance(start_pos, int)):
+            mask = _causal_mask(T, S, start_pos, q.device)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,

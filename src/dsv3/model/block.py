@@ -30,9 +30,11 @@ class Block(nn.Module):
         cache: AttentionCache | None = None,
         start_pos: int | torch.Tensor = 0,
         absorb: bool = False,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, T, H] -> (x [B, T, H], balance loss of this layer or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx, start_pos, absorb)
+        """x [B, T, H] -> (x [B, T, H], balance loss of this layer or None). mask: an attention
+        mask [B, 1, T, T] for packed documents (default: causal)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx, start_pos, absorb, mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h, with_aux)

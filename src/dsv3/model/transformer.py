@@ -10,6 +10,9 @@ full logits are not materialized; pass `return_logits=True` to get them as well.
 -100 marks a position without a target (padding, or the first token of the next packed
 document). The MTP module of depth k predicts labels[:, t + k] from position t and skips
 positions whose chain t..t+k crosses a -100, so MTP never predicts across a document boundary.
+`segments` [B, T] (optional) numbers the packed documents of each row: a token then attends only
+to earlier tokens of its own document, and RoPE positions restart at each document's first token,
+so packed conversations are trained exactly as if each were alone.
 
 The three losses come back separately so the trainer can weigh them:
     total = loss + lambda * mtp_loss + balance_loss    (balance_loss already carries alpha).
@@ -173,6 +176,7 @@ class Transformer(nn.Module):
         absorb: bool | None = None,
         return_logits: bool = False,
         logits_to_keep: int = 0,
+        segments: torch.Tensor | None = None,
     ):
         """input_ids [B, T]. With a cache, the tokens sit at positions start_pos.. and attend to
         the cached ones; `absorb` picks the attention path (default: absorbed when decoding
@@ -194,29 +198,45 @@ class Transformer(nn.Module):
         T = h.shape[1]
         if absorb is None:
             absorb = cache is not None and (isinstance(start_pos, torch.Tensor) or start_pos > 0)
-        cos, sin = self.rope(start_pos, T)
+        if segments is not None and cache is not None:
+            raise ValueError("segments (packed documents) are for training without a cache")
+        cos, sin, mask = self.positions(T, start_pos, segments)
         with_aux = labels is not None or self.is_pipeline_stage
         for block in self.layers.values():
-            h, aux = block(h, cos, sin, with_aux, cache, start_pos, absorb)
+            h, aux = block(h, cos, sin, with_aux, cache, start_pos, absorb, mask)
             balance = _add(balance, aux)
         if self.is_pipeline_stage:
             return h, emb, balance
         if labels is None:
             kept = h[:, -logits_to_keep:] if logits_to_keep else h
             return TransformerOutput(logits=self.lm_head(self.norm(kept)), hidden=h)  # [B, T, V]
-        loss, mtp_loss, balance = self.losses(h, emb, balance, labels)
+        loss, mtp_loss, balance = self.losses(h, emb, balance, labels, segments)
         logits = self.lm_head(self.norm(h)) if return_logits else None
         return TransformerOutput(logits, loss, mtp_loss, balance, h)
 
-    def losses(self, h, emb, balance, labels) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def positions(self, T: int, start_pos: int | torch.Tensor = 0, segments: torch.Tensor | None = None):
+        """(cos, sin, attention mask or None) for T tokens from start_pos, or for packed documents:
+        with segments [B, T], positions restart at each document ([B, T, d_rope/2] cos/sin) and the
+        mask [B, 1, T, T] keeps attention causal and inside each document."""
+        if segments is None:
+            return (*self.rope(start_pos, T), None)
+        index = torch.arange(T, device=segments.device).expand_as(segments)  # [B, T]
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        first = torch.where(starts, index, 0).cummax(dim=1).values  # each token's document start
+        cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_attn_factor, index - first)
+        same = segments[:, None, :, None] == segments[:, None, None, :]  # [B, 1, T, T]
+        return cos, sin, same & torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+
+    def losses(self, h, emb, balance, labels, segments=None):
         """The end of the forward with labels: (next-token CE, mean MTP CE or None, balance loss incl.
         the MTP blocks') from the last block's output h [B, T, H] and the embedding output emb."""
-        cos, sin = self.rope(0, h.shape[1])
+        cos, sin, mask = self.positions(h.shape[1], 0, segments)
         loss = linear_cross_entropy(self.norm(h), self.lm_head.weight, labels)
-        mtp_loss, mtp_balance = self._mtp_loss(h, emb, labels, cos, sin)
+        mtp_loss, mtp_balance = self._mtp_loss(h, emb, labels, cos, sin, mask)
         return loss, mtp_loss, _add(balance, mtp_balance)
 
-    def _mtp_loss(self, h, emb, labels, cos, sin):
+    def _mtp_loss(self, h, emb, labels, cos, sin, mask=None):
         """Mean over depths of the MTP cross entropies, and the MTP blocks' balance loss."""
         if not self.mtp:
             return None, None
@@ -227,7 +247,8 @@ class Transformer(nn.Module):
             if T <= k:
                 break
             chain_ok = chain_ok[:, :-1] & (labels[:, k:] != IGNORE_INDEX)  # [B, T-k]
-            h, aux = module(h[:, :-1], emb[:, k:], cos[k:], sin[k:], with_aux=True)  # [B, T-k, H]
+            h, aux = module(h[:, :-1], emb[:, k:], cos[..., k:, :], sin[..., k:, :], with_aux=True,
+                            mask=None if mask is None else mask[..., : T - k, : T - k])  # [B, T-k, H]
             balance = _add(balance, aux)
             targets = labels[:, k:].masked_fill(~chain_ok, IGNORE_INDEX)
             losses.append(linear_cross_entropy(module.shared_head.norm(h), self.lm_head.weight, targets))

@@ -79,7 +79,11 @@ def reference_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     from dsv3.model.transformer import Transformer
 
     torch.manual_seed(seed)
-    model = Transformer(cfg)
+    return weights_of(Transformer(cfg))
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of a whole model by name: what `parallelize` fills a rank's part from."""
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 

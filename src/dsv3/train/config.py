@@ -62,15 +62,46 @@ class ModelSection:
         help='JSON object of ModelConfig fields to override, e.g. \'{"num_hidden_layers": 2}\'',
         alias="model_overrides", factory=dict,
     )
+    init_from: str | None = option(None, "start from the weights, config and tokenizer of a dsv3 run or "
+                                   "checkpoint, a Hugging Face DeepSeek-V2/V3 folder or DeepSeek's FP8 release "
+                                   "(the optimizer starts fresh; overrides may not change any weight's shape)")
 
     def build(self) -> ModelConfig:
         """The ModelConfig this section describes (ConfigError on a bad preset, file or override)."""
         if not isinstance(self.overrides, dict):
             raise ConfigError(f"model.overrides={self.overrides!r}: must be a JSON object of ModelConfig fields")
+        if self.init_from is not None:
+            return self._over_checkpoint()
         if self.config_file is not None:
             base = ModelConfig.from_hf(self.config_file).to_dict()
             return ModelConfig.from_dict({**base, **self.overrides})
         return ModelConfig.from_preset(self.preset, **self.overrides)
+
+    def init_folder(self) -> Path:
+        """The HF-layout folder that init_from designates (a run folder's latest checkpoint, ...)."""
+        from dsv3.hf import resolve_model_folder
+
+        return resolve_model_folder(self.init_from)
+
+    def _over_checkpoint(self) -> ModelConfig:
+        """The checkpoint's config with the overrides that leave every weight's shape as it is."""
+        import torch
+
+        from dsv3.model.transformer import Transformer
+
+        source = ModelConfig.from_hf(self.init_folder())
+        cfg = ModelConfig.from_dict({**source.to_dict(), **self.overrides})
+        with torch.device("meta"):
+            before, after = Transformer(source).state_dict(), Transformer(cfg).state_dict()
+        changed = sorted(k for k in before.keys() | after.keys()
+                         if k not in before or k not in after or before[k].shape != after[k].shape)
+        if changed:
+            raise ConfigError(
+                f"model.overrides={self.overrides}: with --init-from only options that keep every weight's "
+                f"shape may change (e.g. aux_loss_alpha, rope_scaling, max_position_embeddings, "
+                f"routed_scaling_factor); these change {len(changed)} tensors, e.g. {changed[:3]}"
+            )
+        return cfg
 
 
 @dataclass

@@ -173,6 +173,8 @@ class Trainer:
             return Path(self.cfg.data.tokenizer)
         if self.resume_from is not None:
             return self.resume_from / "tokenizer.json"
+        if self.cfg.model.init_from is not None:
+            return self.cfg.model.init_folder() / "tokenizer.json"
         return cached_tokenizer(corpus, self.model_config.vocab_size, Path(self.cfg.data.cache_dir))
 
     def _build_data(self, corpus: Corpus) -> None:
@@ -185,14 +187,19 @@ class Trainer:
 
     def _build_model(self) -> None:
         from dsv3.model.transformer import Transformer
-        from dsv3.parallel.parallelize import parallelize, reference_weights
+        from dsv3.parallel.parallelize import parallelize, reference_weights, weights_of
 
         cfg, dims = self.cfg, self.dims
         with torch.device("meta"):
             self.model_shape = Transformer(self.model_config)  # the full structure, for FLOP counts
             structure = Transformer(self.model_config)  # this rank's part, parallelized in place
+        if cfg.model.init_from is not None:  # the source model's weights (dequantized if FP8)
+            init = weights_of(Transformer.from_pretrained(cfg.model.init_folder()))
+            self._print(f"initialized from {cfg.model.init_folder()}")
+        else:
+            init = reference_weights(self.model_config, cfg.run.seed)
         self.pm = parallelize(
-            structure, dims, self.mesh, device=self.device, init=reference_weights(self.model_config, cfg.run.seed),
+            structure, dims, self.mesh, device=self.device, init=init,
             param_dtype=self.dtype, activation_checkpoint=cfg.parallel.activation_checkpoint,
             compile=cfg.run.compile, fp8=cfg.run.fp8_scales if cfg.run.fp8 else None,
             fp8_dispatch=cfg.parallel.fp8_dispatch,
