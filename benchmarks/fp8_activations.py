@@ -25,7 +25,8 @@ def trained_model(checkpoint: Path | None, batches: int, steps_if_missing: int =
     from dsv3.model.transformer import Transformer
     from dsv3.tokenizer import load_tokenizer
     from dsv3.train.config import TrainConfig
-    from dsv3.train.data import Corpus, PackedTokens, build_token_cache, validation_batches
+    from dsv3.train.data import Corpus, build_token_cache
+    from dsv3.train.packing import PackedTokens, validation_batches
     from dsv3.train.trainer import Trainer
 
     if checkpoint is None or not checkpoint.exists():
@@ -44,7 +45,7 @@ def trained_model(checkpoint: Path | None, batches: int, steps_if_missing: int =
     d = cfg.data
     cache = build_token_cache(Corpus(d.sources, None), tok, d.val_fraction, Path(d.cache_dir))
     val = PackedTokens(cache.tokens("val"), d.seq_len, tok.eos_id, "validation")
-    return model, list(validation_batches(val, d.batch_size, batches))
+    return model, [(b.input_ids, b.labels) for b in validation_batches(val, d.batch_size, batches)]
 
 
 @torch.no_grad()

@@ -100,7 +100,8 @@ def bench_preset(preset: str, batch: int, seq: int, steps: int, warmup: int, pea
     first_loss: dict[str, float] = {}
     for i in range(warmup + steps):
         state = trainer.loader.state_dict()  # read the batch the trainer is about to take, then rewind
-        x, y = (t.to(device) for t in trainer.loader.next_batch())
+        batch = trainer.loader.next_batch().to(device)
+        x, y = batch.input_ids, batch.labels
         trainer.loader.load_state_dict(state)
         sync()
         t0 = time.perf_counter()

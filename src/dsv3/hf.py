@@ -24,7 +24,9 @@ scale = amax/448 of the block (edge blocks zero-padded, which leaves the amax un
 real weight is block * scale. Everything else is BF16 (embeddings, lm_head, norms, the router's
 gate.weight, the MTP eh_proj) except the router's e_score_correction_bias (FP32); config.json
 carries FP8_QUANTIZATION_CONFIG. Writing reuses the 128x128 quantizer of dsv3.fp8.quant; loading
-dequantizes on the CPU, no GPU or Triton needed (the official converter needs a GPU).
+dequantizes on the CPU, no GPU or Triton needed (the official converter needs a GPU). For
+inference, `load_pretrained(weights="fp8")` instead streams the codes and scales as stored into
+FP8-resident modules (dsv3.fp8.resident) that dequantize per GEMM.
 """
 
 from __future__ import annotations
@@ -237,8 +239,15 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (HF name, tensor) from a checkpoint folder, one shard open at a time. An FP8
-    weight is dequantized to float32 with its `weight_scale_inv` (looked up in another shard
-    through the index if it lives there)."""
+    weight is dequantized to float32 with its `weight_scale_inv`."""
+    for name, t, scale in iter_checkpoint_blocks(path):
+        yield name, t if scale is None else dequantize_fp8_block(t, scale)
+
+
+def iter_checkpoint_blocks(path: str | Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Stream (HF name, tensor, its weight_scale_inv or None) from a checkpoint folder, one shard
+    open at a time: FP8 weights as stored, with their block scales (looked up in another shard
+    through the index if they live there)."""
     path = Path(path)
     for file in checkpoint_files(path):
         with open_safetensors(file) as f:
@@ -247,11 +256,21 @@ def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 if name.endswith(".weight" + SCALE_SUFFIX):
                     continue
                 t = f.get_tensor(name)
+                scale = None
                 if t.dtype in FP8_DTYPES:
                     sname = name + SCALE_SUFFIX
                     scale = f.get_tensor(sname) if sname in keys else read_tensor(path, sname)
-                    t = dequantize_fp8_block(t, scale)
-                yield name, t
+                yield name, t, scale
+
+
+def checkpoint_dtypes(path: str | Path) -> dict[str, str]:
+    """HF name -> safetensors dtype ("BF16", "F8_E4M3", ...) of every tensor, from the shards'
+    headers only."""
+    dtypes = {}
+    for file in checkpoint_files(Path(path)):
+        with open_safetensors(file) as f:
+            dtypes.update((name, f.get_slice(name).get_dtype()) for name in f.keys())
+    return dtypes
 
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:
@@ -338,20 +357,47 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict
     return shards
 
 
-def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
-    """Build a Transformer from a HF-layout folder (ours or transformers'), on `device`."""
+def load_pretrained(
+    path: str | Path,
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    weights: str | None = None,
+    scale_format: str = "pow2",
+):
+    """Build a Transformer from a HF-layout folder (ours or transformers'), on `device`.
+
+    weights=None dequantizes FP8 weights at load. For inference, "fp8" keeps them FP8-resident
+    (`load_fp8_resident`, quantizing at load with `scale_format` what is not FP8), "auto" does
+    so when the checkpoint holds FP8 data, "bf16"/"fp32" dequantize to that dtype
+    (`resolve_weights`)."""
     from dsv3.model.transformer import Transformer
 
     path = resolve_model_folder(path)  # a run folder means its latest checkpoint
+    if weights is not None:
+        from dsv3.fp8.resident import check_scale_format
+
+        check_scale_format(scale_format)
+        resident, dtype = resolve_weights(path, weights, dtype)
+        if resident:
+            return load_fp8_resident(path, device, dtype, scale_format)
     cfg = ModelConfig.from_hf(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
     model.init_weights()
     state = from_hf_tensors(cfg, iter_checkpoint(path))
-    expected = set(model.state_dict())
-    unexpected = sorted(set(state) - expected)
-    missing = sorted(expected - set(state))
+    check_complete(path, set(model.state_dict()), set(state))
+    model.load_state_dict(state, strict=False)
+    if dtype is not None:
+        model.cast_(dtype)
+    return model
+
+
+def check_complete(path: Path, expected: set[str], loaded: set[str]) -> None:
+    """ConfigError when the checkpoint has tensors the model does not, or lacks some it has; a
+    checkpoint without any MTP weights is fine (the MTP modules keep their fresh initialization)."""
+    unexpected = sorted(loaded - expected)
+    missing = sorted(expected - loaded)
     if unexpected:
         raise ConfigError(f"{path}: checkpoint has tensors the config does not describe: {unexpected[:5]}")
     mtp_missing = [k for k in missing if k.startswith("mtp.")]
@@ -360,7 +406,131 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
         missing = [k for k in missing if not k.startswith("mtp.")]
     if missing:
         raise ConfigError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
-    model.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------- FP8-resident loading
+WEIGHT_MODES = ("auto", "fp8", "bf16", "fp32")
+_WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_weights(
+    path: str | Path, weights: str, dtype: torch.dtype | None
+) -> tuple[bool, torch.dtype | None]:
+    """(keep FP8-resident?, dtype of everything else) for a weights mode: "fp8" resident; "auto"
+    resident when the checkpoint holds FP8 data, else `dtype`; "bf16"/"fp32" dequantized to that
+    dtype (another `dtype` alongside is an error)."""
+    if weights not in WEIGHT_MODES:
+        raise ConfigError(f"weights={weights!r}: must be one of {list(WEIGHT_MODES)}")
+    if weights in _WEIGHT_DTYPES:
+        wanted = _WEIGHT_DTYPES[weights]
+        if dtype is not None and dtype != wanted:
+            raise ConfigError(
+                f"weights={weights!r} and dtype={dtype} disagree: give one of them, or the same dtype"
+            )
+        return False, wanted
+    if weights == "fp8":
+        return True, dtype
+    return any(d.startswith("F8") for d in checkpoint_dtypes(path).values()), dtype
+
+
+def load_fp8_resident(path: str | Path, device="cpu", dtype: torch.dtype | None = None, fmt: str = "pow2"):
+    """A Transformer whose attention and MLP weights stay FP8 (dsv3.fp8.resident), streamed from
+    the checkpoint: FP8 codes and scales are copied as stored, other weights of those modules
+    quantized at load with `fmt` scales (a warning says so), everything else (kv_b_proj too)
+    loaded in `dtype` (default FP32). The model is built on the meta device and filled tensor
+    by tensor, so memory peaks near the FP8 model, never the dequantized one."""
+    from dsv3.fp8.resident import Fp8ResidentExperts, Fp8ResidentLinear, check_scale_format, to_fp8_resident
+    from dsv3.model.transformer import Transformer
+
+    check_scale_format(fmt)
+    path = Path(path)
+    cfg = ModelConfig.from_hf(path)
+    L = cfg.num_hidden_layers
+    has_mtp = any((_dsv3_prefix(k, L) or "").startswith("mtp.") for k in checkpoint_dtypes(path))
+    with torch.device("meta"):
+        model = Transformer(cfg)
     if dtype is not None:
         model.cast_(dtype)
+    to_fp8_resident(model, fmt, keep=() if has_mtp else ("mtp",))  # no MTP weights: fresh, unquantized
+    model.to_empty(device=device)
+    model.init_weights()  # what the checkpoint holds is overwritten below
+    targets = model.state_dict()
+    loaded: set[str] = set()
+    expert_parts: dict[str, set[tuple[int, str]]] = {}
+    quantized = 0
+    with torch.no_grad():
+        for name, t, scale in iter_checkpoint_blocks(path):
+            m = _EXPERT_RE.match(name)
+            if m:
+                base, e, proj = _dsv3_prefix(m.group(1), L), int(m.group(2)), m.group(3)
+                experts = model.get_submodule(base) if f"{base}.down_proj" in targets else None
+                if not isinstance(experts, Fp8ResidentExperts) or e >= experts.n_experts:
+                    loaded.add(f"{base}.{e}.{proj}")  # reported as unexpected
+                    continue
+                quantized += _fill_fp8(*_expert_slots(experts, e, proj), t, scale, fmt, name)
+                expert_parts.setdefault(base, set()).add((e, proj))
+                continue
+            ours = _dsv3_prefix(name, L)
+            if ours is None:
+                continue
+            owner = model.get_submodule(ours.rpartition(".")[0]) if ours in targets else None
+            if isinstance(owner, Fp8ResidentLinear) and ours.endswith(".weight"):
+                quantized += _fill_fp8(owner.weight, owner.weight_scale_inv, t, scale, fmt, name)
+                loaded.add(ours + SCALE_SUFFIX)
+            elif ours in targets:
+                _copy(targets[ours], t if scale is None else dequantize_fp8_block(t, scale), name)
+            loaded.add(ours)
+    projections = ("gate_proj", "up_proj", "down_proj")
+    for base, parts in expert_parts.items():
+        want = {(e, p) for e in range(cfg.n_routed_experts) for p in projections}
+        if parts != want:
+            raise ConfigError(f"{base}: checkpoint lacks expert weights, e.g. {sorted(want - parts)[:3]}")
+        loaded.update(f"{base}.{n}{s}" for n in ("gate_up_proj", "down_proj") for s in ("", SCALE_SUFFIX))
+    if cfg.tie_word_embeddings and "embed_tokens.weight" in loaded:
+        loaded.add("lm_head.weight")
+    check_complete(path, set(targets), loaded)
+    if quantized:
+        log.warning(
+            "%s: %d weights had no FP8 data; quantized them to E4M3 at load (128x128 blocks, %s scales)",
+            path,
+            quantized,
+            fmt,
+        )
     return model
+
+
+def _expert_slots(experts, e: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) views of expert e's `proj` in an Fp8ResidentExperts."""
+    if proj == "down_proj":
+        return experts.down_proj[e], experts.down_proj_scale_inv[e]
+    half = int(proj == "up_proj")  # gate rows first, then up, each with its own block grid
+    rows = slice(half * experts.inter_dim, (half + 1) * experts.inter_dim)
+    return experts.gate_up_proj[e, rows], experts.gate_up_proj_scale_inv[e, half]
+
+
+def _fill_fp8(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    t: torch.Tensor,
+    scale: torch.Tensor | None,
+    fmt: str,
+    name: str,
+) -> bool:
+    """Write a checkpoint weight into FP8 codes [R, C] and scales [ceil(R/128), ceil(C/128)]: E4M3
+    codes and their scales as stored, anything else quantized with `fmt` scales. Returns whether
+    it quantized."""
+    from dsv3.fp8.quant import WEIGHT, quantize
+
+    quantizing = t.dtype != torch.float8_e4m3fn  # high precision, or E5M2 codes
+    if quantizing:
+        q = quantize(t if scale is None else dequantize_fp8_block(t, scale), WEIGHT, fmt)
+        t, scale = q.data, q.scale
+    _copy(codes, t, name)
+    _copy(scales, scale, name + SCALE_SUFFIX)
+    return quantizing
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if dst.shape != src.shape:
+        raise ConfigError(f"{name}: shape {tuple(src.shape)} here, {tuple(dst.shape)} in the config")
+    dst.copy_(src)

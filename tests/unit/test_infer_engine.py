@@ -77,6 +77,18 @@ def test_prefill_and_absorbed_decode_equal_full_recompute(model, penalty):
     assert all(o.finish_reason == "length" and o.finished for o in got)
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_batched_and_chunked_prefill_equal_full_recompute(model, chunk):
+    """Prompts of mixed lengths prefilled together in one padded forward per step, whole or in
+    chunks of 3 tokens that attend to the cached earlier chunks."""
+    prompts = _prompts(1, 9, 4, 21, 13)
+    engine = Engine(model, max_batch_size=5, block_size=4, prefill_chunk=chunk)
+    got = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in got] == [_reference(model, p, 12) for p in prompts]
+    # one prefill forward per step: all five prompts together, then (chunked) 21 // 3 steps
+    assert engine.stats()["forward_passes"] - engine._counters["decode_forward_passes"] == (1 if chunk is None else 7)
+
+
 def test_requests_joining_mid_run_get_the_tokens_they_get_alone(model):
     prompts = _prompts(5, 12, 2, 19)
     sampled = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)

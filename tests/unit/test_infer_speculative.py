@@ -40,6 +40,8 @@ def test_greedy_mtp_output_identical_to_plain_greedy_random_model(vocab_size):
     engine = Engine(model, max_batch_size=3, block_size=4, mtp=True)
     spec = engine.generate(prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    chunked = Engine(model, max_batch_size=3, block_size=4, mtp=True, prefill_chunk=5).generate(prompts, params)
+    assert [o.token_ids for o in chunked] == [o.token_ids for o in plain]  # the MTP layer's cache too
     s = engine.stats()
     assert 0 < s["mtp_accepted"] < s["mtp_drafted"]  # both branches taken
     assert s["tokens_per_forward"] == pytest.approx(1 + s["mtp_acceptance_rate"], abs=0.05)

@@ -51,6 +51,22 @@ def test_grouped_experts_equal_loop_forward_and_backward():
         torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 7, 2, 4], [0, 1, 0, 0, 2, 0, 1, 0]])
+def test_inference_experts_equal_the_loop(counts):
+    """Under no_grad the experts are one torch.library op: grouped GEMMs for many rows, and for
+    fewer rows than experts (decoding) only the chosen experts' GEMMs; both equal the loop."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 32, 16)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 32)
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, offs), experts.forward_reference(x, offs), rtol=1e-5, atol=1e-6)
+        compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")  # one node, no graph break
+        torch.testing.assert_close(compiled(x, offs), experts.forward_reference(x, offs), rtol=1e-5, atol=1e-6)
+
+
 def test_moe_equals_dense_per_token_reference():
     """Dispatch -> grouped experts -> combine equals computing every token's experts directly."""
     cfg = _cfg()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 from train_helpers import micro_config, write_corpus
 
 from dsv3 import hf
@@ -25,7 +24,8 @@ def source(tmp_path_factory):
 
 def first_step_matches_the_source(trainer: Trainer, reference: Transformer) -> None:
     state = trainer.loader.state_dict()
-    x, y = trainer.loader.next_batch()
+    b = trainer.loader.next_batch()
+    x, y = b.input_ids, b.labels
     trainer.loader.load_state_dict(state)
     want = reference(x, labels=y).loss.item()  # with autograd on, as in training (the same fused CE path)
     assert trainer.train_step()["loss"] == want

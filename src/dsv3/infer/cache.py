@@ -7,7 +7,7 @@ Two forms, both `dsv3.model.attention.AttentionCache`s (what MLA's `cache` argum
   * `LatentCache`: contiguous, one [B, max_len, .] buffer per layer, for a batch that starts and
     grows together (`dsv3.infer.generate`, the attention tests).
   * `PagedLatentCache`: the serving form. One pool of fixed-size blocks per layer,
-        kv [layers, num_blocks * block_size, kv_lora_rank],  pe [layers, num_blocks * block_size, d_rope],
+        kv: per layer [num_blocks * block_size, kv_lora_rank],  pe: per layer [num_blocks * block_size, d_rope],
     and a block table per sequence (its list of block ids; token position p lives in slot
     table[p // block_size] * block_size + p % block_size). Sequences of any lengths share the
     pool, take blocks as they grow and give them back when they finish, so memory is bounded by
@@ -91,30 +91,32 @@ class PagedLatentCache:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must both be >= 1")
         L, r, dr = num_layers or cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.num_blocks, self.block_size, self.fp8, self.dtype = num_blocks, block_size, fp8, dtype
-        slots = num_blocks * block_size
+        slots = (num_blocks + 1) * block_size  # + one scratch block that padding tokens write to
+        # one tensor per layer (not one [L, ...] tensor): a compiled decode step then writes each
+        # layer's slots in place instead of copying the whole pool
         if fp8:  # E4M3 codes as uint8 (indexing float8 tensors is not supported everywhere)
-            self.kv = torch.zeros(L, slots, r, dtype=torch.uint8, device=device)
-            self.kv_scale = torch.zeros(L, slots, math.ceil(r / TILE), dtype=torch.float32, device=device)
-            self.pe = torch.zeros(L, slots, dr, dtype=torch.bfloat16, device=device)
+            self.kv = [torch.zeros(slots, r, dtype=torch.uint8, device=device) for _ in range(L)]
+            self.kv_scale = [torch.zeros(slots, math.ceil(r / TILE), device=device) for _ in range(L)]
+            self.pe = [torch.zeros(slots, dr, dtype=torch.bfloat16, device=device) for _ in range(L)]
         else:
-            self.kv = torch.zeros(L, slots, r, dtype=dtype, device=device)
+            self.kv = [torch.zeros(slots, r, dtype=dtype, device=device) for _ in range(L)]
             self.kv_scale = None
-            self.pe = torch.zeros(L, slots, dr, dtype=dtype, device=device)
+            self.pe = [torch.zeros(slots, dr, dtype=dtype, device=device) for _ in range(L)]
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id first
         self.block_tables: dict[Hashable, list[int]] = {}
 
     # ------------------------------------------------------------------ accounting
     def _tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.kv, self.kv_scale, self.pe) if t is not None]
+        return [t for group in (self.kv, self.kv_scale, self.pe) if group is not None for t in group]
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes per token slot, all layers, from the allocated tensors (FP8 scales included)."""
-        return sum(t[:, 0].numel() * t.element_size() for t in self._tensors())
+        return sum(t[0].numel() * t.element_size() for t in self._tensors())
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        return self.num_blocks * self.block_size * self.bytes_per_token  # the scratch block not counted
 
     @property
     def blocks_used(self) -> int:
@@ -150,21 +152,31 @@ class PagedLatentCache:
 
     # ------------------------------------------------------------------ one forward's view
     def view(
-        self, seq_ids: list[Hashable], start_pos: list[int], num_new: int, read: bool = True
+        self,
+        seq_ids: list[Hashable],
+        start_pos: list[int],
+        num_new: int,
+        read: bool = True,
+        lengths: list[int] | None = None,
     ) -> CacheView:
         """The view for a forward over `num_new` new tokens of each sequence, sitting at
-        start_pos[b].. . read=False (a prefill from position 0) attends to the new tokens only."""
-        device = self.kv.device
+        start_pos[b].. . read=False (a prefill from position 0) attends to the new tokens only.
+        lengths[b] <= num_new: how many of row b's tokens are real (a padded batch of prompt
+        chunks); the padding's latents go to a scratch block no sequence owns."""
+        device = self.kv[0].device
         tables = [self.block_tables[s] for s in seq_ids]
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # [B, blocks]
         start = torch.tensor(start_pos, device=device)  # [B]
         bs = self.block_size
         new_pos = start[:, None] + torch.arange(num_new, device=device)  # [B, T]
-        write_idx = (table.gather(1, new_pos // bs) * bs + new_pos % bs).flatten()  # [B*T]
+        write_idx = table.gather(1, (new_pos // bs).clamp(max=width - 1)) * bs + new_pos % bs  # [B, T]
+        if lengths is not None:
+            pad = torch.arange(num_new, device=device) >= torch.tensor(lengths, device=device)[:, None]
+            write_idx = torch.where(pad, self.num_blocks * bs + new_pos % bs, write_idx)
         # reads go by whole blocks (contiguous chunks); positions past a sequence's end are masked
         read_blocks = table[:, : -(-(max(start_pos) + num_new) // bs)] if read else None  # [B, S / bs]
-        return CacheView(self, write_idx, read_blocks, start)
+        return CacheView(self, write_idx.flatten(), read_blocks, start)
 
 
 class CacheView(AttentionCache):
@@ -192,13 +204,13 @@ class CacheView(AttentionCache):
             cache.kv_scale[layer_idx].index_copy_(0, self.write_idx, q.scale)
         else:
             cache.kv[layer_idx].index_copy_(0, self.write_idx, c_kv.reshape(B * T, r).to(cache.dtype))
-        cache.pe[layer_idx].index_copy_(0, self.write_idx, k_pe.reshape(B * T, dr).to(cache.pe.dtype))
+        cache.pe[layer_idx].index_copy_(0, self.write_idx, k_pe.reshape(B * T, dr).to(cache.pe[layer_idx].dtype))
         if self.read_blocks is None:
             return c_kv, k_pe
         S, idx = self.read_blocks.shape[1] * cache.block_size, self.read_blocks.flatten()
 
         def gather(pool: torch.Tensor) -> torch.Tensor:  # [slots, w] -> [B * S, w], block by block
-            return pool.view(cache.num_blocks, cache.block_size, -1).index_select(0, idx).view(B * S, -1)
+            return pool.view(cache.num_blocks + 1, cache.block_size, -1).index_select(0, idx).view(B * S, -1)
 
         kv = gather(cache.kv[layer_idx])
         if cache.fp8:

@@ -36,26 +36,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style (1 = off)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding")
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default=None, help="weights (default: float32)"
-    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    add_engine_arguments(parser)
 
 
-def load(checkpoint: str | Path, tokenizer: str | Path | None = None, dtype: str | None = None,
-         **engine_kwargs):  # fmt: skip
-    """(Engine, ChatTokenizer) for a checkpoint; the tokenizer is checked before the weights load."""
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine options `dsv3 generate` and `dsv3 serve` share."""
+    from dsv3.device import DTYPE_CHOICES
+
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weights and compute: auto (BF16 only where this CPU's BF16 GEMMs are faster, measured "
+                        "once and cached), bfloat16 or float32")
+    parser.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (faster tokens; a minute of compiling at start, cached)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="feed long prompts in chunks of this many tokens, interleaved with decoding")
+
+
+def load(checkpoint: str | Path, tokenizer: str | Path | None = None, dtype: str = "auto", **engine_kwargs):
+    """(Engine, ChatTokenizer) for a checkpoint; the tokenizer is checked before the weights load.
+    dtype "auto" picks the weights' dtype by measuring this machine's GEMMs at decode shapes."""
     from dsv3.config import ModelConfig
+    from dsv3.device import choose_dtype, gemm_shapes
     from dsv3.hf import resolve_model_folder
     from dsv3.infer.chat import ChatTokenizer
     from dsv3.infer.engine import Engine
 
     folder = resolve_model_folder(Path(checkpoint))
-    tok = ChatTokenizer.from_folder(folder, ModelConfig.from_hf(folder).vocab_size, tokenizer)
+    cfg = ModelConfig.from_hf(folder)
+    tok = ChatTokenizer.from_folder(folder, cfg.vocab_size, tokenizer)
+    choice = choose_dtype(dtype, gemm_shapes(cfg, tokens=engine_kwargs.get("max_batch_size", 8)))
+    print(f"dtype: {choice.describe()}", file=sys.stderr, flush=True)
+    if choice.warning():
+        print(f"warning: {choice.warning()}", file=sys.stderr, flush=True)
     engine = Engine.from_pretrained(
-        folder, dtype=dtype, decode=tok.decode, eos_token_id=tok.eos_id, **engine_kwargs
+        folder, dtype=choice.dtype, decode=tok.decode, eos_token_id=tok.eos_id, **engine_kwargs
     )
+    if engine.compiled:
+        print("compiling the decode step ...", file=sys.stderr, flush=True)
+        engine.warmup()
     return engine, tok
 
 
@@ -165,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
     try:
         params.validate()
-        engine, tok = load(args.checkpoint, args.tokenizer, args.dtype, mtp=args.mtp, max_batch_size=1)
+        engine, tok = load(args.checkpoint, args.tokenizer, args.dtype, mtp=args.mtp, max_batch_size=1,
+                           compile=args.compile, prefill_chunk=args.prefill_chunk)
         if args.chat or args.prompt is None:
             chat(engine, tok, params, args.prompt, args.system, sys.stdin, sys.stdout, sys.stderr)
             return 0

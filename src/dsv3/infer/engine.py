@@ -66,6 +66,7 @@ class _Request:
     order: int  # arrival number: preemption takes the latest
     output: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose latents are in the cache; tokens[num_cached] is pending
+    prefill_to: int = 0  # the prompt (or re-prefill after preemption) is in the cache once num_cached is here
     seen: torch.Tensor | None = None  # [V] bool, for the repetition penalty
     draft: int | None = None  # MTP draft for the token after the pending one
     draft_q: torch.Tensor | None = None  # [V] its distribution (sampled requests)
@@ -90,6 +91,8 @@ class Engine:
         mtp: bool = False,
         decode=None,
         eos_token_id: int | None = None,
+        prefill_chunk: int | None = None,
+        compile: bool = False,
     ):
         cfg = model.cfg
         max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
@@ -102,6 +105,8 @@ class Engine:
             "max_seq_len", max_seq_len, f"between 2 and max_position_embeddings={cfg.max_position_embeddings}",
         )  # fmt: skip
         _need(cache_dtype in CACHE_DTYPES, "cache_dtype", cache_dtype, f"one of {CACHE_DTYPES}")
+        _need(prefill_chunk is None or (isinstance(prefill_chunk, int) and prefill_chunk >= 1), "prefill_chunk",
+              prefill_chunk, "an integer >= 1 (or None: whole prompts)")
         if mtp and not len(model.mtp):
             raise ValueError("mtp=True: the model has no MTP module (num_nextn_predict_layers=0)")
         _need(
@@ -123,7 +128,13 @@ class Engine:
             decode,
             eos_token_id,
         )
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.max_batch_size, self.max_seq_len, self.prefill_chunk = max_batch_size, max_seq_len, prefill_chunk
+        # decode runs the same model compiled (dynamic shapes: one graph for every batch and context
+        # size); prefill stays eager (few, large forwards of varying shapes)
+        self.compiled = compile
+        self._decode_forward = torch.compile(model, dynamic=True) if compile else model
+        self._draft_logits = torch.compile(mtp_logits, dynamic=True) if compile else mtp_logits
+        self._warm = False
         emb = model.embed_tokens.weight
         self.device, self.dtype = emb.device, emb.dtype
         cache_torch_dtype = torch.bfloat16 if cache_dtype == "bf16" else self.dtype
@@ -145,15 +156,44 @@ class Engine:
         )  # fmt: skip
 
     @classmethod
-    def from_pretrained(cls, folder, *, dtype=None, device="cpu", **engine_kwargs) -> Engine:
-        """Load a checkpoint folder (ours or HF layout) and serve it; eos defaults to the config's."""
-        from dsv3.model.transformer import Transformer
+    def from_pretrained(
+        cls, folder, *, dtype=None, weights="auto", scale_format="pow2", device="cpu", **engine_kwargs
+    ) -> Engine:
+        """Load a checkpoint folder (ours or HF layout) and serve it; eos defaults to the config's.
+        weights: "auto" keeps an FP8 checkpoint's weights in FP8, dequantized per GEMM
+        (dsv3.fp8.resident), and loads any other in `dtype`; "fp8" keeps them FP8 whatever the
+        checkpoint, quantizing at load with `scale_format` ("pow2" or "fp32") scales what it holds
+        in higher precision; "bf16"/"fp32" dequantize at load to that dtype."""
+        from dsv3.hf import load_pretrained
 
         if isinstance(dtype, str):
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype) or getattr(torch, dtype)
-        model = Transformer.from_pretrained(folder, device=device, dtype=dtype)
+        model = load_pretrained(folder, device, dtype, weights, scale_format)
         engine_kwargs.setdefault("eos_token_id", model.cfg.eos_token_id)
         return cls(model, **engine_kwargs)
+
+    def warmup(self) -> None:
+        """Compile the decode step now (batch 1 and 2, with MTP if on) instead of in the first
+        requests; afterwards compiled calls skip re-checking guards that cannot change."""
+        if not self.compiled or self._warm:
+            return
+        for batch in (1, 2):
+            self.generate([[0, 1]] * batch, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        self._warm = True
+
+    def _fast(self, fn, *args, **kwargs):
+        """Call a compiled step. Guard evaluation costs ~1 ms per call on a CPU: once warmed up,
+        only the guards that pick among its graphs run; a call that needs a new graph (a shape the
+        warm-up did not cover) is compiled with the full guards instead."""
+        if not (self.compiled and self._warm):
+            return fn(*args, **kwargs)
+        try:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return fn(*args, **kwargs)
+        except RuntimeError as e:
+            if "Recompilation triggered" not in str(e):
+                raise
+            return fn(*args, **kwargs)
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -242,7 +282,19 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         outputs, self._outbox = self._outbox, []
-        decoding = list(self.running)
+        decoding = [r for r in self.running if r.num_cached >= r.prefill_to]  # prompts already in the cache
+        self._admit(decoding)
+        prefilling = [r for r in self.running if r.num_cached < r.prefill_to]
+        if prefilling:
+            self._prefill(prefilling, outputs)
+        decoding = self._make_room([r for r in decoding if r.finish_reason is None])
+        if decoding:
+            self._decode(decoding, outputs)
+        return outputs
+
+    def _admit(self, decoding: list[_Request]) -> None:
+        """Move waiting requests into the batch while it has room and the cache has blocks for their
+        whole prompt beyond what the decoding ones need this step (first come, first served)."""
         reserve = sum(self.cache.blocks_needed(r.id, r.num_cached + self.steps_per_decode) for r in decoding)
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
@@ -253,37 +305,48 @@ class Engine:
                 break
             self.waiting.popleft()
             self.cache.ensure(req.id, n + self.steps_per_decode)
+            req.num_cached, req.prefill_to = 0, n
             self.running.append(req)
-            self._prefill(req, n, outputs)
-        decoding = self._make_room([r for r in decoding if r.finish_reason is None])
-        if decoding:
-            self._decode(decoding, outputs)
-        return outputs
 
-    def _prefill(self, req: _Request, n: int, outputs: list[RequestOutput]) -> None:
-        """Feed tokens[:n] from position 0 (naive MLA, attention within the prompt only)."""
-        fresh = not req.output
-        ids = torch.tensor([req.tokens[:n]], device=self.device)
-        view = self.cache.view([req.id], [0], n, read=False)
-        out = self.model(ids, cache=view, start_pos=0, absorb=False, logits_to_keep=1)
+    def _prefill(self, reqs: list[_Request], outputs: list[RequestOutput]) -> None:
+        """One forward over the next prompt chunk of every prefilling request (naive MLA), as a
+        padded batch: row b feeds tokens[num_cached : num_cached + n_b] (n_b <= prefill_chunk) and
+        attends to its cached earlier chunks and causally within the chunk. A request whose prompt
+        is complete samples its first token (a preempted one already has it pending)."""
+        starts = [r.num_cached for r in reqs]
+        ns = [min(r.prefill_to - r.num_cached, self.prefill_chunk or r.prefill_to) for r in reqs]
+        T = max(ns)
+        ids = torch.tensor([r.tokens[s : s + n] + [0] * (T - n) for r, s, n in zip(reqs, starts, ns)],
+                           device=self.device)  # [B, T]
+        view = self.cache.view([r.id for r in reqs], starts, T, read=any(starts), lengths=ns)
+        last = torch.tensor(ns, device=self.device) - 1  # each row's last real position
+        out = self.model(ids, cache=view, start_pos=view.start_pos, absorb=False, logits_to_keep=last)
         self._counters["forward_passes"] += 1
-        req.num_cached = n
-        if fresh:
-            self._counters["prompt_tokens_total"] += n
-            batch = self._sampling([req])
-            token = int(batch.sample(batch.probs(out.logits[:, -1]))[0])
-            outputs.append(self._emit(req, [token]))
-        if self.mtp and req.finish_reason is None:
-            next_ids = torch.tensor([req.tokens[1 : n + 1]], device=self.device)
-            self._draft([req], mtp_logits(self.model, out.hidden, next_ids, view, 0, absorb=False))
+        for r, n in zip(reqs, ns):
+            r.num_cached += n
+            self._counters["prompt_tokens_total"] += 0 if r.output else n
+        done = [i for i, r in enumerate(reqs) if r.num_cached == r.prefill_to and not r.output]
+        if done:
+            batch = self._sampling([reqs[i] for i in done])
+            tokens = batch.sample(batch.probs(out.logits[done, 0])).tolist()
+            for i, t in zip(done, tokens):
+                outputs.append(self._emit(reqs[i], [t]))
+        if self.mtp:  # MTP over the same positions, to fill its cache layer and draft where the prompt ends
+            next_ids = torch.tensor([(r.tokens[s + 1 : s + n + 1] + [0] * T)[:T] for r, s, n in zip(reqs, starts, ns)],
+                                    device=self.device)
+            logits = mtp_logits(self.model, out.hidden, next_ids, view, view.start_pos, False, last)
+            ready = [i for i, r in enumerate(reqs) if r.num_cached == r.prefill_to and r.finish_reason is None]
+            if ready:
+                self._draft([reqs[i] for i in ready], logits[ready])
 
     def _decode(self, reqs: list[_Request], outputs: list[RequestOutput]) -> None:
         """One batched forward: each sequence's pending token (and its draft) at its own position."""
         T = self.steps_per_decode
         view = self.cache.view([r.id for r in reqs], [r.num_cached for r in reqs], T)
         fed = [[r.tokens[-1]] + ([r.draft] if self.mtp else []) for r in reqs]
-        out = self.model(
-            torch.tensor(fed, device=self.device), cache=view, start_pos=view.start_pos, absorb=True
+        out = self._fast(
+            self._decode_forward, torch.tensor(fed, device=self.device), cache=view, start_pos=view.start_pos,
+            absorb=True,
         )
         c = self._counters
         c["forward_passes"] += 1
@@ -301,7 +364,7 @@ class Engine:
         q = torch.stack([
             r.draft_q if r.draft_q is not None else torch.nn.functional.one_hot(draft[i], self.cfg.vocab_size).float()
             for i, r in enumerate(reqs)
-        ])  # fmt: skip
+        ])
         first, bonus, accepted = verify(batch, out.logits, draft, q)
         c["mtp_drafted"] += len(reqs)
         c["mtp_accepted"] += int(accepted.sum())
@@ -312,7 +375,8 @@ class Engine:
         live = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         if live:  # MTP over positions n, n+1 (the second is padding where the draft was rejected)
             next_ids = torch.stack((first, torch.where(accepted, bonus, first)), dim=1)
-            logits = mtp_logits(self.model, out.hidden, next_ids, view, view.start_pos, True, accepted.long())
+            logits = self._fast(self._draft_logits, self.model, out.hidden, next_ids, view, view.start_pos, True,
+                                accepted.long())
             self._draft([reqs[i] for i in live], logits[live])
 
     def _draft(self, reqs: list[_Request], logits: torch.Tensor) -> None:

@@ -43,6 +43,8 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dsv3.infer.cli import add_engine_arguments
+
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or HF folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -78,10 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-blocks", type=int, default=None, help="latent cache blocks (default: a full batch)"
     )
     parser.add_argument("--cache-dtype", choices=("auto", "bf16", "fp8"), default="auto")
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default=None, help="weights (default: float32)"
-    )
-    parser.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding")
+    add_engine_arguments(parser)
 
 
 @dataclass
@@ -208,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
             None,
             args.dtype,
             mtp=args.mtp,
+            compile=args.compile,
+            prefill_chunk=args.prefill_chunk,
             max_batch_size=args.max_batch_size,
             max_seq_len=args.max_seq_len,
             num_blocks=args.num_blocks,

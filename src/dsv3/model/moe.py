@@ -121,10 +121,12 @@ class GroupedExperts(nn.Module):
         dtype = compute_dtype(x)
         if dtype not in GROUPED_MM_DTYPES:  # e.g. float64 for exactness tests
             return self.forward_reference(x, offs)
-        x = x.to(dtype)
-        gate_up = _grouped_mm(x, self.gate_up_proj.to(dtype).transpose(-2, -1), offs)  # [M, 2I]
+        x, gate_up_proj, down_proj = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        if not torch.is_grad_enabled():  # inference: one opaque op, no graph break in a compiled step
+            return expert_mlp(x, gate_up_proj, down_proj, offs)
+        gate_up = _grouped_mm(x, gate_up_proj.transpose(-2, -1), offs)  # [M, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        return _grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs)  # [M, H]
+        return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs)  # [M, H]
 
     def forward_reference(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Plain loop over experts, one F.linear each: the reference for `forward`."""
@@ -144,6 +146,30 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     """F.grouped_mm, run eagerly under torch.compile: its meta function (torch 2.13) accepts
     only BF16, and on CPU the kernel is a loop of aten::mm that compiling cannot improve."""
     return F.grouped_mm(a, b, offs=offs)
+
+
+@torch.library.custom_op("dsv3::expert_mlp", mutates_args=())
+def expert_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Inference: every expert's SwiGLU on its rows of x [M, H] (sorted by expert, offs [E]). With
+    fewer rows than experts (decoding) only the chosen experts run, one GEMM pair each on views of
+    their weights (llama.cpp's mul_mat_id: nothing else is read); otherwise two grouped GEMMs. A
+    torch.library op: torch.compile calls it as one node (grouped_mm would break the graph); no
+    autograd (training takes the `_grouped_mm` path)."""
+    if x.shape[0] >= offs.shape[0]:
+        gate, up = F.grouped_mm(x, gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [M, I] each
+        return F.grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offs)  # [M, H]
+    out = x.new_empty(x.shape[0], down_proj.shape[1])
+    ends = offs.tolist()
+    for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+        if end > start:
+            gate, up = F.linear(x[start:end], gate_up_proj[e]).chunk(2, dim=-1)
+            out[start:end] = F.linear(F.silu(gate) * up, down_proj[e])
+    return out
+
+
+@expert_mlp.register_fake
+def _(x, gate_up_proj, down_proj, offs):
+    return x.new_empty(x.shape[0], down_proj.shape[1])
 
 
 DispatchState = TypeVar("DispatchState")
@@ -185,7 +211,8 @@ class LocalDispatcher(Dispatcher[torch.Tensor]):
         """x [N, H], indices [N, K] -> x_sorted [N*K, H], offs [E], order [N*K]."""
         flat = indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
-        offs = torch.bincount(flat, minlength=n_experts).cumsum(0).to(torch.int32)
+        counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        offs = counts.cumsum(0).to(torch.int32)  # [E] (a fixed shape, unlike bincount's)
         return x[order // indices.shape[1]], offs, order
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

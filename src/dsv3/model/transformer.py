@@ -175,14 +175,15 @@ class Transformer(nn.Module):
         start_pos: int | torch.Tensor = 0,
         absorb: bool | None = None,
         return_logits: bool = False,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         segments: torch.Tensor | None = None,
     ):
         """input_ids [B, T]. With a cache, the tokens sit at positions start_pos.. and attend to
         the cached ones; `absorb` picks the attention path (default: absorbed when decoding
         over a non-empty cache, naive otherwise). start_pos may be a LongTensor [B], one start
         per sequence (a batch of different lengths over a paged cache). Without labels,
-        `logits_to_keep` > 0 computes the logits of the last that many positions only.
+        `logits_to_keep` > 0 computes the logits of the last that many positions only, and a
+        LongTensor [B] the logits at one position per row ([B, 1, V]: a padded batch's last tokens).
 
         A pipeline stage returns (h, emb, balance) [B, T, H], [B, T, H], [1]; a stage without the
         embedding takes them as (input_ids=h, *carried=(emb, balance))."""
@@ -208,7 +209,10 @@ class Transformer(nn.Module):
         if self.is_pipeline_stage:
             return h, emb, balance
         if labels is None:
-            kept = h[:, -logits_to_keep:] if logits_to_keep else h
+            if isinstance(logits_to_keep, torch.Tensor):
+                kept = h[torch.arange(h.shape[0], device=h.device), logits_to_keep][:, None]  # [B, 1, H]
+            else:
+                kept = h[:, -logits_to_keep:] if logits_to_keep else h
             return TransformerOutput(logits=self.lm_head(self.norm(kept)), hidden=h)  # [B, T, V]
         loss, mtp_loss, balance = self.losses(h, emb, balance, labels, segments)
         logits = self.lm_head(self.norm(h)) if return_logits else None

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is list:
-            kwargs["nargs"] = "+"
+            kwargs.update(nargs="+", action="extend")  # `--data a b` and `--data a --data b` alike
         elif typing.get_origin(kind) is dict:
             kwargs["type"] = _json_object
         else:

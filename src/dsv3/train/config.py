@@ -2,7 +2,8 @@
 
     out = "runs/tiny"           # the run folder (top level)
     [model]      preset, config_file, overrides
-    [data]       sources, tokenizer, cache_dir, max_corpus_mb, val_fraction, seq_len, batch_size, grad_accum
+    [data]       sources, text_field, document_masking, tokenizer, cache_dir, max_corpus_mb, val_fraction,
+                 seq_len, batch_size, grad_accum
     [optim]      steps, lr, schedule, warmup_steps, min_lr_ratio, weight_decay, beta1, beta2,
                  grad_clip, bf16_moments, mtp_lambda, mtp_lambda_later, bias_gamma
     [run]        seed, dtype, device, compile, fp8, fp8_scales, threads, stop_after, max_minutes, on_nonfinite
@@ -39,6 +40,7 @@ from dsv3.errors import ConfigError
 from dsv3.fp8.quant import ScaleFormat
 from dsv3.parallel.mesh import ParallelDims
 from dsv3.train.optim import SCHEDULES
+from dsv3.train.sources import mixture
 
 NONFINITE_POLICIES = ("stop", "skip", "rollback")
 
@@ -107,9 +109,14 @@ class ModelSection:
 @dataclass
 class DataSection:
     sources: list[str] = option(
-        help="sources: 'stdlib', files or folders of text, 'hf:NAME[:CONFIG]' (cached datasets)",
+        help="sources: 'stdlib', text files or folders, .jsonl (JSON Lines), .parquet, a datasets "
+        "save_to_disk folder, 'hf:NAME[:CONFIG]' (cached); records with 'messages' are chats (SFT). "
+        "SOURCE:WEIGHT for a weighted mixture (a.jsonl:0.7 b.parquet:0.3)",
         alias="data", factory=lambda: ["stdlib"],
     )
+    text_field: str = option("text", "the JSON Lines / Parquet / dataset field that holds a document's text")
+    document_masking: bool = option(False, "packed documents attend only within themselves, RoPE positions "
+                                    "restarting at each (always on for chat data)")
     tokenizer: str | None = option(None, "a tokenizer.json (default: byte-level BPE trained on the corpus, cached)")
     cache_dir: str = option(help="where tokenizers and token caches live (env DSV3_CACHE)",
                             control=True, factory=default_cache_dir)
@@ -296,6 +303,9 @@ class TrainConfig:
         need(o.bias_gamma >= 0, "optim.bias_gamma", "must be >= 0")
         need(0 < d.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
         need(bool(d.sources), "data.sources", "needs at least one source")
+        need(all(isinstance(spec, str) for spec in d.sources), "data.sources", "must be a list of strings")
+        mixture(d.sources)  # DataError naming a --data source whose weight is not a positive number
+        need(bool(d.text_field), "data.text_field", "must name a field")
         need(r.device in ("auto", "cpu") or r.device.startswith("cuda"), "run.device", "must be auto, cpu or cuda[:N]")
         need(p.sdc_check_every >= 0, "parallel.sdc_check_every", "must be >= 0 (0: off)")
         for name in ("parallel.dp_replicate", "parallel.dp_shard"):

@@ -1,217 +1,128 @@
-"""Training data: corpus -> byte-level BPE tokenizer -> token cache (numpy memmap) -> packed batches.
+"""Training data: sources -> byte-level BPE tokenizer -> token cache (numpy memmaps) -> splits.
 
-Corpus. A list of source specs, read in a fixed order:
-  * "stdlib"            the `.py` sources (code and docstrings) of the Python standard library that
-                        ships with the interpreter: ~30 MB of real text on every machine, no download;
-  * a file or folder    your own text (folders are walked for TEXT_SUFFIXES files, sorted);
-  * "hf:NAME[:CONFIG]"  a Hugging Face dataset's "text" column, only if `datasets` is installed and
-                        the dataset is already cached (we never download at run time).
-
-Reading files. A file is read as UTF-8 (a leading BOM dropped); a byte that is not part of valid
-UTF-8 is read as the Latin-1 character of the same value. So Latin-1 and Windows-1252 files keep
-their accented letters (no detection guesswork: every byte is a Latin-1 character), and a stray
-byte in a UTF-8 file costs one character, not the file. Empty files and binary files are skipped,
-counted, and the first few named in the data summary; a file is binary when its first 8000 bytes
-hold a NUL (git's rule) or more than 1% of them are control codes that text does not use.
+Corpus. The records of the `--data` specs, in order (dsv3.train.sources: text files and folders,
+JSON Lines, Parquet, `datasets` folders, cached hf: datasets, each optionally weighted), streamed
+record by record and cut after `max_bytes` bytes of input. Documents are text; chats
+(records with `messages`) are rendered with the chat template and learned on their assistant turns
+(dsv3.train.sft).
 
 Tokenizer. A byte-level BPE (HF `tokenizers`) trained on the corpus on first use, with the special
 tokens <|bos|> = 0 and <|eos|> = 1 (the ids ModelConfig expects), cached under the cache folder by
 corpus fingerprint and vocab size; or a user's `tokenizer.json`.
 
-Token cache. Every document becomes [bos] + tokens + [eos] and is appended to one of two flat uint16
-(uint32 for vocabularies >= 65536) files, train.bin or val.bin: document i goes to validation when
-floor((i + 1) * f) > floor(i * f), i.e. every 1/f-th document is held out, whole. The files are
-written once (with a progress bar) into a temporary folder renamed into place, and then opened as
-memory maps, so a 10 GB corpus costs no RAM. The tokenizer and each token cache are built holding
-a lock file beside them (`<name>.lock`): runs started together on one cache folder build each once,
-and the others wait for it and reuse it.
+Token cache. Every document becomes [bos] + tokens + [eos] (a chat: its rendered tokens, which the
+template frames) and is appended to one of two splits, train or validation: document i goes to
+validation when floor((i + 1) * f) > floor(i * f), i.e. every 1/f-th document is held out, whole.
+A split is a flat uint16 (uint32 for vocabularies >= 65536) file of token ids (`train.bin`), the
+int64 offsets where its documents start (`train.starts`), and, when the corpus holds chats, a uint8
+mask of the tokens that may be targets (`train.learned`: 1 on assistant turns and on all text). The
+files are written in one streaming pass (a progress bar shows bytes and documents) into a temporary
+folder renamed into place, and then opened as memory maps, so a corpus larger than memory costs no
+RAM. meta.json holds the counts per source, with its bad records (counted, the first few named). The
+tokenizer and each token cache are built holding a lock file beside them (`<name>.lock`): runs
+started together on one cache folder build each once, and the others wait for it and reuse it. The
+mixture weights are not part of the cache: changing them reuses it.
 
 Splits. `TokenCache.split(seq_len)` decides, before training starts, what training and validation
-read. The document split above is used when val.bin holds at least one window (seq_len + 1 tokens).
-With too few documents for that (one file; 99 files at f = 0.01), validation is instead the last
-max(ceil(f * N), seq_len + 1) tokens of train.bin (N its length), cut inside a document, and the few
-tokens of val.bin go unused. Data too small to leave training one window as well is a DataError
-naming the sources, the token counts and the window seq_len needs.
-
-Packing. The stream is cut into non-overlapping windows of seq_len + 1 tokens; a window gives
-input_ids = w[:-1] and pre-shifted labels = w[1:]. Documents are packed back to back, so where an input
-token is <|eos|> its target would be the first token of the next document: that label is set to -100,
-which both removes it from the loss and cuts the model's multi-token-prediction chains there.
-
-Loader. `Loader` visits the train windows in a seeded random permutation per epoch; its whole state
-is (seed, epoch, cursor), saved in checkpoints, so a resumed run sees exactly the batches it would
-have seen without the interruption.
+read (dsv3.train.packing.Stream). The document split above is used when the validation split holds
+at least one window (seq_len + 1 tokens). With too few documents for that (one file; 99 files at
+f = 0.01), validation is instead the last max(ceil(f * N), seq_len + 1) tokens of the training split
+(N its length), cut inside a document, and the few validation tokens go unused. Data too small to
+leave training one window as well is a DataError naming the sources, the token counts and the window
+seq_len needs. Training reads one part, the whole split, or in a mixture one part per source (its
+documents are contiguous), each of which must hold a window; validation reads the whole split.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import math
-import os
-import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from dsv3.checkpoint import write_file_atomically, write_folder_atomically
 from dsv3.errors import DataError
-from dsv3.model.loss import IGNORE_INDEX
+from dsv3.infer.chat import DEFAULT_CHAT_TEMPLATE
 from dsv3.tokenizer import TokenizerInfo, train_tokenizer
+from dsv3.train.packing import Part, Stream
+from dsv3.train.sft import encode_chats, plain_text
+from dsv3.train.sources import READING_RULES, Record, Source, count, mixture, skipped_summary
 
-TEXT_SUFFIXES = frozenset(
-    {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".js", ".ts", ".html", ".tex"}
-)
-# How files become text (module docstring). Part of the corpus fingerprint, so tokenizers and token
-# caches made under other rules are not reused.
-READING_RULES = "utf-8-sig, other bytes as latin-1; empty files and binary files (NUL, >1% controls) skipped"
-BINARY_SAMPLE_BYTES = 8000  # git looks for a NUL in this many leading bytes
-BINARY_CONTROL_FRACTION = 0.01
-# Bytes that occur in text: the printable range of any 8-bit encoding plus \a \b \t \n \v \f \r ESC.
-TEXT_BYTES = bytes(sorted({7, 8, 9, 10, 11, 12, 13, 27} | set(range(0x20, 0x100)) - {0x7F}))
-LATIN1_FOR_INVALID_UTF8 = "dsv3-latin1-for-invalid-utf8"
-SKIPPED_NAMES_SHOWN = 3
-
-
-def _latin1_for_invalid_utf8(error: UnicodeError) -> tuple[str, int]:
-    """Codec error handler: the bytes a UTF-8 decoder rejects, read one character per byte as Latin-1."""
-    assert isinstance(error, UnicodeDecodeError)
-    return error.object[error.start : error.end].decode("latin-1"), error.end
-
-
-codecs.register_error(LATIN1_FOR_INVALID_UTF8, _latin1_for_invalid_utf8)
-
-
-def read_text_file(path: Path) -> str:
-    """A text file's contents: UTF-8, with bytes that are not valid UTF-8 read as Latin-1."""
-    return path.read_bytes().decode("utf-8-sig", errors=LATIN1_FOR_INVALID_UTF8)
+CACHE_FORMAT = 2  # token caches of another layout are not reused
+RECORDS_PER_BATCH = 64  # records tokenized at a time
+EXAMPLES_SHOWN = 3  # bad records named per source
+BACKFILL_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------- corpus
 class Corpus:
-    """The documents named by a list of source specs, in a fixed order (see the module docstring)."""
+    """The records named by a list of `--data` specs, in order, and the specs' mixture weights."""
 
-    def __init__(self, specs: list[str], max_bytes: int | None = None) -> None:
+    def __init__(self, specs: list[str], max_bytes: int | None = None, text_field: str = "text") -> None:
         if not specs:
             raise DataError("no data sources given")
-        self.specs = list(specs)
-        files: list[Path] = []
-        self.datasets: list[tuple[str, Any]] = []
-        for spec in specs:
-            if spec == "stdlib":
-                files += _stdlib_files()
-            elif spec.startswith("hf:"):
-                self.datasets.append((spec, _load_cached_hf_dataset(spec)))
-            else:
-                files += _user_files(Path(spec))
-        self.files, self.skipped = _text_files(files, max_bytes)
-        if not self.files and not self.datasets:
-            skipped = self.skipped_summary()
-            raise DataError(
-                f"data sources {specs} contain no documents" + (f" ({skipped})" if skipped else "")
-            )
-        self.max_bytes = max_bytes
+        names, self.weights = mixture(list(specs))
+        self.specs, self.max_bytes, self.text_field = list(specs), max_bytes, text_field
+        self.sources = [Source(name, text_field) for name in names]
 
-    def __len__(self) -> int:
-        return len(self.files) + sum(len(ds) for _, ds in self.datasets)
+    def records(self) -> Iterator[tuple[int, Record]]:
+        """(source index, record), in order, until max_bytes of input are read. A source whose
+        records are all bad, or that has none, is a DataError naming it and its first bad record."""
+        budget = math.inf if self.max_bytes is None else self.max_bytes
+        for index, source in enumerate(self.sources):
+            good, bad, first_bad = 0, 0, None
+            for record in source.records():
+                if budget <= 0:
+                    return
+                budget -= record.size
+                if record.problem is None:
+                    good += 1
+                else:
+                    bad, first_bad = bad + 1, first_bad or record
+                yield index, record
+            if first_bad is not None and not good:
+                raise DataError(
+                    f"every record of data source {source.spec} is bad ({count(bad, 'record')}); the first, "
+                    f"{first_bad.where}: {first_bad.problem}"
+                )
+            if not good:
+                raise DataError(f"data source {source.spec} holds no records")
 
     def __iter__(self) -> Iterator[str]:
-        for path in self.files:
-            yield read_text_file(path)
-        for _, ds in self.datasets:
-            for row in ds:
-                yield row["text"]
+        """The texts, chats as plain text with role markers: what a tokenizer is trained on."""
+        for _, record in self.records():
+            if record.text is not None:
+                yield record.text
+            elif record.messages is not None:
+                yield plain_text(record.messages)
+
+    @property
+    def size(self) -> int:
+        """Bytes of input to read."""
+        total = sum(source.size for source in self.sources)
+        return total if self.max_bytes is None else min(total, self.max_bytes)
 
     def fingerprint(self) -> str:
-        """Changes whenever a file (read or skipped) or a dataset is added, removed or modified."""
-        h = hashlib.sha256(json.dumps([self.specs, self.max_bytes, READING_RULES]).encode())
-        for path in [*self.files, *self.skipped["binary"], *self.skipped["empty"]]:
-            st = path.stat()
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        for spec, ds in self.datasets:
-            h.update(f"{spec}\0{getattr(ds, '_fingerprint', len(ds))}\n".encode())
+        """Changes whenever a file (read or skipped) or a dataset is added, removed or modified, or
+        the way they are read; not with the mixture weights."""
+        names = [source.spec for source in self.sources]
+        h = hashlib.sha256(json.dumps([names, self.max_bytes, self.text_field, READING_RULES]).encode())
+        for source in self.sources:
+            for line in source.describe():
+                h.update(f"{line}\n".encode())
         return h.hexdigest()[:16]
 
     def skipped_summary(self) -> str:
         """E.g. "skipped 2 binary files (a.bin, b.bin) and 1 empty file (c.txt)"; "" if none."""
-        parts = []
-        for kind, paths in self.skipped.items():
-            if paths:
-                names = ", ".join(str(p) for p in paths[:SKIPPED_NAMES_SHOWN])
-                if len(paths) > SKIPPED_NAMES_SHOWN:
-                    names += f", and {len(paths) - SKIPPED_NAMES_SHOWN} more"
-                parts.append(f"{_count(len(paths), kind + ' file')} ({names})")
-        return "skipped " + " and ".join(parts) if parts else ""
-
-
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
-
-
-def _user_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise DataError(f"data folder {path} has no text files (suffixes {sorted(TEXT_SUFFIXES)})")
-        return files
-    raise DataError(f"data path {path} does not exist (give a file, a folder, 'stdlib' or 'hf:NAME')")
-
-
-def _text_files(files: list[Path], max_bytes: int | None) -> tuple[list[Path], dict[str, list[Path]]]:
-    """The text files among `files`, in order, up to max_bytes in all; and the skipped ones by kind."""
-    kept: list[Path] = []
-    skipped: dict[str, list[Path]] = {"binary": [], "empty": []}
-    total = 0
-    for path in files:
-        if max_bytes is not None and total >= max_bytes:
-            break
-        kind = _file_kind(path)
-        if kind == "text":
-            kept.append(path)
-            total += path.stat().st_size
-        else:
-            skipped[kind].append(path)
-    return kept, skipped
-
-
-def _file_kind(path: Path) -> str:
-    """The file's kind from its first BINARY_SAMPLE_BYTES bytes: "empty", "binary" or "text"."""
-    try:
-        with open(path, "rb") as f:
-            sample = f.read(BINARY_SAMPLE_BYTES)
-    except OSError as e:
-        raise DataError(f"data file {path} cannot be read: {e.strerror}") from e
-    if not sample:
-        return "empty"
-    controls = len(sample.translate(None, TEXT_BYTES))
-    if b"\0" in sample or controls > BINARY_CONTROL_FRACTION * len(sample):
-        return "binary"
-    return "text"
-
-
-def _load_cached_hf_dataset(spec: str) -> Any:
-    name, _, config = spec[3:].partition(":")
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"{spec}: the `datasets` package is not installed") from e
-    os.environ["HF_DATASETS_OFFLINE"] = "1"  # cached data only: no download at run time
-    try:
-        ds = datasets.load_dataset(name, config or None, split="train")
-    except Exception as e:
-        raise DataError(f"{spec}: not available in the local Hugging Face cache ({e})") from e
-    if "text" not in ds.column_names:
-        raise DataError(f"{spec}: dataset has no 'text' column (columns: {ds.column_names})")
-    return ds
+        return skipped_summary(
+            {kind: [p for s in self.sources for p in s.skipped[kind]] for kind in ("binary", "empty")}
+        )
 
 
 # -------------------------------------------------------------------------------------- tokenizer
@@ -221,7 +132,7 @@ def cached_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) -> Path:
     if not path.is_file():
         with _building(path):
             if not path.is_file():  # another run may have trained it while we waited
-                write_file_atomically(path, train_tokenizer(corpus, vocab_size, len(corpus)).to_str())
+                write_file_atomically(path, train_tokenizer(corpus, vocab_size).to_str())
     return path
 
 
@@ -248,184 +159,262 @@ def _building(target: Path) -> Iterator[None]:
 class Split:
     """What training and validation read (see "Splits" in the module docstring)."""
 
-    train: np.ndarray  # [train tokens]
-    val: np.ndarray  # [validation tokens]
-    summary: str  # one line: the sources, their size, what was skipped and how validation was chosen
+    train: Stream
+    val: Stream
+    summary: str  # one line: the sources, their size, skipped files, bad records, how validation was chosen
 
 
 @dataclass(frozen=True)
 class TokenCache:
-    """The tokenized corpus on disk: train.bin and val.bin (flat token ids) and meta.json."""
+    """The tokenized corpus on disk (module docstring), and the corpus's mixture weights."""
 
     folder: Path
+    weights: tuple[float, ...] | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
         return json.loads((self.folder / "meta.json").read_text())
 
     def tokens(self, split: str) -> np.ndarray:
+        """The token ids of split "train" or "val" [tokens]."""
         meta = self.meta
-        if meta[split] == 0:  # numpy cannot map an empty file
-            return np.zeros(0, dtype=meta["dtype"])
-        return np.memmap(self.folder / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(meta[split],))
+        return self._map(f"{split}.bin", meta["dtype"], meta[split])
+
+    def stream(self, split: str) -> Stream:
+        """A whole split as one part, with its document starts and learned mask."""
+        meta = self.meta
+        tokens = self.tokens(split)
+        documents = meta["documents"] - meta["val_documents"] if split == "train" else meta["val_documents"]
+        starts = self._map(f"{split}.starts", "int64", documents)
+        learned = self._map(f"{split}.learned", "uint8", len(tokens)) if meta["chats"] else None
+        return Stream(tokens, starts, learned, (Part(split, 0, len(tokens)),))
+
+    def _map(self, name: str, dtype: str, length: int) -> np.ndarray:
+        if length == 0:  # numpy cannot map an empty file
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(self.folder / name, dtype=dtype, mode="r", shape=(length,))
 
     def split(self, seq_len: int) -> Split:
         """Training and validation streams for windows of seq_len + 1 tokens; DataError if too small."""
         meta = self.meta
-        train, val = self.tokens("train"), self.tokens("val")
-        window, fraction = seq_len + 1, meta["val_fraction"]
-        skipped = f"; {meta['skipped']}" if meta["skipped"] else ""
-        data = (
-            f"data {', '.join(meta['sources'])} ({_count(meta['documents'], 'document')}, "
-            f"{_count(len(train) + len(val), 'token')}{skipped})"
-        )
-        if len(val) >= window:
+        train, val = self.stream("train"), self.stream("val")
+        window, fraction, n = seq_len + 1, meta["val_fraction"], len(train.tokens)
+        data = self._describe(meta)
+        if len(val.tokens) >= window:
+            end = n
             how = (
-                f"{_count(meta['val_documents'], 'whole document')} held out (val_fraction {fraction}), "
-                f"{_count(len(val), 'token')}"
+                f"{count(meta['val_documents'], 'whole document')} held out (val_fraction {fraction}), "
+                f"{count(len(val.tokens), 'token')}"
             )
         else:
-            whole = f"{_count(meta['val_documents'], 'whole document')} held out would give {len(val):,}"
-            held_out = max(math.ceil(fraction * len(train)), window)
-            train, val = train[:-held_out], train[-held_out:]
+            whole = (
+                f"{count(meta['val_documents'], 'whole document')} held out would give {len(val.tokens):,}"
+            )
+            end = n - max(math.ceil(fraction * n), window)
+            val = Stream(train.tokens, train.starts, train.learned, (Part("val", max(end, 0), n),))
             how = (
-                f"the last {_count(len(val), 'token')} (val_fraction {fraction}, at least one window of "
+                f"the last {count(n - max(end, 0), 'token')} (val_fraction {fraction}, at least one window of "
                 f"seq_len + 1 = {window}; {whole})"
             )
-        if len(train) < window:
+        if end < window:
             raise DataError(
                 f"{data} is too small for seq_len {seq_len}: validation takes {how}, leaving "
-                f"{_count(len(train), 'token')} for training, which needs at least one window of "
+                f"{count(max(end, 0), 'token')} for training, which needs at least one window of "
                 f"seq_len + 1 = {window}; add text or lower --seq-len"
             )
-        return Split(train, val, f"{data}; validation: {how}")
+        parts = self._train_parts(meta, end, window)
+        return Split(
+            Stream(train.tokens, train.starts, train.learned, parts), val, f"{data}; validation: {how}"
+        )
+
+    def _train_parts(self, meta: dict[str, Any], end: int, window: int) -> tuple[Part, ...]:
+        """The whole training split, or one part per source of a mixture, each holding a window."""
+        if self.weights is None:
+            return (Part("train", 0, end),)
+        parts, start = [], 0
+        for source, weight in zip(meta["sources"], self.weights):
+            stop = min(start + source["train_tokens"], end)
+            if stop - start < window:
+                raise DataError(
+                    f"data source {source['spec']}:{weight:g} leaves {count(max(stop - start, 0), 'token')} for "
+                    f"training, fewer than one window of seq_len + 1 = {window}; add data to it, lower --seq-len "
+                    "or leave it out of the mixture"
+                )
+            parts.append(Part(source["spec"], start, stop, weight))
+            start += source["train_tokens"]
+        return tuple(parts)
+
+    def _describe(self, meta: dict[str, Any]) -> str:
+        """The data, e.g. `data a.jsonl:0.7 (120 documents, 50,000 tokens), b.parquet:0.3 (...); bad ...`."""
+        weights = self.weights or [None] * len(meta["sources"])
+        sizes = [
+            f"{s['spec']}{'' if w is None else f':{w:g}'} ({count(s['documents'], 'document')}, "
+            f"{count(s['train_tokens'] + s['val_tokens'], 'token')})"
+            for s, w in zip(meta["sources"], weights)
+        ]
+        notes = [meta["skipped"]] if meta["skipped"] else []
+        for s in meta["sources"]:
+            if s["bad"]:
+                more = ", ..." if s["bad"] > len(s["bad_examples"]) else ""
+                notes.append(
+                    f"{count(s['bad'], 'bad record')} in {s['spec']} skipped ({'; '.join(s['bad_examples'])}{more})"
+                )
+        return "data " + ", ".join(sizes) + "".join(f"; {note}" for note in notes)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'s' * (n != 1)}"
-
-
-def build_token_cache(corpus: Corpus, tok: TokenizerInfo, val_fraction: float, cache_dir: Path) -> TokenCache:
-    """Tokenize the corpus once into cache_dir (keyed by corpus, tokenizer and split); reuse it after."""
+def build_token_cache(
+    corpus: Corpus,
+    tok: TokenizerInfo,
+    val_fraction: float,
+    cache_dir: Path,
+    chat_template: str = DEFAULT_CHAT_TEMPLATE,
+) -> TokenCache:
+    """Tokenize the corpus once into cache_dir (keyed by corpus, tokenizer, template and split); reuse it after."""
     key = hashlib.sha256(
-        f"{corpus.fingerprint()}\0{tok.tokenizer.to_str()}\0{val_fraction}".encode()
+        f"{CACHE_FORMAT}\0{corpus.fingerprint()}\0{tok.tokenizer.to_str()}\0{val_fraction}\0{chat_template}".encode()
     ).hexdigest()[:16]
     folder = cache_dir / f"tokens-{key}"
     if not (folder / "meta.json").is_file():
         with _building(folder):
             if not (folder / "meta.json").is_file():  # another run may have built it while we waited
-                write_folder_atomically(folder, lambda tmp: _tokenize_into(corpus, tok, val_fraction, tmp))
-    return TokenCache(folder)
+                write_folder_atomically(
+                    folder, lambda tmp: _tokenize_into(corpus, tok, val_fraction, chat_template, tmp)
+                )
+    return TokenCache(folder, None if corpus.weights is None else tuple(corpus.weights))
 
 
-def _tokenize_into(corpus: Corpus, tok: TokenizerInfo, val_fraction: float, folder: Path) -> None:
-    """Write train.bin, val.bin and meta.json (token and document counts, sources) into folder."""
-    from rich.progress import track
+class _SplitWriter:
+    """Appends documents to one split's files: token ids, document starts and, once a chat has been
+    written, the learned mask (1 for every earlier token, filled in then)."""
 
+    def __init__(self, folder: Path, name: str, dtype: type) -> None:
+        self.folder, self.name, self.dtype, self.length = folder, name, dtype, 0
+        self.tokens, self.starts = open(folder / f"{name}.bin", "wb"), open(folder / f"{name}.starts", "wb")
+        self.learned: Any = None
+
+    def add(self, ids: list[int], learned: np.ndarray | None) -> None:
+        if learned is not None:
+            self.keep_learned()
+        self.starts.write(np.int64(self.length).tobytes())
+        self.tokens.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        if self.learned is not None:
+            self.learned.write((np.ones(len(ids), np.uint8) if learned is None else learned).tobytes())
+        self.length += len(ids)
+
+    def keep_learned(self) -> None:
+        """Write the learned mask from now on (every token so far is learned: text)."""
+        if self.learned is None:
+            self.learned = open(self.folder / f"{self.name}.learned", "wb")
+            for start in range(0, self.length, BACKFILL_CHUNK):
+                self.learned.write(np.ones(min(BACKFILL_CHUNK, self.length - start), np.uint8).tobytes())
+
+    def close(self) -> None:
+        for f in (self.tokens, self.starts, self.learned):
+            if f is not None:
+                f.close()
+
+
+def _tokenize_into(
+    corpus: Corpus, tok: TokenizerInfo, val_fraction: float, template: str, folder: Path
+) -> None:
+    """Write both splits' files and meta.json (counts and bad records per source) into folder."""
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    counts = {"train": 0, "val": 0, "documents": 0, "val_documents": 0}
-    with open(folder / "train.bin", "wb") as train_f, open(folder / "val.bin", "wb") as val_f:
-        texts = track(_batched(corpus, 64), total=-(-len(corpus) // 64), description="tokenizing corpus")
-        for batch in texts:
-            for enc in tok.tokenizer.encode_batch(batch, add_special_tokens=False):
-                if not enc.ids:
-                    continue
-                i = counts["documents"]
-                split = "val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train"
-                ids = ([tok.bos_id] if tok.bos_id is not None else []) + enc.ids + [tok.eos_id]
-                (val_f if split == "val" else train_f).write(np.asarray(ids, dtype=dtype).tobytes())
-                counts[split] += len(ids)
-                counts["documents"] += 1
-                counts["val_documents"] += split == "val"
+    stats = [
+        {"spec": s.spec, "documents": 0, "train_tokens": 0, "val_tokens": 0, "bad": 0, "bad_examples": []}
+        for s in corpus.sources
+    ]
+    documents = val_documents = 0
+    train, val = _SplitWriter(folder, "train", dtype), _SplitWriter(folder, "val", dtype)
+    try:
+        with _progress(corpus) as advance:
+            for batch in _batched(corpus.records(), RECORDS_PER_BATCH):
+                for (index, record), doc in zip(batch, _encode([r for _, r in batch], tok, template)):
+                    stat = stats[index]
+                    if isinstance(doc, str):
+                        stat["bad"] += 1
+                        if len(stat["bad_examples"]) < EXAMPLES_SHOWN:
+                            stat["bad_examples"].append(f"{record.where}: {doc}")
+                    elif doc[0]:  # an empty text is no document
+                        held_out = int((documents + 1) * val_fraction) > int(documents * val_fraction)
+                        (val if held_out else train).add(*doc)
+                        stat["documents"] += 1
+                        stat["val_tokens" if held_out else "train_tokens"] += len(doc[0])
+                        documents, val_documents = documents + 1, val_documents + held_out
+                advance(sum(record.size for _, record in batch), documents)
+        chats = train.learned is not None or val.learned is not None
+        if chats:  # both splits get the mask, so both are packed the same way
+            train.keep_learned()
+            val.keep_learned()
+    finally:
+        train.close()
+        val.close()
+    for stat in stats:
+        if not stat["documents"]:
+            why = (
+                f"every record is bad ({count(stat['bad'], 'record')}); the first, {stat['bad_examples'][0]}"
+                if stat["bad"]
+                else "its texts are empty"
+            )
+            raise DataError(f"data source {stat['spec']} gives no documents: {why}")
     meta = {
+        "format": CACHE_FORMAT,
         "dtype": np.dtype(dtype).name,
-        **counts,
+        "train": train.length,
+        "val": val.length,
+        "documents": documents,
+        "val_documents": val_documents,
         "val_fraction": val_fraction,
-        "sources": corpus.specs,
+        "chats": chats,
+        "sources": stats,
         "skipped": corpus.skipped_summary(),
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def _batched(texts: Corpus, n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for text in texts:
-        batch.append(text)
+def _encode(
+    records: list[Record], tok: TokenizerInfo, template: str
+) -> list[tuple[list[int], np.ndarray | None] | str]:
+    """Per record: (token ids, learned mask or None for text), or why it is bad."""
+    texts = [r.text for r in records if r.text is not None]
+    chats = [r.messages for r in records if r.messages is not None]
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    encoded_texts = iter(tok.tokenizer.encode_batch(texts, add_special_tokens=False))
+    encoded_chats = iter(encode_chats(chats, tok, template))  # type: ignore[arg-type]
+    out: list[tuple[list[int], np.ndarray | None] | str] = []
+    for r in records:
+        if r.problem is not None:
+            out.append(r.problem)
+        elif r.text is not None:
+            ids = next(encoded_texts).ids
+            out.append((bos + ids + [tok.eos_id] if ids else [], None))
+        else:
+            out.append(next(encoded_chats))
+    return out
+
+
+@contextmanager
+def _progress(corpus: Corpus) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar over the corpus's bytes; yields advance(bytes read, documents so far)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("tokenizing {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[documents]:,} documents"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as progress:
+        task = progress.add_task(", ".join(s.spec for s in corpus.sources), total=corpus.size, documents=0)
+        yield lambda nbytes, documents: progress.update(task, advance=nbytes, documents=documents)
+
+
+def _batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
         if len(batch) == n:
             yield batch
             batch = []
     if batch:
         yield batch
-
-
-# ------------------------------------------------------------------------------- packing, loader
-class PackedTokens:
-    """A flat token stream seen as non-overlapping windows of seq_len + 1 tokens."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int, split: str = "train") -> None:
-        self.tokens, self.seq_len, self.eos_id = tokens, seq_len, eos_id
-        if len(self) == 0:
-            raise DataError(
-                f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                "add data, shorten --seq-len or change --val-fraction"
-            )
-
-    def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
-
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids and pre-shifted labels [len(indices), seq_len]; -100 after every <|eos|>."""
-        T = self.seq_len
-        windows = np.stack([self.tokens[i * T : i * T + T + 1] for i in indices]).astype(np.int64)
-        x = torch.from_numpy(windows[:, :-1].copy())
-        y = torch.from_numpy(windows[:, 1:].copy())
-        y[x == self.eos_id] = IGNORE_INDEX
-        return x, y
-
-
-class Loader:
-    """Seeded, stateful batches over PackedTokens: an epoch is one random permutation of all windows."""
-
-    def __init__(self, data: PackedTokens, batch_size: int, seed: int) -> None:
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.epoch, self.cursor = 0, 0
-        self._perm = self._permutation()
-
-    def _permutation(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        picked: list[np.ndarray] = []
-        need = self.batch_size
-        while need:
-            take = self._perm[self.cursor : self.cursor + need]
-            picked.append(take)
-            need -= len(take)
-            self.cursor += len(take)
-            if self.cursor == len(self._perm):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._perm = self._permutation()
-        return self.data.batch(np.concatenate(picked))
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed, self.epoch, self.cursor = int(state["seed"]), int(state["epoch"]), int(state["cursor"])
-        self._perm = self._permutation()
-
-
-def validation_batches(
-    data: PackedTokens, batch_size: int, max_batches: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first max_batches batches of the validation windows, in order (the same every evaluation)."""
-    n = min(len(data), batch_size * max_batches)
-    for start in range(0, n, batch_size):
-        yield data.batch(np.arange(start, min(start + batch_size, n)))
-
-
-def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    """Cross entropy (nats/token) of the best context-free model: the baseline learning must beat."""
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())

@@ -50,7 +50,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dsv3 import checkpoint as ckpt
@@ -61,17 +60,11 @@ from dsv3.parallel.mesh import build_mesh
 from dsv3.parallel.world import World
 from dsv3.tokenizer import load_tokenizer
 from dsv3.train.config import TrainConfig
-from dsv3.train.data import (
-    Corpus,
-    Loader,
-    PackedTokens,
-    build_token_cache,
-    cached_tokenizer,
-    unigram_entropy,
-    validation_batches,
-)
+from dsv3.train.data import Corpus, build_token_cache, cached_tokenizer
 from dsv3.train.metrics import MetricsLog, Progress, max_violation, write_report
 from dsv3.train.optim import Schedule, bias_gamma_at, build_optimizer, mtp_lambda_at
+from dsv3.train.packing import Batch, Loader, PackedTokens, unigram_entropy, validation_batches
+from dsv3.train.sft import chat_template_for
 
 
 class NonFiniteError(RuntimeError):
@@ -80,20 +73,6 @@ class NonFiniteError(RuntimeError):
 
 class ReplicaMismatchError(RuntimeError):
     """Data-parallel replicas hold different weights (silent data corruption); names the rank."""
-
-
-class RankSlice:
-    """PackedTokens seen by one dp rank: of each global batch of windows, its contiguous rows."""
-
-    def __init__(self, data: PackedTokens, rank: int, ranks: int) -> None:
-        self.data, self.rank, self.ranks = data, rank, ranks
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def batch(self, indices: np.ndarray):
-        per = len(indices) // self.ranks
-        return self.data.batch(indices[self.rank * per : (self.rank + 1) * per])
 
 
 class Trainer:
@@ -127,14 +106,15 @@ class Trainer:
             cfg.data.cache_dir,
         )
         self.dtype = self.dtype_choice.dtype
-        corpus = Corpus(cfg.data.sources, None if cfg.data.max_corpus_mb is None else int(cfg.data.max_corpus_mb * 1e6))
+        corpus = Corpus(cfg.data.sources, None if cfg.data.max_corpus_mb is None else int(cfg.data.max_corpus_mb * 1e6),
+                        text_field=cfg.data.text_field)
         self.tokenizer_path = self.world.on_rank0(self._tokenizer_path, corpus, then_others=True)
         self.tok = load_tokenizer(self.tokenizer_path, self.model_config.vocab_size)
         self.model_config = dataclasses.replace(self.model_config, bos_token_id=self.tok.bos_id,
                                                 eos_token_id=self.tok.eos_id)
         self.world.on_rank0(self._build_data, corpus, then_others=True)
-        self.loader = Loader(RankSlice(self.train_data, self.dp_rank, self.dims.dp), cfg.data.batch_size,
-                             cfg.run.seed)
+        self.loader = Loader(self.train_data, cfg.data.batch_size, cfg.run.seed, rank=self.dp_rank,
+                             ranks=self.dims.dp)
         self._build_model()
 
     # ------------------------------------------------------------------------ construction steps
@@ -179,10 +159,14 @@ class Trainer:
 
     def _build_data(self, corpus: Corpus) -> None:
         d = self.cfg.data
-        split = build_token_cache(corpus, self.tok, d.val_fraction, Path(d.cache_dir)).split(d.seq_len)
-        self._print(split.summary)  # sources, documents, tokens, skipped files, how validation was chosen
-        self.train_data = PackedTokens(split.train, d.seq_len, self.tok.eos_id, "train")
-        self.val_data = PackedTokens(split.val, d.seq_len, self.tok.eos_id, "validation")
+        template = chat_template_for(self.tokenizer_path)  # chats are rendered as the model will be served
+        split = build_token_cache(corpus, self.tok, d.val_fraction, Path(d.cache_dir), template).split(d.seq_len)
+        self._print(split.summary)  # sources, documents, tokens, skipped files, bad records, validation
+        self.train_data = PackedTokens(split.train, d.seq_len, self.tok.eos_id, "train", d.document_masking)
+        self.val_data = PackedTokens(split.val, d.seq_len, self.tok.eos_id, "validation", d.document_masking)
+        if self.train_data.segmented and self.dims.pp > 1:
+            raise ConfigError(f"parallel.pp={self.dims.pp}: packed documents kept apart (chat data, or "
+                              "data.document_masking) are not sent through pipeline stages yet; use pp=1")
         self.unigram_loss = unigram_entropy(split.train, self.tok.vocab_size)
 
     def _build_model(self) -> None:
@@ -233,8 +217,8 @@ class Trainer:
         parts = torch.zeros(3, dtype=torch.float64)  # this rank's shares of loss, mtp_loss, balance_loss
         self.pm.train()
         for _ in range(cfg.data.grad_accum):
-            x, y = (t.to(self.device) for t in self.loader.next_batch())  # this dp rank's rows
-            parts += self._forward_backward(x, y, lam, scale=1.0 / cfg.data.grad_accum, train=True)
+            batch = self.loader.next_batch().to(self.device)  # this dp rank's rows
+            parts += self._forward_backward(batch, lam, scale=1.0 / cfg.data.grad_accum, train=True)
         self.world.all_reduce(parts)  # only the ranks holding the last stage contribute
         loss, mtp_loss, balance_loss = (parts / cfg.data.grad_accum).tolist()
         grad_norm = self._grad_norm()
@@ -256,9 +240,11 @@ class Trainer:
             record["nonfinite"] = bad
         return record
 
-    def _forward_backward(self, x, y, lam: float, scale: float, train: bool) -> torch.Tensor:
+    def _forward_backward(self, batch: Batch, lam: float, scale: float, train: bool) -> torch.Tensor:
         """One global (micro-)batch: this rank's shares [3] of the losses; backward when training."""
         from dsv3.parallel.objective import global_split, target_counts
+
+        x, y = batch.input_ids, batch.labels
 
         pm, dims = self.pm, self.dims
         mtp_depth = self.model_config.num_nextn_predict_layers
@@ -266,7 +252,7 @@ class Trainer:
         if dims.pp == 1:
             split, counts = global_split([y], mtp_depth, dims.dp, dp_group)
             with self._autocast():
-                out = pm.modules[0](x, labels=y)
+                out = pm.modules[0](x, labels=y, segments=batch.segments)
             terms = split.terms(counts[0], out.loss, out.mtp_loss, out.balance_loss)
             if train:
                 (split.objective(terms, lam) * scale).backward()
@@ -347,12 +333,12 @@ class Trainer:
         self.pm.train(False)
         total, n = 0.0, 0
         rows_per_batch = self.dims.dp * self.dims.microbatches
-        for x, y in validation_batches(self.val_data, self.cfg.data.batch_size, self.cfg.logging.eval_batches):
-            if len(x) % rows_per_batch:
+        for batch in validation_batches(self.val_data, self.cfg.data.batch_size, self.cfg.logging.eval_batches):
+            if len(batch) % rows_per_batch:
                 break  # a last partial batch that does not split over the ranks is skipped
-            rows = len(x) // self.dims.dp
-            x, y = (t[self.dp_rank * rows : (self.dp_rank + 1) * rows].to(self.device) for t in (x, y))
-            parts = self.world.all_reduce(self._forward_backward(x, y, 0.0, 1.0, train=False))
+            rows = len(batch) // self.dims.dp
+            batch = batch.rows(self.dp_rank * rows, (self.dp_rank + 1) * rows).to(self.device)
+            parts = self.world.all_reduce(self._forward_backward(batch, 0.0, 1.0, train=False))
             total, n = total + parts[0].item(), n + 1
         self._balance_experts(0.0)  # drop the evaluation tokens from the expert-load counts
         self.pm.reshard()  # a forward without backward leaves FSDP's root parameters gathered
@@ -369,7 +355,7 @@ class Trainer:
             self.load(self.resume_from)
         if self.is_main:  # the run's own copy: checkpoints are pruned, this file stays
             if self.tokenizer_path.resolve() != (self.out / "tokenizer.json").resolve():
-                shutil.copyfile(self.tokenizer_path, self.out / "tokenizer.json")
+                self._copy_tokenizer(self.out)
             (self.out / "train_config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
         self.tokenizer_path = self.out / "tokenizer.json"
         self.world.barrier()
@@ -558,13 +544,20 @@ class Trainer:
         return path
 
     def _write_trainer_files(self, folder: Path) -> None:
-        shutil.copyfile(self.tokenizer_path, folder / "tokenizer.json")
+        self._copy_tokenizer(folder)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": rng}
         torch.save(state, folder / "trainer_state.pt")
         (folder / "train_config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
+
+    def _copy_tokenizer(self, folder: Path) -> None:
+        """tokenizer.json, and its tokenizer_config.json (the chat template) where it has one."""
+        shutil.copyfile(self.tokenizer_path, folder / "tokenizer.json")
+        config = self.tokenizer_path.with_name("tokenizer_config.json")
+        if config.is_file():
+            shutil.copyfile(config, folder / "tokenizer_config.json")
 
     def load(self, folder: Path) -> None:
         """Restore model, optimizer, loader, step and RNG states from a verified checkpoint (collective)."""
@@ -609,7 +602,7 @@ class Trainer:
 
             def write(tmp: Path) -> None:
                 write_pretrained(model, tmp)
-                shutil.copyfile(self.tokenizer_path, tmp / "tokenizer.json")
+                self._copy_tokenizer(tmp)
 
             ckpt.write_folder_atomically(folder, write)
         self.world.barrier()
