@@ -73,8 +73,9 @@ def measure_gemms(
     repeats: int = 3,
     budget_s: float = 0.5,
 ) -> float:
-    """TFLOP/s of the (M, K, N) GEMMs run back to back (best of `repeats`), stopping early once a
-    run takes longer than budget_s (a naive kernel is already measured as slow by then)."""
+    """TFLOP/s of the (M, K, N) GEMMs run back to back (best of `repeats` after a warm-up run that
+    builds oneDNN's kernels); a warm-up slower than budget_s is the measurement (a naive kernel is
+    measured as slow by then, and building kernels is not what made it slow)."""
     operands = [
         (torch.randn(m, k, device=device).to(dtype), torch.randn(n, k, device=device).to(dtype).t())
         for m, k, n in shapes
@@ -87,12 +88,10 @@ def measure_gemms(
         sync()
 
     flops = sum(2 * m * k * n for m, k, n in shapes)
-    best = _timed(run)  # the first call also builds oneDNN's kernels
-    for _ in range(repeats):
-        if best > budget_s:
-            break
-        best = min(best, _timed(run))
-    return flops / best / 1e12
+    warm_up = _timed(run)
+    if warm_up > budget_s:
+        return flops / warm_up / 1e12
+    return flops / min(_timed(run) for _ in range(repeats)) / 1e12
 
 
 def gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int]]:
@@ -154,7 +153,7 @@ def choose_dtype(
     shapes: Sequence[tuple[int, int, int]],
     device: torch.device | str = "cpu",
     cache_dir: str | Path | None = None,
-    measure: Callable[[Sequence[tuple[int, int, int]], torch.dtype, torch.device], float] = measure_gemms,
+    measure: Callable[[Sequence[tuple[int, int, int]], torch.dtype, torch.device], float] | None = None,
 ) -> DtypeChoice:
     """Resolve `requested` ("auto", "float32" or "bfloat16") for GEMMs of `shapes` on `device`,
     measuring both dtypes once per machine (cached under cache_dir, default: DSV3_CACHE). BF16 is
@@ -168,6 +167,7 @@ def choose_dtype(
     key = f"{machine_key(device)}|{sorted(shapes)}"
     saved = _read_cache(cache)
     cached = key in saved
+    measure = measure or measure_gemms
     rates = saved[key] if cached else {name: measure(shapes, dt, device) for name, dt in DTYPES.items()}
     if not cached:
         _write_cache(cache, {**saved, key: rates})

@@ -33,9 +33,8 @@ class TokenizerInfo:
         return self.tokenizer.get_vocab_size()
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, num_texts: int | None = None) -> Any:
-    """Train a byte-level BPE with <|bos|> = 0 and <|eos|> = 1 on `texts` (num_texts of them,
-    for the progress message)."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE with <|bos|> = 0 and <|eos|> = 1 on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -47,9 +46,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, num_texts: int | None
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    count = "" if num_texts is None else f" on {num_texts} documents"
-    print(f"training a byte-level BPE tokenizer (vocab {vocab_size}){count} ...", flush=True)
-    tok.train_from_iterator(iter(texts), trainer, length=num_texts)
+    tok.train_from_iterator(iter(texts), trainer)
     return tok
 
 

@@ -1,7 +1,7 @@
 """Shared by the parallel-training tests: a single-process reference run and the same run under a
 parallel layout in N gloo processes (tests/distributed/_launch.py), compared step by step.
 
-The model is the micro DeepSeek-V3 of tests/unit/train_helpers.py (the tiny preset shrunk: 2 layers,
+The model is the micro DeepSeek-V3 of tests/fixtures.py (the tiny preset shrunk: 2 layers,
 hidden 64, 8 experts in 2 groups, MTP depth 1; 4 layers where DualPipeV needs 4 stages), in fp32.
 EQUIV_STEPS (env DSV3_EQUIV_STEPS, default 6) steps keep each test file under a minute on 2 cores;
 `DSV3_EQUIV_STEPS=20 pytest tests/distributed` runs the issue's 20.
@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
-from train_helpers import MICRO_MODEL, micro_config, write_corpus  # noqa: E402
-
-from dsv3.train.metrics import read_metrics  # noqa: E402
+from dsv3.train.metrics import read_metrics
+from fixtures import MICRO, micro_config, write_corpus
 
 EQUIV_STEPS = int(os.environ.get("DSV3_EQUIV_STEPS", "6"))
 LOSS_RTOL = 1e-5  # per step, relative: the issue's bar
@@ -28,7 +25,7 @@ GRAD_NORM_RTOL = 1e-4
 
 def config(root: Path, name: str, layers: int = 2, **overrides):
     data, cache = write_corpus(root / "corpus"), root / "cache"
-    model = {**MICRO_MODEL, "num_hidden_layers": layers}
+    model = {**MICRO, "num_hidden_layers": layers}
     values = dict(steps=EQUIV_STEPS, eval_every=3, save_every=3, model_overrides=model)
     return micro_config(root / name, data, cache, **{**values, **overrides})
 

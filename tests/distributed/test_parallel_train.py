@@ -25,13 +25,13 @@ def test_fp8_dispatch_stays_within_fp8_tolerance(root, ref):
 
 # ------------------------------------------------------------------ layouts checked before any work
 def test_parallel_dims_resolve_and_validate():
-    from _parallel_helpers import MICRO_MODEL
+    from _parallel_helpers import MICRO
 
     from dsv3.config import ModelConfig
     from dsv3.errors import ConfigError
     from dsv3.parallel.mesh import ParallelDims
 
-    model = ModelConfig.from_preset("tiny", **MICRO_MODEL)  # 8 experts in 2 groups
+    model = ModelConfig.from_preset("tiny", **MICRO)  # 8 experts in 2 groups
     dims = ParallelDims(dp_shard=2, ep=2).resolve(8)
     assert (dims.pp, dims.dp_replicate, dims.dp_shard, dims.efsdp, dims.ep, dims.dp) == (1, 4, 2, 1, 2, 8)
     dims = ParallelDims(ep=2, pp=2).resolve(8)

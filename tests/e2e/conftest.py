@@ -1,7 +1,8 @@
 from pathlib import Path
 
 import pytest
-from _micro import save_micro_model
+
+from fixtures import save_micro_model
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from _micro import MICRO_VOCAB
 
 from dsv3.cli import main
 from dsv3.infer.cli import load
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.server import Limits, create_app
+from fixtures import MICRO_VOCAB
 
 PROMPTS = [f"def function_{i}(x" + ", y" * (i % 5) + "):" for i in range(16)]  # of different lengths
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]

@@ -10,13 +10,8 @@ from pathlib import Path
 
 import pytest
 
-MICRO = {
-    "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-    "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
-    "qk_rope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1, "moe_intermediate_size": 32,
-    "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
-    "max_position_embeddings": 128,
-}  # fmt: skip
+from fixtures import MICRO
+
 EMAIL_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "email")  # ~25 real modules
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from model_helpers import SMALL
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.infer.cache import LatentCache
 from dsv3.model.attention import AttentionCache
+from fixtures import SMALL_MLA as SMALL
 
 
 @pytest.mark.parametrize("q_lora_rank", [32, None])

@@ -18,11 +18,9 @@ from dsv3.cli import main
 from dsv3.hf import write_pretrained
 from dsv3.infer import convert as conv
 from dsv3.infer.chat import DEFAULT_CHAT_TEMPLATE
+from fixtures import FP8_BLOCKS
 
-CFG = dict(vocab_size=300, hidden_size=160, num_hidden_layers=2, intermediate_size=272, num_attention_heads=2,
-           q_lora_rank=136, kv_lora_rank=72, qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=24,
-           moe_intermediate_size=40, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
-           first_k_dense_replace=1, num_nextn_predict_layers=1, initializer_range=0.05)  # fmt: skip
+CFG = FP8_BLOCKS
 
 
 @pytest.fixture(autouse=True)

@@ -219,10 +219,9 @@ def test_fp8_forward_loss_within_0_1_percent_of_bf16_on_trained_weights() -> Non
 def test_train_with_fp8_flag(tmp_path, scales) -> None:
     """`dsv3 train --fp8 [--fp8-scales S]`: the trainer converts the model with that scale format and
     the micro run trains (BF16 autocast); a bad format is refused before work."""
-    from train_helpers import micro_config, write_corpus
-
     from dsv3.errors import ConfigError
     from dsv3.train.trainer import Trainer
+    from fixtures import micro_config, write_corpus
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=10)
     cfg = micro_config(

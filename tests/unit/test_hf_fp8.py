@@ -12,12 +12,9 @@ from safetensors.torch import save_file
 from dsv3 import ConfigError, ModelConfig, Transformer
 from dsv3 import hf as hf_io
 from dsv3.fp8.quant import sqnr_db
+from fixtures import FP8_BLOCKS
 
-# shapes on purpose not multiples of 128: mlp.up_proj [272, 160] is a 3x2 block grid with partial edges
-CFG = dict(vocab_size=300, hidden_size=160, num_hidden_layers=2, intermediate_size=272, num_attention_heads=2,
-           q_lora_rank=136, kv_lora_rank=72, qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=24,
-           moe_intermediate_size=40, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
-           first_k_dense_replace=1, num_nextn_predict_layers=1, initializer_range=0.05)  # fmt: skip
+CFG = FP8_BLOCKS
 QUANTIZED_IN_LAYER_1 = {  # what the official release stores as FP8 in an MoE layer
     *(f"self_attn.{p}.weight" for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
     *(f"mlp.shared_experts.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")),

@@ -3,7 +3,6 @@ full forward, FP8 storage, and the contiguous cache of infer/generate.py against
 
 import pytest
 import torch
-from model_helpers import SMALL
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.fp8.quant import quantize
@@ -11,6 +10,7 @@ from dsv3.infer.cache import PagedLatentCache
 from dsv3.infer.engine import Engine
 from dsv3.infer.generate import generate
 from dsv3.infer.sampling import SamplingParams
+from fixtures import SMALL_MLA as SMALL
 
 
 @pytest.fixture(autouse=True)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from train_helpers import write_corpus
 
 from dsv3.errors import DataError
 from dsv3.model.loss import IGNORE_INDEX
 from dsv3.tokenizer import load_tokenizer
 from dsv3.train.data import Corpus, build_token_cache, cached_tokenizer
 from dsv3.train.packing import Loader, PackedTokens, Part, Stream, unigram_entropy
+from fixtures import write_corpus
 
 
 @pytest.fixture(scope="module")

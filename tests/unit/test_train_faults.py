@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import micro_config, write_corpus
 
 from dsv3.checkpoint import LATEST, step_name
 from dsv3.cli import main
@@ -25,6 +24,7 @@ from dsv3.errors import CheckpointError, ConfigError
 from dsv3.train.config import TrainConfig
 from dsv3.train.metrics import read_metrics
 from dsv3.train.trainer import NonFiniteError, Trainer
+from fixtures import micro_config, write_corpus
 
 
 @pytest.fixture(scope="module")

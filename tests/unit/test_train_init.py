@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from train_helpers import micro_config, write_corpus
 
 from dsv3 import hf
 from dsv3.errors import ConfigError
 from dsv3.model.transformer import Transformer
 from dsv3.train.trainer import Trainer
+from fixtures import micro_config, write_corpus
 
 
 @pytest.fixture(scope="module")

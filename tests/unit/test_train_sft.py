@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from train_helpers import MICRO_MODEL
 
 from dsv3.config import ModelConfig
 from dsv3.infer.chat import DEFAULT_CHAT_TEMPLATE, ChatTokenizer
@@ -18,6 +17,7 @@ from dsv3.tokenizer import load_tokenizer
 from dsv3.train.data import Corpus, build_token_cache
 from dsv3.train.packing import Loader, PackedTokens
 from dsv3.train.sft import chat_problem, chat_template_for, encode_chats, turn_pieces
+from fixtures import MICRO
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -156,7 +156,7 @@ def test_a_token_outside_an_assistant_turn_never_gets_a_gradient(chat_split, tok
     _, split = chat_split
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(
-        "tiny", **{**MICRO_MODEL, "vocab_size": 4096, "num_nextn_predict_layers": 0}
+        "tiny", **{**MICRO, "vocab_size": 4096, "num_nextn_predict_layers": 0}
     )
     model = Transformer(cfg)
     batch = Loader(

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from train_helpers import MICRO_MODEL, micro_config, write_corpus
 
 from dsv3.errors import CheckpointError, ConfigError, DataError
 from dsv3.train.config import TrainConfig
 from dsv3.train.metrics import read_metrics, write_report
 from dsv3.train.trainer import Trainer
+from fixtures import MICRO, micro_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_bias_update_lowers_expert_load_violation_and_report_shows_both(corpus, 
     from PIL import Image
 
     data, cache = corpus
-    ungrouped = {**MICRO_MODEL, "n_group": 1, "topk_group": 1}
+    ungrouped = {**MICRO, "n_group": 1, "topk_group": 1}
 
     def final_maxvio(name: str, gamma: float) -> float:
         cfg = micro_config(tmp_path / name, data, cache, steps=60, batch_size=16, lr=1e-3, bias_gamma=gamma,

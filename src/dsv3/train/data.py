@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,7 @@ import numpy as np
 from dsv3.checkpoint import write_file_atomically, write_folder_atomically
 from dsv3.errors import DataError
 from dsv3.infer.chat import DEFAULT_CHAT_TEMPLATE
+from dsv3.progress import progress
 from dsv3.tokenizer import TokenizerInfo, train_tokenizer
 from dsv3.train.packing import Part, Stream
 from dsv3.train.sft import encode_chats, plain_text
@@ -132,7 +133,9 @@ def cached_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) -> Path:
     if not path.is_file():
         with _building(path):
             if not path.is_file():  # another run may have trained it while we waited
-                write_file_atomically(path, train_tokenizer(corpus, vocab_size).to_str())
+                with progress(f"training a byte-level BPE tokenizer (vocab {vocab_size})", corpus.size, "bytes") as advance:
+                    texts = (advance(len(t.encode())) or t for t in corpus)
+                    write_file_atomically(path, train_tokenizer(texts, vocab_size).to_str())
     return path
 
 
@@ -340,7 +343,7 @@ def _tokenize_into(
                         stat["documents"] += 1
                         stat["val_tokens" if held_out else "train_tokens"] += len(doc[0])
                         documents, val_documents = documents + 1, val_documents + held_out
-                advance(sum(record.size for _, record in batch), documents)
+                advance(sum(record.size for _, record in batch), documents=documents)
         chats = train.learned is not None or val.learned is not None
         if chats:  # both splits get the mask, so both are packed the same way
             train.keep_learned()
@@ -392,21 +395,9 @@ def _encode(
     return out
 
 
-@contextmanager
-def _progress(corpus: Corpus) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar over the corpus's bytes; yields advance(bytes read, documents so far)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (
-        TextColumn("tokenizing {task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TextColumn("{task.fields[documents]:,} documents"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns) as progress:
-        task = progress.add_task(", ".join(s.spec for s in corpus.sources), total=corpus.size, documents=0)
-        yield lambda nbytes, documents: progress.update(task, advance=nbytes, documents=documents)
+def _progress(corpus: Corpus):
+    """Progress over the corpus's bytes; yields advance(bytes read, documents=so far)."""
+    return progress("tokenizing " + ", ".join(s.spec for s in corpus.sources), total=corpus.size, unit="bytes")
 
 
 def _batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:

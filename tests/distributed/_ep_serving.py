@@ -1,0 +1,76 @@
+"""Shared by the expert-parallel serving tests: a small MoE model every rank builds identically,
+prompts of mixed lengths, the single-process Engine's outputs as the reference, and the
+cluster run (ClusterFront on rank 0, run_worker on the others) driven step by step with
+requests joining mid-run."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dsv3 import ModelConfig, Transformer
+from dsv3.infer.engine import Engine, SamplingParams
+
+CFG = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=4,
+           q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+           first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+           n_group=2, topk_group=1, num_nextn_predict_layers=1, max_position_embeddings=128,
+           initializer_range=0.15)  # fmt: skip
+
+
+def model() -> Transformer:
+    """The same weights in every process; large enough that greedy paths diverge on any error."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_dict(CFG)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.15 if p.dim() > 1 else 1 + 0.2 * torch.randn_like(p))
+    return m
+
+
+def requests(n: int = 10, seed: int = 1) -> list[tuple[list[int], SamplingParams]]:
+    """Mixed prompt lengths and max_tokens (requests end at different steps); greedy, and every
+    third one sampled with its own seed."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(
+            0, CFG["vocab_size"], (int(torch.randint(1, 24, (), generator=g)),), generator=g
+        )
+        temperature = 0.8 if i % 3 == 2 else 0.0
+        params = SamplingParams(
+            max_tokens=4 + 3 * (i % 4), temperature=temperature, seed=100 + i, ignore_eos=True
+        )
+        out.append((prompt.tolist(), params))
+    return out
+
+
+def reference(reqs, mtp: bool) -> list[list[int]]:
+    """The single-process Engine, all requests at once."""
+    engine = Engine(model(), max_batch_size=len(reqs), block_size=4, mtp=mtp)
+    return [o.token_ids for o in engine.generate([p for p, _ in reqs], [sp for _, sp in reqs])]
+
+
+def drive(front, reqs, join_every: int = 2, per_join: int = 3) -> list[list[int]]:
+    """Rank 0: feed the requests a few at a time between steps, run to the end; tokens in order."""
+    ids, final, pending, steps = [], {}, list(reqs), 0
+    while pending or front.has_unfinished():
+        if pending and steps % join_every == 0:
+            for prompt, params in pending[:per_join]:
+                ids.append(front.add_request(prompt, params))
+            pending = pending[per_join:]
+        for out in front.step():
+            if out.finished:
+                final[out.request_id] = out.token_ids
+        steps += 1
+    return [final[i] for i in ids]
+
+
+def ep_engine(mtp: bool, **kw):
+    """This rank's LockstepEngine over the test model with its experts split over the world."""
+    from dsv3.infer.lockstep import LockstepEngine
+    from dsv3.parallel.expert_parallel import apply_expert_parallel
+
+    m = model()
+    apply_expert_parallel(m, dist.group.WORLD)
+    return LockstepEngine(m, max_batch_size=kw.pop("max_batch_size", 4), block_size=4, mtp=mtp, **kw)
