@@ -34,10 +34,18 @@ from dsv3.train.trainer import Trainer  # noqa: E402
 
 
 def train(out: Path, gamma: float, args: argparse.Namespace) -> dict:
-    cfg = demo_config(str(out), args.seed, args.steps).updated({
-        "batch_size": args.batch, "seq_len": args.seq, "bias_gamma": gamma, "log_every": 1,
-        "eval_every": args.steps, "eval_batches": 2, "save_every": args.steps, "report": False,
-    })
+    cfg = demo_config(str(out), args.seed, args.steps).updated(
+        {
+            "batch_size": args.batch,
+            "seq_len": args.seq,
+            "bias_gamma": gamma,
+            "log_every": 1,
+            "eval_every": args.steps,
+            "eval_batches": 2,
+            "save_every": args.steps,
+            "report": False,
+        }
+    )
     start = time.perf_counter()
     Trainer(cfg).fit()
     records = read_metrics(out / "metrics.jsonl")
@@ -73,14 +81,20 @@ def main() -> None:
     for name, g in (("on", gamma), ("off", 0.0)):
         runs[name] = train(out / f"gamma_{name}", g, args)
         r = runs[name]
-        print(f"bias update {name:3s} (gamma {g:g}): MaxVio {r['first_maxvio']:.2f} (step 1) -> "
-              f"{r['final_maxvio']:.2f} (step {args.steps}; mean of last quarter {r['tail_mean_maxvio']:.2f}), "
-              f"loss {r['final_loss']:.3f}, {r['seconds']:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"bias update {name:3s} (gamma {g:g}): MaxVio {r['first_maxvio']:.2f} (step 1) -> "
+            f"{r['final_maxvio']:.2f} (step {args.steps}; mean of last quarter {r['tail_mean_maxvio']:.2f}), "
+            f"loss {r['final_loss']:.3f}, {r['seconds']:.0f} s",
+            flush=True,
+        )
     png = write_report(
-        out / "gamma_on" / "metrics.jsonl", out / "balance.png",
+        out / "gamma_on" / "metrics.jsonl",
+        out / "balance.png",
         title=f"tiny preset, {args.steps} steps x {args.batch}x{args.seq} tokens: router-bias update on vs off",
-        baseline=out / "gamma_off" / "metrics.jsonl", label=f"gamma {gamma:g}", baseline_label="gamma 0",
-    )  # fmt: skip
+        baseline=out / "gamma_off" / "metrics.jsonl",
+        label=f"gamma {gamma:g}",
+        baseline_label="gamma 0",
+    )
     on, off = runs["on"]["final_maxvio"], runs["off"]["final_maxvio"]
     print(f"final MaxVio: on {on:.2f} vs off {off:.2f} ({off / max(on, 1e-9):.1f}x lower with the update)")
     print(f"report: {png}")

@@ -51,8 +51,11 @@ def copy_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
 def bytes_read_per_step(model: Transformer, batch: int, context: int, cache_bytes_per_token: int) -> float:
     cfg = model.cfg
     routed = sum(p.numel() * p.element_size() for n, p in model.layers.named_parameters() if ".experts." in n)
-    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                if not n.startswith(("mtp.", "embed_tokens.")) and ".experts." not in n)  # fmt: skip
+    other = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if not n.startswith(("mtp.", "embed_tokens.")) and ".experts." not in n
+    )
     touched = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch
     return other + touched * routed + batch * context * cache_bytes_per_token
 
@@ -125,12 +128,16 @@ def decode_table(args) -> list[dict]:
             heads, dqk, dv = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
             ctx_now = context + args.window * (args.rounds + 1)
             row = {
-                "batch": batch, "context": context, "tokens_per_s": tps, "ratio_dsv3_over_hf": tps["dsv3"] / tps["hf"],
-                "window_s": times, "bandwidth_limit_tokens_per_s": limit,
+                "batch": batch,
+                "context": context,
+                "tokens_per_s": tps,
+                "ratio_dsv3_over_hf": tps["dsv3"] / tps["hf"],
+                "window_s": times,
+                "bandwidth_limit_tokens_per_s": limit,
                 "cache_bytes": {k: s.cache_bytes() for k, s in sides.items()},
                 "cache_bytes_allocated_dsv3": sides["dsv3"].engine.cache.nbytes,
                 "hf_expanded_kv_bytes_per_layer_per_step": batch * ctx_now * heads * (dqk + dv) * 4,
-            }  # fmt: skip
+            }
             rows.append(row)
             print(
                 f"B={batch} ctx={context}: dsv3 {tps['dsv3']:,.1f} tok/s | HF {tps['hf']:,.1f} tok/s | "
@@ -150,8 +157,16 @@ def mtp_acceptance(args) -> dict | None:
     from dsv3.tokenizer import load_tokenizer
 
     tok = load_tokenizer(TRAINED, 8192)
-    texts = ["import os\n", "def __init__(self", "class ", "    return ", "# Copyright", "for i in range(",
-             "if __name__ == ", "    def test_"]  # fmt: skip
+    texts = [
+        "import os\n",
+        "def __init__(self",
+        "class ",
+        "    return ",
+        "# Copyright",
+        "for i in range(",
+        "if __name__ == ",
+        "    def test_",
+    ]
     prompts = [[tok.bos_id] + tok.tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     params = SamplingParams(max_tokens=args.mtp_tokens, temperature=0, ignore_eos=True)
     result = {}
@@ -166,9 +181,11 @@ def mtp_acceptance(args) -> dict | None:
         }
     same = result["mtp"]["outputs"] == result["plain"]["outputs"]
     s = result["mtp"]
-    print(f"MTP on {TRAINED} (greedy, {len(prompts)} prompts x {args.mtp_tokens} tokens, batch 1): acceptance "
-          f"{s['mtp_acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens/forward, output identical to plain "
-          f"greedy: {same}; wall {result['plain']['seconds']:.2f} s plain vs {s['seconds']:.2f} s MTP")  # fmt: skip
+    print(
+        f"MTP on {TRAINED} (greedy, {len(prompts)} prompts x {args.mtp_tokens} tokens, batch 1): acceptance "
+        f"{s['mtp_acceptance_rate']:.1%}, {s['tokens_per_forward']:.2f} tokens/forward, output identical to plain "
+        f"greedy: {same}; wall {result['plain']['seconds']:.2f} s plain vs {s['seconds']:.2f} s MTP"
+    )
     for r in result.values():
         r.pop("outputs")
     return {**result, "identical_to_plain": same, "prompts": texts}

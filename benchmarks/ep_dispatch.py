@@ -174,8 +174,21 @@ def main() -> None:
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                   __file__, "--worker", "--out", str(out), "--tokens", str(args.tokens), "--iters", str(args.iters)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={world}",
+                __file__,
+                "--worker",
+                "--out",
+                str(out),
+                "--tokens",
+                str(args.tokens),
+                "--iters",
+                str(args.iters),
+            ]
             subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             runs.append(json.loads(out.read_text()))
 
@@ -187,9 +200,11 @@ def main() -> None:
     for r in runs:
         for name in ("bf16", "fp8", "bf16 per node", "fp8 per node"):
             d = r[name]
-            print(f"| {r['world_size']} | {name} | {d['dispatch_ms']:.2f} | {d['experts_ms']:.2f} | "
-                  f"{d['combine_ms']:.2f} | {d['a2a_share']:.0%} | {d['dispatch_bytes_per_call']:,} | "
-                  f"{d['cross_node_bytes_per_call']:,} |")  # fmt: skip
+            print(
+                f"| {r['world_size']} | {name} | {d['dispatch_ms']:.2f} | {d['experts_ms']:.2f} | "
+                f"{d['combine_ms']:.2f} | {d['a2a_share']:.0%} | {d['dispatch_bytes_per_call']:,} | "
+                f"{d['cross_node_bytes_per_call']:,} |"
+            )
     for r in runs:
         print(f"{r['world_size']} ranks: FP8 / BF16 dispatch bytes = {r['fp8_over_bf16_dispatch_bytes']:.6f}")
     print(
@@ -198,8 +213,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in runs:
         for n in r["node_limited"]:
-            print(f"| {r['world_size']} | {n['routing']} | {n['copies_per_token']} | "
-                  f"{n['uniform_expectation']} | {n['reduction']}x |")  # fmt: skip
+            print(
+                f"| {r['world_size']} | {n['routing']} | {n['copies_per_token']} | "
+                f"{n['uniform_expectation']} | {n['reduction']}x |"
+            )
     path = save_result("ep_dispatch", {"runs": runs, "args": vars(args)})
     print(f"wrote {path}")
 

@@ -28,8 +28,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import TRAINED_RUN, save_result  # noqa: E402
 from dsv3.parallel.eplb import gpu_loads, imbalance, rebalance_experts  # noqa: E402
 
-EXAMPLE = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-                        [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])  # fmt: skip
+EXAMPLE = torch.tensor(
+    [
+        [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+        [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+    ]
+)
 
 
 def measure_tiny_loads(model_dir: str, n_tokens: int) -> torch.Tensor:

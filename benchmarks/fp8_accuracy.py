@@ -74,9 +74,17 @@ def trained_sqnr_table(checkpoint: Path | None, batches: int) -> list[dict]:
             s = torch.tensor([e[1][gemm][0] for e in entries])
             t = torch.tensor([e[1][gemm][1] for e in entries])
             worst = max(entries, key=lambda e: e[0])  # the input with the strongest outlier channels
-            rows.append({"data": kind, "gemm": gemm, "sqnr_db": s.median().item(), "token_sqnr_db": t.median().item(),
-                         "outlier": worst[0], "sqnr_db_worst_outlier_input": worst[1][gemm][0],
-                         "matrices": len(entries)})  # fmt: skip
+            rows.append(
+                {
+                    "data": kind,
+                    "gemm": gemm,
+                    "sqnr_db": s.median().item(),
+                    "token_sqnr_db": t.median().item(),
+                    "outlier": worst[0],
+                    "sqnr_db_worst_outlier_input": worst[1][gemm][0],
+                    "matrices": len(entries),
+                }
+            )
     _print_sqnr(f"trained model inputs ({checkpoint}), median over layers", rows)
     return rows
 

@@ -34,8 +34,17 @@ def trained_model(checkpoint: Path | None, batches: int, steps_if_missing: int =
         print(
             f"no checkpoint at {checkpoint}: training the tiny preset for {steps_if_missing} steps in {out}"
         )
-        cfg = TrainConfig.from_dict({"out": str(out), "steps": steps_if_missing, "lr": 2e-3, "schedule": "cosine",
-                                     "warmup_steps": 5, "report": False, "eval_every": 10**9})
+        cfg = TrainConfig.from_dict(
+            {
+                "out": str(out),
+                "steps": steps_if_missing,
+                "lr": 2e-3,
+                "schedule": "cosine",
+                "warmup_steps": 5,
+                "report": False,
+                "eval_every": 10**9,
+            }
+        )
         Trainer(cfg).fit()
         checkpoint = out
     checkpoint = resolve_model_folder(checkpoint)
@@ -68,8 +77,13 @@ def capture(model: nn.Module, batches: list) -> tuple[dict, dict]:
         elif isinstance(module, GroupedExperts):
             hooks.append(module.register_forward_hook(lambda m, a, o, n=name: _experts(linears, n, m, *a)))
         elif name.endswith((".self_attn", ".mlp")) and "layers" in name:
-            hooks.append(module.register_forward_hook(lambda m, a, o, n=name: branches.setdefault(n, []).append(
-                (o[0] if isinstance(o, tuple) else o).flatten(0, -2))))  # fmt: skip
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, a, o, n=name: branches.setdefault(n, []).append(
+                        (o[0] if isinstance(o, tuple) else o).flatten(0, -2)
+                    )
+                )
+            )
     try:
         for x, _ in batches:
             model(x)

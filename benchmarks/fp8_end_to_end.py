@@ -51,9 +51,15 @@ def same_weights(checkpoint: Path, batches: int) -> dict:
     fp8 = losses()
     mean_b, mean_f = sum(bf16) / len(bf16), sum(fp8) / len(fp8)
     per_batch = [abs(f - b) / b for f, b in zip(fp8, bf16, strict=True)]
-    return {"checkpoint": str(checkpoint), "batches": len(data), "tokens": sum(x.numel() for x, _ in data),
-            "bf16_loss": mean_b, "fp8_loss": mean_f, "rel_diff": (mean_f - mean_b) / mean_b,
-            "max_batch_rel_diff": max(per_batch)}  # fmt: skip
+    return {
+        "checkpoint": str(checkpoint),
+        "batches": len(data),
+        "tokens": sum(x.numel() for x, _ in data),
+        "bf16_loss": mean_b,
+        "fp8_loss": mean_f,
+        "rel_diff": (mean_f - mean_b) / mean_b,
+        "max_batch_rel_diff": max(per_batch),
+    }
 
 
 def train_missing(runs: Path, steps: int) -> None:
@@ -62,8 +68,20 @@ def train_missing(runs: Path, steps: int) -> None:
             out = runs / f"{kind}_s{seed}"
             if (out / "hf" / "config.json").exists():
                 continue
-            cmd = [sys.executable, "-m", "dsv3", "train", "--out", str(out), "--steps", str(steps), *RUN_FLAGS,
-                   "--seed", str(seed), *(["--fp8"] if kind == "fp8" else [])]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "dsv3",
+                "train",
+                "--out",
+                str(out),
+                "--steps",
+                str(steps),
+                *RUN_FLAGS,
+                "--seed",
+                str(seed),
+                *(["--fp8"] if kind == "fp8" else []),
+            ]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
 
@@ -92,10 +110,15 @@ def compare(val: dict[str, dict[int, float]]) -> dict:
     bf16 = [final[f"bf16_s{s}"] for s in SEEDS if f"bf16_s{s}" in final]
     fp8 = [final[f"fp8_s{s}"] for s in SEEDS if f"fp8_s{s}" in final]
     spread = (max(bf16) - min(bf16)) / min(bf16)
-    return {"steps": {n: max(c) for n, c in val.items()}, "final_val_loss": final, "gap_per_seed": gaps,
-            "max_abs_gap": max(abs(g) for g in gaps.values()), "bf16_seed_spread": spread,
-            "fp8_seed_spread": (max(fp8) - min(fp8)) / min(fp8),
-            "mean_gap": (sum(fp8) / len(fp8) - sum(bf16) / len(bf16)) / (sum(bf16) / len(bf16))}  # fmt: skip
+    return {
+        "steps": {n: max(c) for n, c in val.items()},
+        "final_val_loss": final,
+        "gap_per_seed": gaps,
+        "max_abs_gap": max(abs(g) for g in gaps.values()),
+        "bf16_seed_spread": spread,
+        "fp8_seed_spread": (max(fp8) - min(fp8)) / min(fp8),
+        "mean_gap": (sum(fp8) / len(fp8) - sum(bf16) / len(bf16)) / (sum(bf16) / len(bf16)),
+    }
 
 
 def plot(val: dict[str, dict[int, float]], png: Path) -> None:
@@ -152,8 +175,10 @@ def main() -> None:
     if args.checkpoint.exists():
         a = result["same_weights"] = same_weights(args.checkpoint, args.batches)
         print(f"(a) {a['checkpoint']}: {a['batches']} validation batches ({a['tokens']:,} tokens)")
-        print(f"    BF16 forward {a['bf16_loss']:.5f}  FP8 forward {a['fp8_loss']:.5f}  "
-              f"rel. diff {100 * a['rel_diff']:+.4f}% (bound 0.1%)")  # fmt: skip
+        print(
+            f"    BF16 forward {a['bf16_loss']:.5f}  FP8 forward {a['fp8_loss']:.5f}  "
+            f"rel. diff {100 * a['rel_diff']:+.4f}% (bound 0.1%)"
+        )
     val = curves(args.runs)
     c = result["runs"] = compare(val)
     if c:
@@ -162,17 +187,24 @@ def main() -> None:
             print(f"{name:10s} {c['steps'][name]:6d} {loss:20.4f}")
         for s, g in c["gap_per_seed"].items():
             print(f"(b) seed {s}: FP8 - BF16 = {100 * g:+.3f}% (paper: within 0.25%)")
-        print(f"(c) max |FP8 - BF16| over seeds {100 * c['max_abs_gap']:.3f}%, mean gap {100 * c['mean_gap']:+.3f}%; "
-              f"BF16 seed-to-seed spread {100 * c['bf16_seed_spread']:.3f}%, FP8 {100 * c['fp8_seed_spread']:.3f}%")  # fmt: skip
+        print(
+            f"(c) max |FP8 - BF16| over seeds {100 * c['max_abs_gap']:.3f}%, mean gap {100 * c['mean_gap']:+.3f}%; "
+            f"BF16 seed-to-seed spread {100 * c['bf16_seed_spread']:.3f}%, FP8 {100 * c['fp8_seed_spread']:.3f}%"
+        )
         RESULTS.mkdir(exist_ok=True)
         plot(val, RESULTS / "fp8_end_to_end.png")
         result["curves"] = val
     if (args.runs / "fp8_s0/metrics.jsonl").exists() and (args.runs / "bf16_s0/metrics.jsonl").exists():
         from dsv3.train.metrics import write_report
 
-        png = write_report(args.runs / "fp8_s0/metrics.jsonl", RESULTS / "fp8_vs_bf16_report.png",
-                           title="FP8 (--fp8) vs BF16, seed 0", baseline=args.runs / "bf16_s0/metrics.jsonl",
-                           label="FP8", baseline_label="BF16")  # fmt: skip
+        png = write_report(
+            args.runs / "fp8_s0/metrics.jsonl",
+            RESULTS / "fp8_vs_bf16_report.png",
+            title="FP8 (--fp8) vs BF16, seed 0",
+            baseline=args.runs / "bf16_s0/metrics.jsonl",
+            label="FP8",
+            baseline_label="BF16",
+        )
         print(f"report with both runs: {png}")
     print(f"results: {save_result('fp8_end_to_end', result)}")
 

@@ -56,12 +56,20 @@ def fp8_gemm_fn(m: int, n: int, k: int):
         from torch.nn.functional import ScalingType
 
         outer = lambda s: s.float().t().contiguous().t()  # noqa: E731
-        candidates.append((
-            "blockwise 1x128 x 128x128",
-            lambda: F.scaled_mm(a_data, b_data, scale_a=outer(a.scale), scale_recipe_a=ScalingType.BlockWise1x128,
-                                scale_b=outer(b.scale), scale_recipe_b=ScalingType.BlockWise128x128,
-                                output_dtype=torch.bfloat16),
-        ))  # fmt: skip
+        candidates.append(
+            (
+                "blockwise 1x128 x 128x128",
+                lambda: F.scaled_mm(
+                    a_data,
+                    b_data,
+                    scale_a=outer(a.scale),
+                    scale_recipe_a=ScalingType.BlockWise1x128,
+                    scale_b=outer(b.scale),
+                    scale_recipe_b=ScalingType.BlockWise128x128,
+                    output_dtype=torch.bfloat16,
+                ),
+            )
+        )
     except ImportError:
         pass
     row_a = a.data.float().abs().amax(1, keepdim=True).clamp(min=1e-4) / 448  # [M, 1]
@@ -96,14 +104,26 @@ def gemm_table(iters: int) -> list[dict]:
             bf16 = flops / cuda_time(lambda: x @ w.t(), iters) / 1e12  # noqa: B023
             fn, recipe = fp8_gemm_fn(m, n, k)
             fp8 = flops / cuda_time(fn, iters) / 1e12
-            rows.append({"M": m, "N": n, "K": k, "recipe": recipe, "fp8_tflops": fp8, "bf16_tflops": bf16,
-                         "speedup": fp8 / bf16, "vs_deepgemm_h800": fp8 / DEEPGEMM_H800_TFLOPS})  # fmt: skip
+            rows.append(
+                {
+                    "M": m,
+                    "N": n,
+                    "K": k,
+                    "recipe": recipe,
+                    "fp8_tflops": fp8,
+                    "bf16_tflops": bf16,
+                    "speedup": fp8 / bf16,
+                    "vs_deepgemm_h800": fp8 / DEEPGEMM_H800_TFLOPS,
+                }
+            )
     print(
         f"{'M':>5s} {'N':>6s} {'K':>6s} {'FP8 TFLOP/s':>11s} {'BF16':>7s} {'FP8/BF16':>8s} {'vs 1550':>7s}  recipe"
     )
     for r in rows:
-        print(f"{r['M']:5d} {r['N']:6d} {r['K']:6d} {r['fp8_tflops']:11.0f} {r['bf16_tflops']:7.0f} "
-              f"{r['speedup']:8.2f} {r['vs_deepgemm_h800']:7.2f}  {r['recipe']}")  # fmt: skip
+        print(
+            f"{r['M']:5d} {r['N']:6d} {r['K']:6d} {r['fp8_tflops']:11.0f} {r['bf16_tflops']:7.0f} "
+            f"{r['speedup']:8.2f} {r['vs_deepgemm_h800']:7.2f}  {r['recipe']}"
+        )
     return rows
 
 
@@ -124,8 +144,17 @@ def linear_table(iters: int) -> list[dict]:
             name: cuda_time(lambda mod=mod, x=x, dy=dy: mod(x).backward(dy), iters)
             for name, mod in (("bf16", bf16), ("fp8", fp8))
         }
-        rows.append({"M": m, "N": n, "K": k, "bf16_ms": 1e3 * times["bf16"], "fp8_ms": 1e3 * times["fp8"],
-                     "speedup": times["bf16"] / times["fp8"], "fp8_tflops": 6 * m * n * k / times["fp8"] / 1e12})  # fmt: skip
+        rows.append(
+            {
+                "M": m,
+                "N": n,
+                "K": k,
+                "bf16_ms": 1e3 * times["bf16"],
+                "fp8_ms": 1e3 * times["fp8"],
+                "speedup": times["bf16"] / times["fp8"],
+                "fp8_tflops": 6 * m * n * k / times["fp8"] / 1e12,
+            }
+        )
     print(f"\n{'Linear fwd+bwd':>20s} {'BF16 ms':>8s} {'FP8 ms':>8s} {'speedup':>7s} {'FP8 TFLOP/s':>11s}")
     for r in rows:
         print(

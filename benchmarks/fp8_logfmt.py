@@ -56,14 +56,24 @@ def main() -> None:
     for name, x in data.items():
         for codec, (fn, nbytes) in CODECS.items():
             y = fn(x)
-            rows.append({"data": name, "codec": codec, "sqnr_db": sqnr_db(x, y), "token_sqnr_db": sqnr_db(x, y, True),
-                         "rel_l2": ((y - x).norm() / x.norm()).item(), "bytes_per_elem": nbytes})  # fmt: skip
+            rows.append(
+                {
+                    "data": name,
+                    "codec": codec,
+                    "sqnr_db": sqnr_db(x, y),
+                    "token_sqnr_db": sqnr_db(x, y, True),
+                    "rel_l2": ((y - x).norm() / x.norm()).item(),
+                    "bytes_per_elem": nbytes,
+                }
+            )
     print(
         f"{'data':25s} {'codec':11s} {'SQNR dB':>8s} {'per-token':>9s} {'rel L2 err':>10s} {'bytes/el':>8s}"
     )
     for r in rows:
-        print(f"{r['data']:25s} {r['codec']:11s} {r['sqnr_db']:8.2f} {r['token_sqnr_db']:9.2f} "
-              f"{r['rel_l2']:10.2e} {r['bytes_per_elem']:8.4f}")  # fmt: skip
+        print(
+            f"{r['data']:25s} {r['codec']:11s} {r['sqnr_db']:8.2f} {r['token_sqnr_db']:9.2f} "
+            f"{r['rel_l2']:10.2e} {r['bytes_per_elem']:8.4f}"
+        )
     save_result("fp8_logfmt", {"checkpoint": str(args.checkpoint), "rows": rows})
 
 

@@ -121,9 +121,15 @@ def main() -> None:
         print(f"{name:36s} {1e3 * s:8.1f} {x.numel() * 4 / 1e9 / s:6.2f}")
     save_result(
         "fp8_speed",
-        {"fmt": args.fmt, "step_s": times, "median_s": med, "ratio": ratio, "breakdown_s": parts,
-         "quantize_s": quant_s},
-    )  # fmt: skip
+        {
+            "fmt": args.fmt,
+            "step_s": times,
+            "median_s": med,
+            "ratio": ratio,
+            "breakdown_s": parts,
+            "quantize_s": quant_s,
+        },
+    )
 
 
 def _timed(fn) -> float:

@@ -124,8 +124,16 @@ def summarize(args: dict, world: int, per_rank: list[dict]) -> dict:
     step = statistics.median(max(r["step_s"][i] for r in per_rank) for i in range(args["steps"]))
     a2a = statistics.median(max(r["a2a_s"][i] for r in per_rank) for i in range(args["steps"]))
     tokens = world * args["batch"] * args["seq"]
-    return {"device": args["device"], "ranks": world, "ep": world, "step_s": step, "tokens_per_s": tokens / step,
-            "all_to_all_s": a2a, "all_to_all_fraction": a2a / step, "other_s": step - a2a}  # fmt: skip
+    return {
+        "device": args["device"],
+        "ranks": world,
+        "ep": world,
+        "step_s": step,
+        "tokens_per_s": tokens / step,
+        "all_to_all_s": a2a,
+        "all_to_all_fraction": a2a / step,
+        "other_s": step - a2a,
+    }
 
 
 def report(args: dict, rows: list[dict], append: bool = False) -> None:
@@ -142,8 +150,10 @@ def report(args: dict, rows: list[dict], append: bool = False) -> None:
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
         r["efficiency"] = r["tokens_per_s"] / (base * r["ranks"])
-        print(f"{r['ranks']:>5} {r['tokens_per_s']:>10,.0f} {r['speedup']:>8.2f}x {100 * r['efficiency']:>9.0f}% "
-              f"{1e3 * r['step_s']:>8.1f} {1e3 * r['all_to_all_s']:>14.1f} {100 * r['all_to_all_fraction']:>5.1f}%")  # fmt: skip
+        print(
+            f"{r['ranks']:>5} {r['tokens_per_s']:>10,.0f} {r['speedup']:>8.2f}x {100 * r['efficiency']:>9.0f}% "
+            f"{1e3 * r['step_s']:>8.1f} {1e3 * r['all_to_all_s']:>14.1f} {100 * r['all_to_all_fraction']:>5.1f}%"
+        )
     path = save_result("scaling", {"config": args, "rows": rows})
     print(f"wrote {path}")
 

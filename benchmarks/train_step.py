@@ -90,10 +90,16 @@ def main() -> None:
         tps = {k: tokens / v for k, v in med.items()}
         mfu = fpt * tps["dsv3"] / (peaks[dt] * 1e12)
         row = {
-            "dtype": dt, "tokens_per_step": tokens, "median_s": med, "tokens_per_s": tps,
-            "ratio_dsv3_over_hf": tps["dsv3"] / tps["hf"], "flops_per_token": fpt,
-            "gemm_peak_tflops": peaks[dt], "mfu_dsv3": mfu, "mfu_hf": fpt * tps["hf"] / (peaks[dt] * 1e12),
-        }  # fmt: skip
+            "dtype": dt,
+            "tokens_per_step": tokens,
+            "median_s": med,
+            "tokens_per_s": tps,
+            "ratio_dsv3_over_hf": tps["dsv3"] / tps["hf"],
+            "flops_per_token": fpt,
+            "gemm_peak_tflops": peaks[dt],
+            "mfu_dsv3": mfu,
+            "mfu_hf": fpt * tps["hf"] / (peaks[dt] * 1e12),
+        }
         rows.append(row)
         print(
             f"{dt}: dsv3 {tps['dsv3']:,.0f} tok/s | HF {tps['hf']:,.0f} tok/s | ratio {row['ratio_dsv3_over_hf']:.2f}x"

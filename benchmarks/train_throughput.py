@@ -77,10 +77,19 @@ def bench_preset(preset: str, batch: int, seq: int, steps: int, warmup: int, pea
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    cfg = TrainConfig.from_dict({
-        "out": str(out / preset), "preset": preset, "seq_len": seq, "batch_size": batch, "steps": warmup + steps,
-        "dtype": "bfloat16", "report": False, "peak_tflops": peak, "seed": 0,
-    })
+    cfg = TrainConfig.from_dict(
+        {
+            "out": str(out / preset),
+            "preset": preset,
+            "seq_len": seq,
+            "batch_size": batch,
+            "steps": warmup + steps,
+            "dtype": "bfloat16",
+            "report": False,
+            "peak_tflops": peak,
+            "seed": 0,
+        }
+    )
     trainer = Trainer(cfg)
     device = trainer.device
     with tempfile.TemporaryDirectory() as d:
@@ -126,12 +135,22 @@ def bench_preset(preset: str, batch: int, seq: int, steps: int, warmup: int, pea
     }
     mfu = {k: fpt[k] * tps[k] / (peak * 1e12) for k in tps}
     row = {
-        "preset": preset, "batch": batch, "seq": seq, "tokens_per_step": tokens, "steps": steps,
-        "warmup": warmup, "device": device.type, "median_s": med, "tokens_per_s": tps,
-        "ratio_dsv3_over_hf": tps["dsv3"] / tps["hf"], "mfu_ratio_dsv3_over_hf": mfu["dsv3"] / mfu["hf"],
-        "flops_per_token": fpt, "mfu": mfu,
-        "first_step_loss": first_loss, "mtp_depth_dsv3": trainer.model_config.num_nextn_predict_layers,
-    }  # fmt: skip
+        "preset": preset,
+        "batch": batch,
+        "seq": seq,
+        "tokens_per_step": tokens,
+        "steps": steps,
+        "warmup": warmup,
+        "device": device.type,
+        "median_s": med,
+        "tokens_per_s": tps,
+        "ratio_dsv3_over_hf": tps["dsv3"] / tps["hf"],
+        "mfu_ratio_dsv3_over_hf": mfu["dsv3"] / mfu["hf"],
+        "flops_per_token": fpt,
+        "mfu": mfu,
+        "first_step_loss": first_loss,
+        "mtp_depth_dsv3": trainer.model_config.num_nextn_predict_layers,
+    }
     print(
         f"{preset} (batch {batch} x seq {seq}, median of {steps} steps after {warmup} warm-up):\n"
         f"  dsv3 train (MTP {row['mtp_depth_dsv3']}) {tps['dsv3']:,.0f} tok/s  MFU {mfu['dsv3']:.1%}"

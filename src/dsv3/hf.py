@@ -323,6 +323,9 @@ def write_pretrained(model, folder: Path, max_shard_bytes: int | None = None, fp
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     config = model.cfg.to_hf(dtype)
     tensors = to_hf_state_dict(model)
+    if any(name.endswith(SCALE_SUFFIX) for name in tensors):
+        raise ConfigError("this model holds FP8-resident weights (dsv3.fp8.resident), which are for inference: "
+                          "save the checkpoint it was loaded from, or convert it with `dsv3 convert --to fp8`")
     if fp8:
         config = release_config(config, "fp8")
         tensors = dict(to_fp8_tensors(tensors.items()))

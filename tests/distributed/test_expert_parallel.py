@@ -60,8 +60,16 @@ def ranks():
 
 
 def _moe_cfg(**kw):
-    base = dict(hidden_size=128, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
-                moe_intermediate_size=32, num_hidden_layers=2, first_k_dense_replace=1)  # fmt: skip
+    base = dict(
+        hidden_size=128,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+    )
     return ModelConfig.from_preset("tiny", **{**base, **kw})
 
 
@@ -272,11 +280,24 @@ def test_node_limited_routing_4_ranks_as_2_nodes(ranks):
 
 def _tiny_cfg():
     return ModelConfig.from_preset(
-        "tiny", vocab_size=256, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
-        num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=16, v_head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
-        num_experts_per_tok=2, n_group=4, topk_group=2, num_nextn_predict_layers=1,
-    )  # fmt: skip
+        "tiny",
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        intermediate_size=96,
+        num_attention_heads=2,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        num_nextn_predict_layers=1,
+    )
 
 
 def _batch(rank, vocab):

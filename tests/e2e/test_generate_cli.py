@@ -23,8 +23,14 @@ def engine(folder):
 
 
 def dsv3(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsv3", *args], input=stdin, capture_output=True, text=True,
-                          timeout=300, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "dsv3", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def greedy(engine, ids, n, stop=()) -> str:
@@ -82,8 +88,19 @@ def test_seeded_sampling_is_reproducible_and_sample_returns_prompt_plus_text(fol
 def test_chat_keeps_the_conversation(folder, engine):
     _, tok = engine
     turns = ["hello", "and then?"]
-    result = dsv3("generate", "--checkpoint", str(folder), "--chat", "--max-tokens", "6", "--temperature", "0",
-                  "--system", "Be brief.", stdin="\n".join(turns) + "\n")  # fmt: skip
+    result = dsv3(
+        "generate",
+        "--checkpoint",
+        str(folder),
+        "--chat",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--system",
+        "Be brief.",
+        stdin="\n".join(turns) + "\n",
+    )
     assert result.returncode == 0, result.stderr
     answers = result.stdout.split("\n")[:-1]
     assert len(answers) == 2 and result.stderr.count("tokens/s") == 2 and result.stderr.count("user> ") == 3

@@ -70,8 +70,13 @@ def test_models_health_and_metrics(served):
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     values = dict(line.split(" ") for line in metrics.text.splitlines() if not line.startswith("#"))
-    for name in ("dsv3_generation_tokens_per_second", "dsv3_requests_running", "dsv3_requests_waiting",
-                 "dsv3_cache_blocks_used", "dsv3_cache_blocks_total"):  # fmt: skip
+    for name in (
+        "dsv3_generation_tokens_per_second",
+        "dsv3_requests_running",
+        "dsv3_requests_waiting",
+        "dsv3_cache_blocks_used",
+        "dsv3_cache_blocks_total",
+    ):
         assert name in values
     assert float(values["dsv3_generation_tokens_total"]) >= 2
     assert float(values["dsv3_cache_blocks_total"]) == engine.cache.num_blocks
@@ -102,13 +107,24 @@ def test_completion_and_chat_equal_the_engine_alone(served):
 
 def test_streaming_completion_and_chat(served):
     server, _, _, refs = served
-    chunks = list(server.client.completions.create(model="micro", prompt=PROMPTS[1], max_tokens=N, temperature=0,
-                                                   stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        server.client.completions.create(
+            model="micro",
+            prompt=PROMPTS[1],
+            max_tokens=N,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == refs[PROMPTS[1]].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == refs[PROMPTS[1]].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(refs[PROMPTS[1]].token_ids)
-    chunks = list(server.client.chat.completions.create(model="micro", messages=CHAT, max_tokens=N, temperature=0,
-                                                        stream=True))  # fmt: skip
+    chunks = list(
+        server.client.chat.completions.create(
+            model="micro", messages=CHAT, max_tokens=N, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == refs["chat"].text
     assert chunks[-1].choices[0].finish_reason == refs["chat"].finish_reason
@@ -128,8 +144,9 @@ def test_32_concurrent_clients_are_batched_and_all_correct(served):
     def ask(i: int) -> str:
         prompt = PROMPTS[i % len(PROMPTS)]
         if i % 2:  # half of them stream
-            stream = server.client.completions.create(model="micro", prompt=prompt, max_tokens=N, temperature=0,
-                                                      stream=True)  # fmt: skip
+            stream = server.client.completions.create(
+                model="micro", prompt=prompt, max_tokens=N, temperature=0, stream=True
+            )
             return "".join(c.choices[0].text for c in stream)
         return (
             server.client.completions.create(model="micro", prompt=prompt, max_tokens=N, temperature=0)
@@ -155,37 +172,130 @@ BAD = [  # (case, body, path, status, param, code)
     ("malformed JSON", '{"model": "micro", "prompt": ', "/v1/completions", 400, None, "invalid_json"),
     ("not an object", "[1, 2]", "/v1/completions", 400, None, "invalid_body"),
     ("missing prompt", {"model": "micro"}, "/v1/completions", 400, "prompt", "missing_required_parameter"),
-    ("max_tokens wrong type", {**GOOD, "max_tokens": "ten"}, "/v1/completions", 400, "max_tokens", "invalid_value"),
+    (
+        "max_tokens wrong type",
+        {**GOOD, "max_tokens": "ten"},
+        "/v1/completions",
+        400,
+        "max_tokens",
+        "invalid_value",
+    ),
     ("max_tokens float", {**GOOD, "max_tokens": 2.5}, "/v1/completions", 400, "max_tokens", "invalid_value"),
-    ("temperature wrong type", {**GOOD, "temperature": "hot"}, "/v1/completions", 400, "temperature", "invalid_value"),
+    (
+        "temperature wrong type",
+        {**GOOD, "temperature": "hot"},
+        "/v1/completions",
+        400,
+        "temperature",
+        "invalid_value",
+    ),
     ("stream wrong type", {**GOOD, "stream": "yes"}, "/v1/completions", 400, "stream", "invalid_value"),
-    ("prompt wrong type", {**GOOD, "prompt": {"text": "x"}}, "/v1/completions", 400, "prompt", "invalid_value"),
-    ("negative max_tokens", {**GOOD, "max_tokens": -5}, "/v1/completions", 400, "max_tokens", "invalid_value"),
+    (
+        "prompt wrong type",
+        {**GOOD, "prompt": {"text": "x"}},
+        "/v1/completions",
+        400,
+        "prompt",
+        "invalid_value",
+    ),
+    (
+        "negative max_tokens",
+        {**GOOD, "max_tokens": -5},
+        "/v1/completions",
+        400,
+        "max_tokens",
+        "invalid_value",
+    ),
     ("zero max_tokens", {**GOOD, "max_tokens": 0}, "/v1/completions", 400, "max_tokens", "invalid_value"),
     ("huge max_tokens", {**GOOD, "max_tokens": 10**9}, "/v1/completions", 400, "max_tokens", "invalid_value"),
-    ("temperature out of range", {**GOOD, "temperature": 5}, "/v1/completions", 400, "temperature", "invalid_value"),
+    (
+        "temperature out of range",
+        {**GOOD, "temperature": 5},
+        "/v1/completions",
+        400,
+        "temperature",
+        "invalid_value",
+    ),
     ("top_p zero", {**GOOD, "top_p": 0}, "/v1/completions", 400, "top_p", "invalid_value"),
     ("negative seed", {**GOOD, "seed": -1}, "/v1/completions", 400, "seed", "invalid_value"),
-    ("too many stops", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, "/v1/completions", 400, "stop", "invalid_value"),
-    ("prompt over the limit", {**GOOD, "prompt": [5] * 129}, "/v1/completions", 400, "prompt", "context_length_exceeded"),
-    ("over the context", {**GOOD, "prompt": [5] * 100, "max_tokens": 190}, "/v1/completions", 400, "max_tokens",
-     "context_length_exceeded"),
-    ("token id out of vocab", {**GOOD, "prompt": [1, MICRO_VOCAB]}, "/v1/completions", 400, "prompt", "invalid_value"),
+    (
+        "too many stops",
+        {**GOOD, "stop": ["a", "b", "c", "d", "e"]},
+        "/v1/completions",
+        400,
+        "stop",
+        "invalid_value",
+    ),
+    (
+        "prompt over the limit",
+        {**GOOD, "prompt": [5] * 129},
+        "/v1/completions",
+        400,
+        "prompt",
+        "context_length_exceeded",
+    ),
+    (
+        "over the context",
+        {**GOOD, "prompt": [5] * 100, "max_tokens": 190},
+        "/v1/completions",
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    ),
+    (
+        "token id out of vocab",
+        {**GOOD, "prompt": [1, MICRO_VOCAB]},
+        "/v1/completions",
+        400,
+        "prompt",
+        "invalid_value",
+    ),
     ("unknown model", {**GOOD, "model": "gpt-4"}, "/v1/completions", 404, "model", "model_not_found"),
     ("n > 1", {**GOOD, "n": 2}, "/v1/completions", 400, "n", "unsupported_parameter"),
     ("logprobs", {**GOOD, "logprobs": 3}, "/v1/completions", 400, "logprobs", "unsupported_parameter"),
     ("unknown field", {**GOOD, "temprature": 0.5}, "/v1/completions", 400, "temprature", "unknown_parameter"),
-    ("chat: bad role", {"model": "micro", "messages": [{"role": "robot", "content": "hi"}]}, "/v1/chat/completions",
-     400, "messages[0].role", "invalid_value"),
-    ("chat: no messages", {"model": "micro", "messages": []}, "/v1/chat/completions", 400, "messages", "invalid_value"),
-    ("chat: content wrong type", {"model": "micro", "messages": [{"role": "user", "content": 7}]},
-     "/v1/chat/completions", 400, "messages[0].content", "invalid_value"),
-    ("chat: unknown model", {"model": "x", "messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions",
-     404, "model", "model_not_found"),
-    ("chat: n > 1", {"model": "micro", "n": 3, "messages": [{"role": "user", "content": "hi"}]},
-     "/v1/chat/completions", 400, "n", "unsupported_parameter"),
+    (
+        "chat: bad role",
+        {"model": "micro", "messages": [{"role": "robot", "content": "hi"}]},
+        "/v1/chat/completions",
+        400,
+        "messages[0].role",
+        "invalid_value",
+    ),
+    (
+        "chat: no messages",
+        {"model": "micro", "messages": []},
+        "/v1/chat/completions",
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    (
+        "chat: content wrong type",
+        {"model": "micro", "messages": [{"role": "user", "content": 7}]},
+        "/v1/chat/completions",
+        400,
+        "messages[0].content",
+        "invalid_value",
+    ),
+    (
+        "chat: unknown model",
+        {"model": "x", "messages": [{"role": "user", "content": "hi"}]},
+        "/v1/chat/completions",
+        404,
+        "model",
+        "model_not_found",
+    ),
+    (
+        "chat: n > 1",
+        {"model": "micro", "n": 3, "messages": [{"role": "user", "content": "hi"}]},
+        "/v1/chat/completions",
+        400,
+        "n",
+        "unsupported_parameter",
+    ),
     ("unknown route", GOOD, "/v1/embeddings", 404, None, "not_found"),
-]  # fmt: skip
+]
 
 
 def test_every_bad_request_gets_a_4xx_json_error_and_the_server_keeps_serving(served):
@@ -244,9 +354,22 @@ def test_dsv3_serve_command(folder, capsys):
     assert main(["serve", "--checkpoint", str(folder), "--max-concurrent", "0"]) == 2
     assert "max_concurrent=0: must be an integer >= 1" in capsys.readouterr().err
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dsv3", "serve", "--checkpoint", str(folder), "--port", str(port), "--max-seq-len", "128"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "dsv3",
+            "serve",
+            "--checkpoint",
+            str(folder),
+            "--port",
+            str(port),
+            "--max-seq-len",
+            "128",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 90
         while time.time() < deadline:

@@ -19,8 +19,19 @@ from dsv3.train.metrics import read_metrics
 def torchrun(
     tmp: Path, nproc: int, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "--max-restarts", "1", "-m", "dsv3", *train_args(tmp, "--no-report", *extra)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        "1",
+        "-m",
+        "dsv3",
+        *train_args(tmp, "--no-report", *extra),
+    ]
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env, check=False)
 

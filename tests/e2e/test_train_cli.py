@@ -23,11 +23,41 @@ def dsv3(*args: str) -> subprocess.CompletedProcess:
 
 def train_args(tmp: Path, *extra: str) -> list[str]:
     return [
-        "train", "--out", str(tmp / "run"), "--data", EMAIL_PACKAGE, "--cache-dir", str(tmp / "cache"),
-        "--model-overrides", json.dumps(MICRO), "--seq-len", "32", "--batch-size", "4", "--steps", "6",
-        "--lr", "3e-3", "--dtype", "float32", "--val-fraction", "0.2", "--eval-every", "3",
-        "--eval-batches", "2", "--save-every", "3", "--log-every", "1", "--peak-tflops", "1", "--threads", "1", *extra,
-    ]  # fmt: skip
+        "train",
+        "--out",
+        str(tmp / "run"),
+        "--data",
+        EMAIL_PACKAGE,
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--model-overrides",
+        json.dumps(MICRO),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--steps",
+        "6",
+        "--lr",
+        "3e-3",
+        "--dtype",
+        "float32",
+        "--val-fraction",
+        "0.2",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "2",
+        "--save-every",
+        "3",
+        "--log-every",
+        "1",
+        "--peak-tflops",
+        "1",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def test_train_stop_resume_generate(tmp_path):

@@ -21,11 +21,19 @@ from dsv3.infer.chat import (
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}],
-    [{"role": "system", "content": "A"}, {"role": "system", "content": "B"}, {"role": "user", "content": "ünï ✓\n"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "more"},
+    ],
+    [
+        {"role": "system", "content": "A"},
+        {"role": "system", "content": "B"},
+        {"role": "user", "content": "ünï ✓\n"},
+    ],
     [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}],
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +90,12 @@ def test_special_tokens_become_their_ids(folder):
 
 @pytest.mark.parametrize(
     "messages, message",
-    [([], "at least one"), ([{"role": "bot", "content": "x"}], r"messages\[0\].role='bot'"),
-     ([{"role": "user", "content": None}], r"messages\[0\].content must be a string")],
-)  # fmt: skip
+    [
+        ([], "at least one"),
+        ([{"role": "bot", "content": "x"}], r"messages\[0\].role='bot'"),
+        ([{"role": "user", "content": None}], r"messages\[0\].content must be a string"),
+    ],
+)
 def test_bad_messages_are_clear_errors(messages, message):
     with pytest.raises(ChatError, match=message):
         render(DEFAULT_CHAT_TEMPLATE, messages, "", "")

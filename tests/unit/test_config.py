@@ -16,8 +16,15 @@ def test_presets_are_valid_and_round_trip_through_hf_json(name, tmp_path):
 
 def test_tiny_linear_dims_are_fp8_tile_aligned():
     cfg = ModelConfig.from_preset("tiny")
-    for dim in (cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size, cfg.q_lora_rank, cfg.kv_lora_rank,
-                cfg.num_attention_heads * cfg.qk_head_dim, cfg.num_attention_heads * cfg.v_head_dim):  # fmt: skip
+    for dim in (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.moe_intermediate_size,
+        cfg.q_lora_rank,
+        cfg.kv_lora_rank,
+        cfg.num_attention_heads * cfg.qk_head_dim,
+        cfg.num_attention_heads * cfg.v_head_dim,
+    ):
         assert dim % 128 == 0, dim
 
 
@@ -81,12 +88,32 @@ def test_from_hf_ignores_extras_fills_class_defaults_and_requires_architecture(t
 
 
 def test_rope_scaling_and_rope_parameters_are_the_same_config():
-    published = {"model_type": "deepseek_v3", "rope_theta": 10000.0, "rope_scaling": {
-        "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0}}  # fmt: skip
-    transformers5 = {"model_type": "deepseek_v3", "rope_parameters": {
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}  # fmt: skip
+    published = {
+        "model_type": "deepseek_v3",
+        "rope_theta": 10000.0,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    }
+    transformers5 = {
+        "model_type": "deepseek_v3",
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    }
     a, b = ModelConfig.from_hf(published), ModelConfig.from_hf(transformers5)
     assert a == b and a.rope_scaling["factor"] == 40.0
     # V3: softmax scale 1/sqrt(192) x (0.1 ln 40 + 1)^2

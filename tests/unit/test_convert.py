@@ -60,8 +60,11 @@ def test_training_run_to_hf_keeps_tensors_and_adds_the_chat_template(tmp_path, t
     assert main(["convert", str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf"]) == 0  # the CLI
     out = tmp_path / "hf"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
-    ]  # fmt: skip
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     src = _tensors(tmp_path / "run" / "checkpoints" / "step_00000003")
     dst = _tensors(out)
     assert src.keys() == dst.keys() and all(torch.equal(src[k], dst[k]) for k in src)

@@ -13,8 +13,12 @@ from dsv3.parallel.eplb import (
 )
 
 # DeepSeek's published EPLB example: 2 layers, 12 experts in 4 groups of 3, 16 slots, 2 nodes, 8 GPUs
-EXAMPLE = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-                        [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])  # fmt: skip
+EXAMPLE = torch.tensor(
+    [
+        [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+        [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+    ]
+)
 
 
 def test_published_example_derived_step_by_step():
@@ -29,8 +33,12 @@ def test_published_example_derived_step_by_step():
        n1 replicas 10:91.5 10:91.5 0:90 11:86 1:66 1:66 9:56 2:40:
        GPU4 [10, 9], GPU5 [10, 2], GPU6 [0, 1], GPU7 [11, 1]."""
     p = rebalance_experts(EXAMPLE, n_physical=16, n_groups=4, n_nodes=2, n_gpus=8)
-    expected = torch.tensor([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-                             [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])  # fmt: skip
+    expected = torch.tensor(
+        [
+            [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+            [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+        ]
+    )
     assert torch.equal(p.physical_to_logical, expected)
     assert torch.equal(p.replica_counts[0], torch.tensor([1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1]))
     assert torch.equal(p.replica_counts[1], torch.tensor([1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]))

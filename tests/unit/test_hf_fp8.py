@@ -96,8 +96,11 @@ def test_fp8_checkpoint_has_the_release_layout(tmp_path):
     hf_io.save_pretrained(m, tmp_path, fp8=True)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"] == {
-        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]
-    }  # fmt: skip
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
     assert config["torch_dtype"] == "bfloat16"
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

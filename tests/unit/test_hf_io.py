@@ -10,10 +10,26 @@ from safetensors.torch import save_file
 from dsv3 import ConfigError, ModelConfig, Transformer
 from dsv3 import hf as hf_io
 
-CFG = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, intermediate_size=160, num_attention_heads=2,
-           q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-           moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-           first_k_dense_replace=1, num_nextn_predict_layers=1, initializer_range=0.1)  # fmt: skip
+CFG = dict(
+    vocab_size=96,
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=160,
+    num_attention_heads=2,
+    q_lora_rank=48,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    num_nextn_predict_layers=1,
+    initializer_range=0.1,
+)
 
 
 def _model():
@@ -43,8 +59,16 @@ def test_mtp_layer_is_exported_with_checkpoint_names(tmp_path):
     m.save_pretrained(tmp_path)
     keys = _keys(tmp_path / "model.safetensors")
     L = m.cfg.num_hidden_layers
-    for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "shared_head.head.weight",
-                 "embed_tokens.weight", "self_attn.kv_b_proj.weight", "mlp.experts.7.down_proj.weight"):  # fmt: skip
+    for name in (
+        "enorm.weight",
+        "hnorm.weight",
+        "eh_proj.weight",
+        "shared_head.norm.weight",
+        "shared_head.head.weight",
+        "embed_tokens.weight",
+        "self_attn.kv_b_proj.weight",
+        "mlp.experts.7.down_proj.weight",
+    ):
         assert f"model.layers.{L}.{name}" in keys
     assert (
         "model.layers.1.mlp.experts.0.gate_proj.weight" in keys

@@ -9,12 +9,34 @@ from dsv3 import ModelConfig, Transformer
 from dsv3.infer.engine import Engine, SamplingParams
 from dsv3.infer.sampling import SamplingBatch
 
-SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=4,
-             q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
-             first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-             n_group=2, topk_group=1, num_nextn_predict_layers=0, max_position_embeddings=256,
-             rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                           "mscale": 0.9, "mscale_all_dim": 0.9}, initializer_range=0.15)  # fmt: skip
+SMALL = dict(
+    vocab_size=96,
+    hidden_size=64,
+    num_hidden_layers=3,
+    intermediate_size=96,
+    num_attention_heads=4,
+    q_lora_rank=48,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    first_k_dense_replace=1,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=256,
+    rope_scaling={
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "mscale": 0.9,
+        "mscale_all_dim": 0.9,
+    },
+    initializer_range=0.15,
+)
 
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -60,10 +82,17 @@ def test_greedy_equals_hf_generate_on_mixed_lengths(tmp_path):
         got = [o.token_ids for o in Engine(ours, max_batch_size=4, block_size=8).generate(prompts, params)]
         with torch.no_grad():
             ref = [
-                hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=16,
-                            do_sample=False, eos_token_id=None, pad_token_id=0, repetition_penalty=penalty)[0, len(p) :].tolist()
+                hf.generate(
+                    torch.tensor([p]),
+                    attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                    max_new_tokens=16,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                    repetition_penalty=penalty,
+                )[0, len(p) :].tolist()
                 for p in prompts
-            ]  # fmt: skip
+            ]
         assert got == ref
         assert len({tuple(r) for r in ref}) == len(ref)  # not a degenerate constant output
 
@@ -86,7 +115,9 @@ def test_batched_and_chunked_prefill_equal_full_recompute(model, chunk):
     got = engine.generate(prompts, GREEDY)
     assert [o.token_ids for o in got] == [_reference(model, p, 12) for p in prompts]
     # one prefill forward per step: all five prompts together, then (chunked) 21 // 3 steps
-    assert engine.stats()["forward_passes"] - engine._counters["decode_forward_passes"] == (1 if chunk is None else 7)
+    assert engine.stats()["forward_passes"] - engine._counters["decode_forward_passes"] == (
+        1 if chunk is None else 7
+    )
 
 
 def test_requests_joining_mid_run_get_the_tokens_they_get_alone(model):
@@ -198,9 +229,13 @@ def _plain_probs(logits, temperature, top_k, top_p):
 
 def test_sampling_distribution_matches_plain_reference():
     logits = torch.randn(5, 50, dtype=torch.float64) * 2
-    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
-              SamplingParams(top_p=0.6), SamplingParams(temperature=0.5, top_k=10, top_p=0.8),
-              SamplingParams(temperature=0)]  # fmt: skip
+    params = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(top_p=0.6),
+        SamplingParams(temperature=0.5, top_k=10, top_p=0.8),
+        SamplingParams(temperature=0),
+    ]
     batch = SamplingBatch(params, [torch.Generator() for _ in params], [None] * 5, "cpu")
     got = batch.probs(logits)
     for i, p in enumerate(params[:4]):
@@ -210,10 +245,21 @@ def test_sampling_distribution_matches_plain_reference():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("max_tokens", 0), ("max_tokens", 2.5), ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0),
-     ("top_p", 1.5), ("top_k", -1), ("repetition_penalty", 0), ("stop", ("",)), ("stop_token_ids", (-3,)),
-     ("seed", "x"), ("ignore_eos", "yes")],
-)  # fmt: skip
+    [
+        ("max_tokens", 0),
+        ("max_tokens", 2.5),
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("repetition_penalty", 0),
+        ("stop", ("",)),
+        ("stop_token_ids", (-3,)),
+        ("seed", "x"),
+        ("ignore_eos", "yes"),
+    ],
+)
 def test_bad_sampling_params_name_the_field(model, field, value):
     engine = Engine(model)
     with pytest.raises(ValueError, match=f"^{field}="):
@@ -222,8 +268,12 @@ def test_bad_sampling_params_name_the_field(model, field, value):
 
 def test_bad_requests_and_engine_arguments(model):
     engine = Engine(model, max_seq_len=32)
-    for prompt, match in (([], "prompt_token_ids"), ([1, 96], "prompt_token_ids"), ("ab", "prompt_token_ids"),
-                          ([1] * 30, "exceeds max_seq_len=32")):  # fmt: skip
+    for prompt, match in (
+        ([], "prompt_token_ids"),
+        ([1, 96], "prompt_token_ids"),
+        ("ab", "prompt_token_ids"),
+        ([1] * 30, "exceeds max_seq_len=32"),
+    ):
         with pytest.raises(ValueError, match=match):
             engine.add_request(prompt, SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="stop strings need Engine"):
@@ -231,9 +281,13 @@ def test_bad_requests_and_engine_arguments(model):
     engine.add_request([1], SamplingParams(), request_id="r")
     with pytest.raises(ValueError, match="request_id='r'"):
         engine.add_request([1], SamplingParams(), request_id="r")
-    for kwargs, match in (({"cache_dtype": "fp16"}, "cache_dtype"), ({"mtp": True}, "mtp=True"),
-                          ({"max_seq_len": 10_000}, "max_seq_len"), ({"num_blocks": 1}, "num_blocks"),
-                          ({"max_batch_size": 0}, "max_batch_size")):  # fmt: skip
+    for kwargs, match in (
+        ({"cache_dtype": "fp16"}, "cache_dtype"),
+        ({"mtp": True}, "mtp=True"),
+        ({"max_seq_len": 10_000}, "max_seq_len"),
+        ({"num_blocks": 1}, "num_blocks"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+    ):
         with pytest.raises(ValueError, match=match):
             Engine(model, **kwargs)
 

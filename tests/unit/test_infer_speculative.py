@@ -13,11 +13,27 @@ from dsv3.infer.sampling import SamplingBatch, sample_from
 from dsv3.infer.speculative import verify
 
 TRAINED = Path(__file__).parents[2] / "runs" / "demo" / "hf"  # written by `make run`; skipped without it
-SMALL = dict(vocab_size=8, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
-             q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
-             first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-             n_group=2, topk_group=1, num_nextn_predict_layers=1, max_position_embeddings=256,
-             initializer_range=0.3)  # fmt: skip
+SMALL = dict(
+    vocab_size=8,
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    num_attention_heads=4,
+    q_lora_rank=48,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    first_k_dense_replace=1,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+)
 
 
 def _model(vocab_size=8, dtype=torch.float64):
@@ -34,13 +50,17 @@ def _prompts(vocab, *lengths):
 def test_greedy_mtp_output_identical_to_plain_greedy_random_model(vocab_size):
     model = _model(vocab_size)
     prompts = _prompts(vocab_size, 2, 13, 7, 25, 4)
-    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=r)
-              for r in (1.0, 1.0, 1.4, 1.0, 0.8)]  # fmt: skip
+    params = [
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=r)
+        for r in (1.0, 1.0, 1.4, 1.0, 0.8)
+    ]
     plain = Engine(model, max_batch_size=3, block_size=4).generate(prompts, params)
     engine = Engine(model, max_batch_size=3, block_size=4, mtp=True)
     spec = engine.generate(prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
-    chunked = Engine(model, max_batch_size=3, block_size=4, mtp=True, prefill_chunk=5).generate(prompts, params)
+    chunked = Engine(model, max_batch_size=3, block_size=4, mtp=True, prefill_chunk=5).generate(
+        prompts, params
+    )
     assert [o.token_ids for o in chunked] == [o.token_ids for o in plain]  # the MTP layer's cache too
     s = engine.stats()
     assert 0 < s["mtp_accepted"] < s["mtp_drafted"]  # both branches taken

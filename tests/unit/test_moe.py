@@ -19,8 +19,16 @@ from dsv3.model.routing import ROUTING_METHODS, RoutingMethod
 
 
 def _cfg(**kw):
-    base = dict(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-                moe_intermediate_size=16, num_hidden_layers=2, first_k_dense_replace=1)  # fmt: skip
+    base = dict(
+        hidden_size=32,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+    )
     return ModelConfig.from_preset("tiny", **{**base, **kw})
 
 
@@ -64,7 +72,9 @@ def test_inference_experts_equal_the_loop(counts):
     with torch.no_grad():
         torch.testing.assert_close(experts(x, offs), experts.forward_reference(x, offs), rtol=1e-5, atol=1e-6)
         compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")  # one node, no graph break
-        torch.testing.assert_close(compiled(x, offs), experts.forward_reference(x, offs), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            compiled(x, offs), experts.forward_reference(x, offs), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_moe_equals_dense_per_token_reference():

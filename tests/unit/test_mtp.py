@@ -8,10 +8,22 @@ from dsv3.model.transformer import IGNORE_INDEX
 
 
 def _model(depth):
-    cfg = ModelConfig.from_preset("tiny", vocab_size=64, hidden_size=64, num_hidden_layers=2, intermediate_size=64,
-                                  num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-                                  qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32,
-                                  num_nextn_predict_layers=depth, initializer_range=0.1)  # fmt: skip
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=2,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        moe_intermediate_size=32,
+        num_nextn_predict_layers=depth,
+        initializer_range=0.1,
+    )
     return Transformer(cfg).eval()
 
 

@@ -17,7 +17,7 @@ from dsv3.checkpoint import (
     save_checkpoint,
     step_name,
     verify_checkpoint,
-)  # fmt: skip
+)
 
 
 def writer(payload: str):

@@ -18,7 +18,7 @@ from dsv3.train.optim import (
     build_optimizer,
     mtp_lambda_at,
     param_groups,
-)  # fmt: skip
+)
 
 
 class Toy(nn.Module):

@@ -107,9 +107,20 @@ def test_bias_update_lowers_expert_load_violation_and_report_shows_both(corpus, 
     ungrouped = {**MICRO, "n_group": 1, "topk_group": 1}
 
     def final_maxvio(name: str, gamma: float) -> float:
-        cfg = micro_config(tmp_path / name, data, cache, steps=60, batch_size=16, lr=1e-3, bias_gamma=gamma,
-                           eval_every=60, save_every=60, schedule="cosine", min_lr_ratio=1.0,
-                           model_overrides=ungrouped)  # fmt: skip
+        cfg = micro_config(
+            tmp_path / name,
+            data,
+            cache,
+            steps=60,
+            batch_size=16,
+            lr=1e-3,
+            bias_gamma=gamma,
+            eval_every=60,
+            save_every=60,
+            schedule="cosine",
+            min_lr_ratio=1.0,
+            model_overrides=ungrouped,
+        )
         Trainer(cfg).fit()
         tail = read_metrics(tmp_path / name / "run" / "metrics.jsonl")[-10:]
         return sum(r["maxvio"] for r in tail) / len(tail)

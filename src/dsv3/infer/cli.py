@@ -24,6 +24,8 @@ from typing import TextIO
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dsv3.infer.distributed import add_arguments as add_expert_parallel_arguments
+
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or HF folder")
     parser.add_argument("--prompt", default=None, help="text to continue (without it: interactive chat)")
     parser.add_argument(
@@ -38,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     add_engine_arguments(parser)
+    add_expert_parallel_arguments(parser)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +50,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="weights and compute: auto (BF16 only where this CPU's BF16 GEMMs are faster, measured "
                         "once and cached), bfloat16 or float32")
+    parser.add_argument("--weights", choices=("auto", "fp8", "bf16", "fp32"), default="auto",
+                        help="auto: an FP8 checkpoint's weights stay FP8, dequantized per GEMM (else --dtype); fp8: "
+                        "also quantize other checkpoints at load; bf16/fp32: dequantize at load to that dtype")
     parser.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (faster tokens; a minute of compiling at start, cached)")
@@ -54,9 +60,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="feed long prompts in chunks of this many tokens, interleaved with decoding")
 
 
-def load(checkpoint: str | Path, tokenizer: str | Path | None = None, dtype: str = "auto", **engine_kwargs):
+def load(checkpoint: str | Path, tokenizer: str | Path | None = None, dtype: str = "auto", weights: str = "auto",
+         **engine_kwargs):
     """(Engine, ChatTokenizer) for a checkpoint; the tokenizer is checked before the weights load.
-    dtype "auto" picks the weights' dtype by measuring this machine's GEMMs at decode shapes."""
+    dtype "auto" picks the compute dtype by measuring this machine's GEMMs at decode shapes;
+    weights (dsv3.fp8.resident) keeps FP8 weights FP8, or names the dtype to dequantize them to."""
     from dsv3.config import ModelConfig
     from dsv3.device import choose_dtype, gemm_shapes
     from dsv3.hf import resolve_model_folder
@@ -66,12 +74,15 @@ def load(checkpoint: str | Path, tokenizer: str | Path | None = None, dtype: str
     folder = resolve_model_folder(Path(checkpoint))
     cfg = ModelConfig.from_hf(folder)
     tok = ChatTokenizer.from_folder(folder, cfg.vocab_size, tokenizer)
-    choice = choose_dtype(dtype, gemm_shapes(cfg, tokens=engine_kwargs.get("max_batch_size", 8)))
-    print(f"dtype: {choice.describe()}", file=sys.stderr, flush=True)
-    if choice.warning():
-        print(f"warning: {choice.warning()}", file=sys.stderr, flush=True)
+    torch_dtype = None  # weights="bf16"/"fp32" name the dtype themselves
+    if not (weights in ("bf16", "fp32") and dtype == "auto"):
+        choice = choose_dtype(dtype, gemm_shapes(cfg, tokens=engine_kwargs.get("max_batch_size", 8)))
+        print(f"dtype: {choice.describe()}", file=sys.stderr, flush=True)
+        if choice.warning():
+            print(f"warning: {choice.warning()}", file=sys.stderr, flush=True)
+        torch_dtype = choice.dtype
     engine = Engine.from_pretrained(
-        folder, dtype=choice.dtype, decode=tok.decode, eos_token_id=tok.eos_id, **engine_kwargs
+        folder, dtype=torch_dtype, weights=weights, decode=tok.decode, eos_token_id=tok.eos_id, **engine_kwargs
     )
     if engine.compiled:
         print("compiling the decode step ...", file=sys.stderr, flush=True)
@@ -179,14 +190,41 @@ def sample(folder: Path, prompt: str, max_new_tokens: int, temperature: float = 
 def run(args: argparse.Namespace) -> int:
     from dsv3.errors import CheckpointError, ConfigError, DataError
     from dsv3.infer.chat import ChatError
-    from dsv3.infer.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+    if args.ep is not None:  # expert parallelism over torchrun's ranks
+        from dsv3.infer.distributed import generate
+
+        return generate(args)
+    params = sampling_params(args)
     try:
         params.validate()
-        engine, tok = load(args.checkpoint, args.tokenizer, args.dtype, mtp=args.mtp, max_batch_size=1,
+        engine, tok = load(args.checkpoint, args.tokenizer, args.dtype, args.weights, mtp=args.mtp, max_batch_size=1,
                            compile=args.compile, prefill_chunk=args.prefill_chunk)
+    except (CheckpointError, DataError, ConfigError, ChatError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return respond(engine, tok, args, params)
+
+
+def sampling_params(args: argparse.Namespace):
+    from dsv3.infer.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def respond(engine, tok, args: argparse.Namespace, params) -> int:
+    """Chat, or continue --prompt, with a loaded engine; the exit status."""
+    from dsv3.errors import CheckpointError, ConfigError, DataError
+    from dsv3.infer.chat import ChatError
+
+    try:
         if args.chat or args.prompt is None:
             chat(engine, tok, params, args.prompt, args.system, sys.stdin, sys.stdout, sys.stderr)
             return 0

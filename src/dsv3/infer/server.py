@@ -44,6 +44,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dsv3.infer.cli import add_engine_arguments
+    from dsv3.infer.distributed import add_arguments as add_expert_parallel_arguments
 
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or HF folder")
     parser.add_argument("--host", default="127.0.0.1")
@@ -81,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache-dtype", choices=("auto", "bf16", "fp8"), default="auto")
     add_engine_arguments(parser)
+    add_expert_parallel_arguments(parser)
 
 
 @dataclass
@@ -190,22 +192,21 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.infer.cli import load
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         print("error: dsv3 serve needs fastapi and uvicorn: pip install 'dsv3[serve]'", file=sys.stderr)
         return 2
-    limits = Limits(args.max_concurrent, args.max_prompt_tokens, args.max_tokens_limit, args.max_body_bytes)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.ep is not None:  # expert parallelism over torchrun's ranks
+        from dsv3.infer.distributed import serve
+
+        return serve(args)
     try:
-        limits.validate()
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port {args.port}: must be in 0..65535")
-        if not args.shutdown_grace >= 0:
-            raise ValueError(f"--shutdown-grace {args.shutdown_grace}: must be a number of seconds >= 0")
+        limits, api_key = check_args(args)
         engine, tok = load(
             args.checkpoint,
             None,
             args.dtype,
+            args.weights,
             mtp=args.mtp,
             compile=args.compile,
             prefill_chunk=args.prefill_chunk,
@@ -218,7 +219,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.model_name or Path(args.checkpoint).resolve().name
-    app = create_app(engine, tok, name, limits, api_key)
+    return serve_app(create_app(engine, tok, name, limits, api_key), args, name, engine)
+
+
+def check_args(args: argparse.Namespace) -> tuple[Limits, str | None]:
+    """The limits and the API key the command line asks for; ValueError for a bad value."""
+    limits = Limits(args.max_concurrent, args.max_prompt_tokens, args.max_tokens_limit, args.max_body_bytes)
+    limits.validate()
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in 0..65535")
+    if not args.shutdown_grace >= 0:
+        raise ValueError(f"--shutdown-grace {args.shutdown_grace}: must be a number of seconds >= 0")
+    return limits, args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def serve_app(app, args: argparse.Namespace, name: str, engine) -> int:
+    """Serve `app` with uvicorn on --host/--port until SIGTERM or SIGINT."""
+    import uvicorn
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if warning := bind_warning(args.host, api_key):
         print(warning, file=sys.stderr, flush=True)
     print(

@@ -29,8 +29,15 @@ import torch
 from dsv3.infer.sampling import SamplingBatch, sample_from
 
 
-def mtp_logits(model, hidden: torch.Tensor, next_ids: torch.Tensor, cache, start_pos, absorb: bool,
-               pick: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def mtp_logits(
+    model,
+    hidden: torch.Tensor,
+    next_ids: torch.Tensor,
+    cache,
+    start_pos,
+    absorb: bool,
+    pick: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Draft logits [B, V] from MTP module 1.
 
     hidden [B, T, H]: the main model's last hidden states at cache positions start_pos..;

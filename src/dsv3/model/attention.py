@@ -130,9 +130,13 @@ class MLA(nn.Module):
         if mask is None and not (S == T and isinstance(start_pos, int)):
             mask = _causal_mask(T, S, start_pos, q.device)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-        )  # fmt: skip
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.softmax_scale,
+        )
         return out.transpose(1, 2)  # [B, T, H, dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,15 +94,20 @@ class Transformer(nn.Module):
     def cast_(self, dtype: torch.dtype) -> Transformer:
         """Cast the weights to `dtype` in place, except what stays in FP32 whatever the weights'
         dtype (as in DeepSeek's reference and release): the routers' gate weight and selection
-        bias, and the RoPE frequencies. Returns self."""
+        bias, and the RoPE frequencies; FP8-resident weights (float8 codes and their FP32 block
+        scales, dsv3.fp8.resident) keep theirs too. Returns self."""
+
+        def castable(name: str, t: torch.Tensor) -> bool:
+            return t.is_floating_point() and t.element_size() > 1 and not name.endswith("_scale_inv")
+
         for module in self.modules():
             if isinstance(module, Router):
                 continue
-            for p in module.parameters(recurse=False):
-                if p.is_floating_point():
+            for name, p in module.named_parameters(recurse=False):
+                if castable(name, p):
                     p.data = p.data.to(dtype)
             for name, b in module.named_buffers(recurse=False):
-                if b.is_floating_point() and name != "rope_inv_freq":
+                if castable(name, b) and name != "rope_inv_freq":
                     setattr(module, name, b.to(dtype))
         return self
 

@@ -70,8 +70,11 @@ def _layout_free(pm: ParallelModel, optimizer: torch.optim.Optimizer | None, ini
             continue
         state = optimizer.state[p]
         if init_state and not state:  # a fresh optimizer: give DCP tensors to fill (AdamW's format)
-            state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
-                         exp_avg_sq=torch.zeros_like(p))  # fmt: skip
+            state.update(
+                step=torch.zeros((), dtype=torch.float32),
+                exp_avg=torch.zeros_like(p),
+                exp_avg_sq=torch.zeros_like(p),
+            )
         for key, value in state.items():
             sd[f"optim.{name}.{key}"] = view(name, value) if value.ndim else value
             if _is_expert(name) and value.ndim and pm.dims.ep > 1:
@@ -131,12 +134,16 @@ def _load_whole(pm: ParallelModel, optimizer: torch.optim.Optimizer, folder: Pat
     from dsv3.model.transformer import Transformer
 
     if pm.dims.world_size != 1:
-        raise CheckpointError(f"{folder} is a one-process checkpoint; resume it with one process (without "
-                              "torchrun and parallel flags), or from a checkpoint saved under torchrun")
+        raise CheckpointError(
+            f"{folder} is a one-process checkpoint; resume it with one process (without "
+            "torchrun and parallel flags), or from a checkpoint saved under torchrun"
+        )
     model = pm.modules[0]
     saved = Transformer.from_pretrained(folder, device=next(model.parameters()).device)
     model.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=next(model.parameters()).device))
+    optimizer.load_state_dict(
+        torch.load(folder / "optimizer.pt", map_location=next(model.parameters()).device)
+    )
 
 
 @torch.no_grad()

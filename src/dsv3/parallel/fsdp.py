@@ -63,8 +63,9 @@ def apply_fsdp(
                     block.shared_head.norm, mesh=dense_mesh, mp_policy=policy, reshard_after_forward=per_block
                 )
             if isinstance(block.mlp, MoE):
-                experts = fully_shard(block.mlp.experts, mesh=expert_mesh, mp_policy=policy,
-                                      reshard_after_forward=per_block)  # fmt: skip
+                experts = fully_shard(
+                    block.mlp.experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=per_block
+                )
                 experts.set_gradient_divide_factor(float(dp))
             fully_shard(block, mesh=dense_mesh, mp_policy=policy, reshard_after_forward=per_block)
         fully_shard(module, mesh=dense_mesh, mp_policy=policy, reshard_after_forward=reshard == "always")

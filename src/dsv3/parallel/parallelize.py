@@ -136,8 +136,9 @@ def parallelize(
     if dims.dp > 1:  # 6. FSDP2
         from dsv3.parallel.fsdp import apply_fsdp
 
-        apply_fsdp(pm.modules, mesh, dp=dims.dp, param_dtype=param_dtype, reshard=reshard,
-                   pipelined=dims.pp > 1)  # fmt: skip
+        apply_fsdp(
+            pm.modules, mesh, dp=dims.dp, param_dtype=param_dtype, reshard=reshard, pipelined=dims.pp > 1
+        )
     for module in pm.modules:
         module.to_empty(device=device)
         load_full_state(module, init, dims, mesh)
@@ -147,8 +148,9 @@ def parallelize(
         last = [m for m in pm.modules if m.lm_head is not None]
         pm.loss = StageLoss(last[0], model.cfg.num_nextn_predict_layers) if last else None
         act_dtype = param_dtype if dims.dp > 1 else torch.float32  # FSDP's mixed precision casts activations
-        pm.schedule = build_schedule(pm.modules, pm.stage_ids, dims, microbatch, act_dtype, mesh["pp"].get_group(),
-                                     device, pm.loss)  # fmt: skip
+        pm.schedule = build_schedule(
+            pm.modules, pm.stage_ids, dims, microbatch, act_dtype, mesh["pp"].get_group(), device, pm.loss
+        )
     return pm
 
 

@@ -70,7 +70,9 @@ class StageLoss:
         return self.split.objective(terms, self.mtp_lambda) * self.scale
 
 
-def build_pipeline(model: Transformer, pp_rank: int, pp: int, schedule: str) -> tuple[list[int], list[Transformer]]:
+def build_pipeline(
+    model: Transformer, pp_rank: int, pp: int, schedule: str
+) -> tuple[list[int], list[Transformer]]:
     """The stages this pp rank holds: copies of `model` (meta, so copying is free) without the
     parts they do not hold."""
     num_stages = pp * (2 if schedule == "dualpipev" else 1)
@@ -101,8 +103,10 @@ def build_schedule(stage_modules, stage_ids, dims, microbatch, dtype, pp_group, 
 
     b, T = microbatch
     H = stage_modules[0].cfg.hidden_size
-    act = tuple(torch.empty(shape, dtype=dt, device="meta", requires_grad=True)  # grads flow back through all
-                for shape, dt in (((b, T, H), dtype), ((b, T, H), dtype), ((1,), torch.float32)))  # fmt: skip
+    act = tuple(
+        torch.empty(shape, dtype=dt, device="meta", requires_grad=True)  # grads flow back through all
+        for shape, dt in (((b, T, H), dtype), ((b, T, H), dtype), ((1,), torch.float32))
+    )
     ids = torch.empty(b, T, dtype=torch.long, device="meta")
     stages = [
         PipelineStage(
@@ -113,7 +117,7 @@ def build_schedule(stage_modules, stage_ids, dims, microbatch, dtype, pp_group, 
             input_args=(ids,) if s == 0 else act,
             output_args=act,
             group=pp_group,
-        )  # fmt: skip
+        )
         for m, s in zip(stage_modules, stage_ids)
     ]
     loss = loss or _no_loss  # every rank needs a loss_fn: it is what tells the schedule to run backward

@@ -88,9 +88,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
-    eps: float = 1e-8, bf16_moments: bool = False,
-) -> torch.optim.Optimizer:  # fmt: skip
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    weight_decay: float = 0.1,
+    eps: float = 1e-8,
+    bf16_moments: bool = False,
+) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay)
     if bf16_moments:
         return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas, eps=eps)
