@@ -11,7 +11,8 @@ from _parallel_helpers import config
 
 def _train(rank: int, world: int, cfg_dict: dict) -> str | None:
     from dsv3.train.config import TrainConfig
-    from dsv3.train.trainer import ReplicaMismatchError, Trainer
+    from dsv3.train.faults import ReplicaMismatchError
+    from dsv3.train.trainer import Trainer
 
     try:
         Trainer(TrainConfig.from_dict(cfg_dict)).fit()

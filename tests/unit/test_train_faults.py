@@ -22,8 +22,9 @@ from dsv3.checkpoint import LATEST, step_name
 from dsv3.cli import main
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.train.config import TrainConfig
+from dsv3.train.faults import NonFiniteError
 from dsv3.train.metrics import read_metrics
-from dsv3.train.trainer import NonFiniteError, Trainer
+from dsv3.train.trainer import Trainer
 from fixtures import micro_config, write_corpus
 
 

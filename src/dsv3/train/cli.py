@@ -58,7 +58,8 @@ def _json_object(text: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from dsv3.errors import UserError
     from dsv3.train.config import TrainConfig
-    from dsv3.train.trainer import NonFiniteError, ReplicaMismatchError, Trainer
+    from dsv3.train.faults import NonFiniteError, ReplicaMismatchError
+    from dsv3.train.trainer import Trainer
 
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_run")}
     try:

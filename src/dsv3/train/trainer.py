@@ -29,12 +29,10 @@ must agree on (the checkpoint to resume, the tokenizer, when the wall-clock budg
 Checkpoints: parallel/checkpoint.py writes the whole model in the Hugging Face layout when one
 process holds it, and DCP shards otherwise; either loads into any layout that can read it.
 
-Failures: a NaN or Inf loss or gradient stops the run, skips the step, or rolls back to the last
-checkpoint (`--on-nonfinite`), naming the step and the tensor. With `--sdc-check-every N` the
-data-parallel replicas compare checksums of their weights every N steps and name a rank that
-disagrees (silent data corruption, ISCA sec. 6.1). Test hooks: DSV3_FAULT_AT_STEP=K (and
-DSV3_FAULT_RANK=R) kills rank R with SIGKILL after step K on torchrun's first attempt;
-DSV3_FAULT_BITFLIP_AT_STEP=K flips a bit of a weight on the last rank after step K.
+Failures (train/faults.py): a NaN or Inf loss or gradient stops the run, skips the step, or
+rolls back to the last checkpoint (`--on-nonfinite`), naming the step and the tensor; with
+`--sdc-check-every N` the data-parallel replicas compare checksums of their weights every N steps
+and name a rank that disagrees (silent data corruption).
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -61,18 +58,11 @@ from dsv3.parallel.world import World
 from dsv3.tokenizer import load_tokenizer
 from dsv3.train.config import TrainConfig
 from dsv3.train.data import Corpus, build_token_cache, cached_tokenizer
+from dsv3.train.faults import NonFiniteError, check_replicas, inject_faults, nonfinite
 from dsv3.train.metrics import MetricsLog, Progress, max_violation, write_report
 from dsv3.train.optim import Schedule, bias_gamma_at, build_optimizer, mtp_lambda_at
 from dsv3.train.packing import Batch, Loader, PackedTokens, unigram_entropy, validation_batches
 from dsv3.train.sft import chat_template_for
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient became NaN or Inf; the message names the step and the tensor."""
-
-
-class ReplicaMismatchError(RuntimeError):
-    """Data-parallel replicas hold different weights (silent data corruption); names the rank."""
 
 
 class Trainer:
@@ -222,7 +212,8 @@ class Trainer:
         self.world.all_reduce(parts)  # only the ranks holding the last stage contribute
         loss, mtp_loss, balance_loss = (parts / cfg.data.grad_accum).tolist()
         grad_norm = self._grad_norm()
-        bad = self._nonfinite(loss, mtp_loss, balance_loss, grad_norm.item())
+        losses = {"loss": loss, "mtp_loss": mtp_loss, "balance_loss": balance_loss}
+        bad = nonfinite(losses, grad_norm.item(), self.pm.modules)
         lr = self.schedule.lr_at(step)
         if bad is None:
             self._clip_grads(grad_norm, cfg.optim.grad_clip)
@@ -233,7 +224,7 @@ class Trainer:
         loads = self._balance_experts(bias_gamma_at(step, cfg.optim.steps, cfg.optim.bias_gamma) if bad is None
                                       else 0.0)
         self.step += 1
-        self._fault_hooks()
+        inject_faults(self.step, self.world, self.pm)
         record = {"step": self.step, "loss": loss, "mtp_loss": mtp_loss, "balance_loss": balance_loss, "lr": lr,
                   "grad_norm": grad_norm.item(), "mtp_lambda": lam, "expert_load": loads}
         if bad is not None:
@@ -378,7 +369,7 @@ class Trainer:
                 if "nonfinite" in record and self._recover(record):
                     continue
                 if cfg.parallel.sdc_check_every and self.step % cfg.parallel.sdc_check_every == 0:
-                    self.check_replicas()
+                    check_replicas(self.pm, self.mesh, self.step)
                 last = self.step == end or self.world.broadcast(time.monotonic() > deadline)
                 evaluate = self.step % cfg.logging.eval_every == 0 or last
                 if evaluate:
@@ -432,20 +423,6 @@ class Trainer:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict()}
 
     # ------------------------------------------------------------------------------ failures
-    def _nonfinite(self, loss: float, mtp_loss: float, balance_loss: float, grad_norm: float) -> str | None:
-        """None if the step is finite, else what was not (a loss, or the first parameter whose
-        gradient is NaN/Inf on this rank)."""
-        for name, value in (("loss", loss), ("mtp_loss", mtp_loss), ("balance_loss", balance_loss)):
-            if not math.isfinite(value):
-                return f"{name}={value}"
-        if math.isfinite(grad_norm):
-            return None
-        for module in self.pm.modules:
-            for name, p in module.named_parameters():
-                if p.grad is not None and not torch.isfinite(p.grad.detach()).all():
-                    return f"the gradient of {name}"
-        return f"grad_norm={grad_norm}"
-
     def _recover(self, record: dict[str, Any]) -> bool:
         """Apply --on-nonfinite to a non-finite step; True when the step was dropped (skip/rollback)."""
         policy, what = self.cfg.run.on_nonfinite, record["nonfinite"]
@@ -465,61 +442,6 @@ class Trainer:
         self.loader.load_state_dict(position)  # go on with the batches after the bad one
         self._print(f"warning: {message}; rolled back to {found} (step {self.step}), continuing with new data")
         return True
-
-    @torch.no_grad()
-    def check_replicas(self) -> None:
-        """Silent-data-corruption check: every data-parallel replica of a weight must be bit-equal.
-        Compares an integer checksum of each rank's local weights over the replicas (dp_replicate
-        ranks for FSDP shards, every dp rank for unsharded weights and the routers' biases);
-        raises ReplicaMismatchError naming the rank(s) that disagree with the majority."""
-        import torch.distributed as dist
-
-        def checksum(tensors) -> int:
-            total = 0
-            for t in tensors:
-                t = t.detach().contiguous()
-                ints = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-                total += int(ints.to(torch.int64).sum())
-            return total
-
-        from torch.distributed.tensor import DTensor
-
-        sharded = [p.to_local() for p in self.pm.parameters() if isinstance(p, DTensor)]
-        replicated = [p for p in self.pm.parameters() if not isinstance(p, DTensor)]
-        replicated += [b for m in self.pm.modules for n, b in m.named_buffers() if "e_score_correction_bias" in n]
-        for what, tensors, dim in (("sharded weights", sharded, "dp_replicate"), ("weights", replicated, "dp")):
-            group = self.mesh[dim]
-            if group.size() == 1 or not tensors:
-                continue
-            sums = [None] * group.size()
-            dist.all_gather_object(sums, checksum(tensors), group=group.get_group())
-            majority = max(set(sums), key=sums.count)
-            bad = [i for i, s in enumerate(sums) if s != majority]
-            if bad and 2 * sums.count(majority) <= len(sums):  # no majority: every replica is suspect
-                bad = list(range(len(sums)))
-            if bad:
-                ranks = [dist.get_global_rank(group.get_group(), i) for i in bad]
-                raise ReplicaMismatchError(
-                    f"step {self.step}: the {what} of rank(s) {ranks} differ from their replicas "
-                    f"(checksums {sums}): silent data corruption or a diverged replica"
-                )
-
-    def _fault_hooks(self) -> None:
-        """Test hooks for fault tolerance (see the module docstring)."""
-        rank, last = self.world.rank, self.world.size - 1
-        at = os.environ.get("DSV3_FAULT_AT_STEP")
-        if at is not None and int(at) == self.step and self.world.restart_count == 0:
-            if rank == int(os.environ.get("DSV3_FAULT_RANK", last)):
-                print(f"DSV3_FAULT_AT_STEP={at}: rank {rank} kills itself (test hook)", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-        flip = os.environ.get("DSV3_FAULT_BITFLIP_AT_STEP")
-        if flip is not None and int(flip) == self.step and rank == last:
-            with torch.no_grad():
-                p = next(iter(self.pm.parameters()))
-                p = p.to_local() if hasattr(p, "to_local") else p
-                bits = p.view(-1).view(torch.int32)
-                bits[0] ^= 1 << 20
-            print(f"DSV3_FAULT_BITFLIP_AT_STEP={flip}: rank {rank} flipped a weight bit (test hook)", flush=True)
 
     # ----------------------------------------------------------------------------- checkpointing
     def save(self) -> Path:
