@@ -20,6 +20,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ),
     ("train", "dsv3.train.cli", "train a model (tiny preset on the Python stdlib by default)"),
     ("generate", "dsv3.infer.cli", "generate text or chat with a checkpoint (streams to the terminal)"),
+    ("eval", "dsv3.eval", "loss, perplexity and bits per byte of a checkpoint on held-out data"),
     ("serve", "dsv3.infer.server", "OpenAI-compatible HTTP server (completions, chat, streaming)"),
     (
         "convert",

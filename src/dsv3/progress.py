@@ -28,7 +28,7 @@ def progress(
     """Yields advance(n=1, **fields). total None: no percentage. unit "bytes": sizes shown in MB."""
     stream = stream or sys.stdout
     if stream.isatty():
-        with _rich(what, total, unit) as advance:
+        with _rich(what, total, unit, stream) as advance:
             yield advance
         return
     start = time.monotonic()
@@ -40,7 +40,9 @@ def progress(
         if total:
             count += f" of {total / 1e6:,.1f} MB" if unit == "bytes" else f" of {total:,.0f}"
             count += f" ({100 * done / total:.0f}%)"
-        extra = "".join(f", {v:,} {k}" if isinstance(v, int) else f", {k} {v}" for k, v in state["fields"].items())
+        extra = "".join(
+            f", {v:,} {k}" if isinstance(v, int) else f", {k} {v}" for k, v in state["fields"].items()
+        )
         return f"{what}: {count}{extra}, {elapsed:.0f} s{' (done)' if final else ''}"
 
     def advance(n: float = 1, **fields) -> None:
@@ -72,7 +74,8 @@ def tracked(items: Iterable[T], what: str, total: float | None = None, unit: str
 
 
 @contextmanager
-def _rich(what: str, total: float | None, unit: str) -> Iterator[Callable[..., None]]:
+def _rich(what: str, total: float | None, unit: str, stream) -> Iterator[Callable[..., None]]:
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -82,9 +85,14 @@ def _rich(what: str, total: float | None, unit: str) -> Iterator[Callable[..., N
         TimeElapsedColumn,
     )
 
-    columns = [TextColumn(what), BarColumn(), DownloadColumn() if unit == "bytes" else MofNCompleteColumn(),
-               TextColumn("{task.fields[extra]}"), TimeElapsedColumn()]
-    with Progress(*columns) as bar:
+    columns = [
+        TextColumn(what),
+        BarColumn(),
+        DownloadColumn() if unit == "bytes" else MofNCompleteColumn(),
+        TextColumn("{task.fields[extra]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=Console(file=stream)) as bar:
         task = bar.add_task(what, total=total, extra="")
 
         def advance(n: float = 1, **fields) -> None:

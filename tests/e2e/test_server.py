@@ -6,7 +6,6 @@ serving, and the concurrency limit answers 429."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from dsv3.cli import main
 from dsv3.infer.cli import load
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.server import Limits, create_app
-from fixtures import MICRO_VOCAB
+from fixtures import MICRO_VOCAB, free_port
 
 PROMPTS = [f"def function_{i}(x" + ", y" * (i % 5) + "):" for i in range(16)]  # of different lengths
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
@@ -252,7 +251,7 @@ BAD = [  # (case, body, path, status, param, code)
     ),
     ("unknown model", {**GOOD, "model": "gpt-4"}, "/v1/completions", 404, "model", "model_not_found"),
     ("n > 1", {**GOOD, "n": 2}, "/v1/completions", 400, "n", "unsupported_parameter"),
-    ("logprobs", {**GOOD, "logprobs": 3}, "/v1/completions", 400, "logprobs", "unsupported_parameter"),
+    ("logprobs out of range", {**GOOD, "logprobs": 6}, "/v1/completions", 400, "logprobs", "invalid_value"),
     ("unknown field", {**GOOD, "temprature": 0.5}, "/v1/completions", 400, "temprature", "unknown_parameter"),
     (
         "chat: bad role",
@@ -341,14 +340,8 @@ def test_concurrency_limit_is_429_and_a_disconnect_frees_the_slot(folder):
         server.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dsv3_serve_command(folder, capsys):
-    port = _free_port()
+    port = free_port()
     assert main(["serve", "--checkpoint", str(folder / "nope")]) == 2
     assert "holds no model" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(folder), "--max-concurrent", "0"]) == 2

@@ -21,12 +21,13 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server import Server, _free_port
+from test_server import Server
 
 from dsv3.infer import routes
 from dsv3.infer.cli import load
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.server import Limits, bind_warning, create_app
+from fixtures import free_port
 
 GOOD = {"model": "micro", "prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}
 POISON_SEED = 4242  # a request with this seed makes the engine's step raise (see `served`)
@@ -107,7 +108,7 @@ def slow(engine, seconds: float = 0.02):
 def test_numbers_out_of_range_are_400s_before_the_engine(served, field, value):
     """The issue's request (top_k = 2**63) stopped the engine thread for everyone."""
     body = {**GOOD, "temperature": 1, field: value}
-    code = "unsupported_parameter" if field in ("n", "logprobs") else "invalid_value"
+    code = "unsupported_parameter" if field == "n" else "invalid_value"
     assert_error(served.http.post("/v1/completions", json=body), 400, field, code)
     assert_still_serving(served)
 
@@ -330,7 +331,7 @@ def test_drain_refuses_new_requests_and_ends_late_ones(folder):
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits_0(folder):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DSV3_API_KEY": "sk-env"}
     proc = subprocess.Popen(
         [

@@ -24,6 +24,14 @@ its own generator).
 
 With mtp=True every decode forward verifies one MTP draft per sequence (speculative.py), so a
 step emits one or two tokens per sequence; stats() reports the acceptance rate.
+
+Log-probabilities (SamplingParams.logprobs / prompt_logprobs) are log_softmax of the raw logits
+of the forward that produced each token (sampling.token_logprobs): a sampled token's from the
+logits it was drawn from (its own position of a verify forward under MTP), a prompt token's from
+the prefill forward, which then also runs the head over the positions of the prompt (only for
+requests that ask). They cover every token sampled, including the one that ends a generation
+(eos, a stop token, the token completing a stop string), which token_ids and the text leave out.
+A request with max_tokens=0 (allowed with prompt_logprobs) ends after its prefill.
 """
 
 from __future__ import annotations
@@ -37,13 +45,14 @@ import torch
 
 from dsv3.infer.cache import PagedLatentCache
 from dsv3.infer.chat import IncrementalText
-from dsv3.infer.sampling import SamplingBatch, SamplingParams
+from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, token_logprobs
 from dsv3.infer.speculative import mtp_logits, verify
 from dsv3.model.attention import MLA
 
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
 
 CACHE_DTYPES = ("auto", "bf16", "fp8")
+HEAD_ROWS = 512  # prompt positions whose logits are computed at a time (bounds [rows, vocab] memory)
 
 
 @dataclass
@@ -55,6 +64,10 @@ class RequestOutput:
     text: str | None  # decoded generated text so far, if the Engine has decode
     finished: bool
     finish_reason: str | None  # "stop" (eos / stop token / stop string) | "length" | "abort"
+    # with params.logprobs: one per token sampled so far, including one that ended the request
+    logprobs: list[TokenLogprob] | None = None
+    # with params.prompt_logprobs: one per prompt token, None for the first (it has no context)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -72,6 +85,8 @@ class _Request:
     draft_q: torch.Tensor | None = None  # [V] its distribution (sampled requests)
     text: IncrementalText | None = None  # with Engine(decode=...), once a token is out
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs
 
     @property
     def tokens(self) -> list[int]:
@@ -200,6 +215,24 @@ class Engine:
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
         """Queue a request; ValueError on a bad prompt, bad parameters or too long a request."""
+        prompt = self.check_request(prompt_token_ids, params)
+        request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r} is already in use by an unfinished request")
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
+        req = _Request(request_id, prompt, params, torch.Generator().manual_seed(seed), next(self._ids))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(prompt)
+        if params.repetition_penalty != 1.0:
+            req.seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            req.seen[torch.tensor(prompt, device=self.device)] = True
+        self._requests[request_id] = req
+        self.waiting.append(req)
+        return request_id
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """add_request's checks, queueing nothing (a front end placing requests on other ranks
+        checks them here): the prompt as a list, or ValueError naming what is wrong."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
@@ -218,17 +251,7 @@ class Engine:
             )
         if params.stop and self.decode is None:
             raise ValueError(f"stop={params.stop!r}: stop strings need Engine(decode=...)")
-        request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise ValueError(f"request_id={request_id!r} is already in use by an unfinished request")
-        seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
-        req = _Request(request_id, prompt, params, torch.Generator().manual_seed(seed), next(self._ids))
-        if params.repetition_penalty != 1.0:
-            req.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
-            req.seen[torch.tensor(prompt, device=self.device)] = True
-        self._requests[request_id] = req
-        self.waiting.append(req)
-        return request_id
+        return prompt
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its final output (finish_reason "abort") comes with the next step().
@@ -312,7 +335,8 @@ class Engine:
         """One forward over the next prompt chunk of every prefilling request (naive MLA), as a
         padded batch: row b feeds tokens[num_cached : num_cached + n_b] (n_b <= prefill_chunk) and
         attends to its cached earlier chunks and causally within the chunk. A request whose prompt
-        is complete samples its first token (a preempted one already has it pending)."""
+        is complete samples its first token (a preempted one already has it pending), or ends
+        there with max_tokens=0."""
         starts = [r.num_cached for r in reqs]
         ns = [min(r.prefill_to - r.num_cached, self.prefill_chunk or r.prefill_to) for r in reqs]
         T = max(ns)
@@ -322,15 +346,24 @@ class Engine:
         last = torch.tensor(ns, device=self.device) - 1  # each row's last real position
         out = self.model(ids, cache=view, start_pos=view.start_pos, absorb=False, logits_to_keep=last)
         self._counters["forward_passes"] += 1
-        for r, n in zip(reqs, ns):
+        for b, (r, s, n) in enumerate(zip(reqs, starts, ns)):
+            if r.prompt_logprobs is not None and not r.output:
+                self._score_prompt(r, out.hidden[b], s, n)
             r.num_cached += n
             self._counters["prompt_tokens_total"] += 0 if r.output else n
         done = [i for i, r in enumerate(reqs) if r.num_cached == r.prefill_to and not r.output]
+        for i in [i for i in done if reqs[i].params.max_tokens == 0]:  # the prompt was all it asked for
+            reqs[i].finish_reason = "length"
+            self._finish(reqs[i])
+            outputs.append(self._output(reqs[i], []))
+        done = [i for i in done if reqs[i].finish_reason is None]
         if done:
-            batch = self._sampling([reqs[i] for i in done])
-            tokens = batch.sample(batch.probs(out.logits[done, 0])).tolist()
-            for i, t in zip(done, tokens):
-                outputs.append(self._emit(reqs[i], [t]))
+            sampled = [reqs[i] for i in done]
+            batch = self._sampling(sampled)
+            logits = out.logits[done, 0]  # [D, V]
+            tokens = batch.sample(batch.probs(logits))
+            for i, t, lp in zip(done, tokens.tolist(), self._logprobs(sampled, logits, tokens)):
+                outputs.append(self._emit(reqs[i], [t], [lp]))
         if self.mtp:  # MTP over the same positions, to fill its cache layer and draft where the prompt ends
             next_ids = torch.tensor([(r.tokens[s + 1 : s + n + 1] + [0] * T)[:T] for r, s, n in zip(reqs, starts, ns)],
                                     device=self.device)
@@ -354,11 +387,11 @@ class Engine:
         c["decode_sequence_forwards"] += len(reqs)
         batch = self._sampling(reqs)
         if not self.mtp:
-            tokens = batch.sample(batch.probs(out.logits[:, 0])).tolist()
-            for r, t in zip(reqs, tokens):
+            tokens = batch.sample(batch.probs(out.logits[:, 0]))
+            for r, t, lp in zip(reqs, tokens.tolist(), self._logprobs(reqs, out.logits[:, 0], tokens)):
                 r.num_cached += 1
                 c["decode_tokens"] += 1
-                outputs.append(self._emit(r, [t]))
+                outputs.append(self._emit(r, [t], [lp]))
             return
         draft = torch.tensor([r.draft for r in reqs], device=self.device)
         q = torch.stack([
@@ -368,10 +401,12 @@ class Engine:
         first, bonus, accepted = verify(batch, out.logits, draft, q)
         c["mtp_drafted"] += len(reqs)
         c["mtp_accepted"] += int(accepted.sum())
-        for r, t1, t2, acc in zip(reqs, first.tolist(), bonus.tolist(), accepted.tolist()):
+        lp1 = self._logprobs(reqs, out.logits[:, 0], first)
+        lp2 = self._logprobs(reqs, out.logits[:, 1], bonus)  # used where the draft was accepted
+        for r, t1, t2, acc, l1, l2 in zip(reqs, first.tolist(), bonus.tolist(), accepted.tolist(), lp1, lp2):
             r.num_cached += 1 + acc  # a rejected draft's slot is rolled back by the length alone
             c["decode_tokens"] += 1 + acc
-            outputs.append(self._emit(r, [t1, t2] if acc else [t1]))
+            outputs.append(self._emit(r, [t1, t2] if acc else [t1], [l1, l2]))
         live = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         if live:  # MTP over positions n, n+1 (the second is padding where the draft was rejected)
             next_ids = torch.stack((first, torch.where(accepted, bonus, first)), dim=1)
@@ -385,6 +420,33 @@ class Engine:
         q = batch.probs(logits)
         for r, d, q_row in zip(reqs, batch.sample(q).tolist(), q):
             r.draft, r.draft_q = d, (None if r.params.greedy else q_row)
+
+    # ------------------------------------------------------------------ log-probabilities
+    def _logprobs(
+        self, reqs: list[_Request], logits: torch.Tensor, tokens: torch.Tensor
+    ) -> list[TokenLogprob | None]:
+        """logits [B, V] the tokens [B] were sampled from -> per request that asks, the token's
+        log-probability and its `logprobs` most likely tokens; None for the others."""
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        found: list[TokenLogprob | None] = [None] * len(reqs)
+        if rows:
+            top = max(reqs[i].params.logprobs for i in rows)
+            for i, lp in zip(rows, token_logprobs(logits[rows], tokens[rows], top)):
+                found[i] = TokenLogprob(lp.token_id, lp.logprob, lp.top[: reqs[i].params.logprobs])
+        return found
+
+    def _score_prompt(self, req: _Request, hidden: torch.Tensor, start: int, n: int) -> None:
+        """Log-probabilities of the prompt tokens this prefill chunk predicts. hidden [T, H]: the last
+        block's output at positions start..start+n-1 (then padding); position start + j predicts
+        prompt token start + j + 1. The head runs HEAD_ROWS positions at a time."""
+        m = min(n, len(req.prompt) - 1 - start)  # the last prompt position predicts a generated token
+        for lo in range(0, m, HEAD_ROWS):
+            hi = min(m, lo + HEAD_ROWS)
+            logits = self.model.lm_head(self.model.norm(hidden[lo:hi]))  # [hi - lo, V]
+            targets = torch.tensor(req.prompt[start + lo + 1 : start + hi + 1], device=self.device)
+            req.prompt_logprobs[start + lo + 1 : start + hi + 1] = token_logprobs(
+                logits, targets, req.params.prompt_logprobs
+            )
 
     # ------------------------------------------------------------------ bookkeeping
     def _sampling(self, reqs: list[_Request]) -> SamplingBatch:
@@ -413,13 +475,16 @@ class Engine:
         self.waiting.appendleft(req)
         self._counters["preemptions"] += 1
 
-    def _emit(self, req: _Request, tokens: list[int]) -> RequestOutput:
-        """Append sampled tokens one by one, stopping at eos / stop token / stop string / length.
+    def _emit(self, req: _Request, tokens: list[int], logprobs: list[TokenLogprob | None]) -> RequestOutput:
+        """Append sampled tokens one by one, stopping at eos / stop token / stop string / length;
+        each token taken (the one that stops the request too) adds its log-probability, if asked.
         The text grows by IncrementalText: each token is decoded in a short window and read once
         by the stop strings' automata, so a generation's text costs time linear in its length."""
         p, new = req.params, []
-        for t in tokens:
+        for t, lp in zip(tokens, logprobs):
             self._counters["generation_tokens_total"] += 1
+            if lp is not None:
+                req.logprobs.append(lp)
             if (t == self.eos_token_id and not p.ignore_eos) or t in p.stop_token_ids:
                 req.finish_reason = "stop"
                 break
@@ -459,8 +524,17 @@ class Engine:
         self._requests.pop(req.id, None)
 
     def _output(self, req: _Request, new: list[int]) -> RequestOutput:
-        return RequestOutput(req.id, req.prompt, list(req.output), new, self._visible_text(req),
-                             req.finish_reason is not None, req.finish_reason)  # fmt: skip
+        return RequestOutput(
+            req.id,
+            req.prompt,
+            list(req.output),
+            new,
+            self._visible_text(req),
+            req.finish_reason is not None,
+            req.finish_reason,
+            list(req.logprobs) if req.params.logprobs is not None else None,
+            req.prompt_logprobs,
+        )
 
 
 def _need(ok: bool, name: str, value, rule: str) -> None:

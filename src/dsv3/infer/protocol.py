@@ -12,6 +12,13 @@ ASCII-safe JSON, so that no input, however odd, can break the error path itself.
 
 Responses are the shapes of OpenAI's API. Fields that OpenAI leaves out when they have no value
 (a chat delta's role or content, a chunk's usage) are `Omitted`: dropped from the JSON when None.
+
+Log-probabilities come in OpenAI's two shapes. A completion (`logprobs`: 0..5) has per token
+`tokens`, `token_logprobs`, `top_logprobs` (a dict of the `logprobs` most likely tokens, plus the
+chosen one: up to logprobs + 1 entries) and `text_offset` (where the token's text starts in the
+choice's text); with `echo` the prompt's tokens come first, the very first with null logprob and
+top_logprobs, as it has no context. A chat (`logprobs: true`, `top_logprobs`: 0..20) has
+`content`: per token {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from dsv3.infer.sampling import INT64_MAX, MAX_REPETITION_PENALTY, MIN_REPETITIO
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 1024  # per stop string; matching is linear in the text, this bounds memory and the body
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits: completions' logprobs, chat's top_logprobs
+MAX_TOP_LOGPROBS = 20
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -69,16 +78,13 @@ def unavailable(message: str) -> APIError:
 
 
 EXPECTED = {  # what a union field accepts, for its error message
-    "prompt": "a string, a list of token ids, or a list holding one string",
+    "prompt": "a string, a list of token ids, or a list holding one string or one list of token ids",
     "stop": f"a string or a list of up to {MAX_STOP_STRINGS} strings",
     "content": "a string or a list of text parts",
 }
 UNSUPPORTED = (  # (field, the values we support, message)
     ("n", (1,), "n > 1 is not supported; send one request per choice"),
     ("best_of", (None, 1), "best_of > 1 is not supported"),
-    ("echo", (False,), "echo is not supported"),
-    ("logprobs", (None, False), "logprobs are not supported"),
-    ("top_logprobs", (None,), "logprobs are not supported"),
     ("suffix", (None,), "suffix is not supported"),
     ("presence_penalty", (0.0,), "presence_penalty is not supported (use repetition_penalty)"),
     ("frequency_penalty", (0.0,), "frequency_penalty is not supported (use repetition_penalty)"),
@@ -189,11 +195,11 @@ class CommonRequest(Body):
 
 
 class CompletionRequest(CommonRequest):
-    prompt: Text | list[Int64] | list[Text]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | list[Int64] | list[Text] | list[list[Int64]]
+    max_tokens: int | None = Field(16, ge=0)  # 0: score the prompt only (with echo and logprobs)
     best_of: int | None = None
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: Text | None = None
 
 
@@ -213,7 +219,7 @@ class ChatRequest(CommonRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 # ---------------------------------------------------------------------------------- responses
@@ -233,10 +239,23 @@ class Usage(BaseModel):
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total)
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+    def __add__(self, other: CompletionLogprobs) -> CompletionLogprobs:
+        """These tokens' logprobs followed by other's."""
+        return CompletionLogprobs(
+            **{k: getattr(self, k) + getattr(other, k) for k in type(self).model_fields}
+        )
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -256,10 +275,24 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's text in UTF-8
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -280,7 +313,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 

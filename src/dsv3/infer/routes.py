@@ -23,6 +23,17 @@ worker thread (a long prompt never stalls the event loop), checks the lengths, s
 engine and either streams server-sent events or waits for the final output. A non-streaming
 request is raced against the client's disconnect: a client that gives up has its request
 aborted, as a streaming one does when its connection drops.
+
+Log-probabilities (protocol.py has the shapes) are the engine's: log_softmax of the model's raw
+logits, whatever the sampling parameters, for every token sampled, including one that ended the
+generation (eos, whose text is not in the output). A token is named by its text decoded alone
+(special tokens by their name, e.g. <|bos|>, which starts every text prompt); `text_offset` adds
+up the lengths those texts have in the choice's text (0 for special tokens; a character split
+over several byte-level tokens counts once per piece, each decoded as U+FFFD, as in vLLM). With
+`echo`, a text prompt is echoed as sent and a token-id prompt decoded. `max_tokens: 0` with
+`echo` and `logprobs` scores the prompt without generating (lm-evaluation-harness's log-likelihood
+requests send max_tokens 1 and read all but the last token; both work). A streamed response
+carries, with each piece of text, the log-probabilities of the tokens sampled since the last.
 """
 
 from __future__ import annotations
@@ -30,8 +41,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -51,21 +63,25 @@ from dsv3.infer.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessage,
     ChatRequest,
+    ChatTokenLogprob,
     CommonRequest,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Delta,
     ModelCard,
     ModelList,
+    TopLogprob,
     Usage,
     server_error,
     sse,
     unavailable,
 )
-from dsv3.infer.sampling import SamplingParams
+from dsv3.infer.sampling import SamplingParams, TokenLogprob
 
 router = APIRouter()
 
@@ -120,8 +136,15 @@ async def get_model(model: str, ctx: Ctx) -> ModelCard:
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
     check_common(ctx, body)
+    if body.max_tokens == 0 and not (body.echo and body.logprobs is not None):
+        raise APIError(
+            400,
+            "max_tokens=0 scores the prompt without generating: it needs echo=true and logprobs",
+            param="max_tokens",
+            code="invalid_value",
+        )
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise APIError(
                 400,
@@ -131,9 +154,9 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
             )
         prompt = prompt[0]
 
-    def encode() -> list[int]:
+    def encode() -> tuple[list[int], str | None]:
         if isinstance(prompt, str):
-            return ctx.tokenizer.encode(prompt)
+            return ctx.tokenizer.encode(prompt), prompt if body.echo else None
         if not prompt or not all(t < ctx.vocab_size for t in prompt):
             raise APIError(
                 400,
@@ -141,7 +164,7 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
                 param="prompt",
                 code="invalid_value",
             )
-        return list(prompt)
+        return list(prompt), ctx.tokenizer.decode(prompt) if body.echo else None
 
     return await generate(ctx, request, body, encode, body.max_tokens, chat=False)
 
@@ -149,14 +172,16 @@ async def completions(body: CompletionRequest, request: Request, ctx: Ctx):
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatRequest, request: Request, ctx: Ctx):
     check_common(ctx, body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
     messages = []
     for m in body.messages:
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
 
-    def encode() -> list[int]:
+    def encode() -> tuple[list[int], None]:
         try:
-            return ctx.tokenizer.encode_chat(messages)
+            return ctx.tokenizer.encode_chat(messages), None
         except ChatError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
 
@@ -270,25 +295,33 @@ def sampling_params(
         stop=body.stops + tuple(extra_stop),
         ignore_eos=body.ignore_eos,
         seed=body.seed,
+        **logprob_params(body),
     )
+
+
+def logprob_params(body: CommonRequest) -> dict[str, int | None]:
+    """SamplingParams.logprobs / prompt_logprobs: how many most likely tokens to report (None: off)."""
+    if isinstance(body, ChatRequest):
+        return {"logprobs": (body.top_logprobs or 0) if body.logprobs else None}
+    return {"logprobs": body.logprobs, "prompt_logprobs": body.logprobs if body.echo else None}
 
 
 async def generate(
     ctx: ServerContext,
     request: Request,
     body: CommonRequest,
-    encode: Callable[[], list[int]],
+    encode: Callable[[], tuple[list[int], str | None]],
     max_tokens: int | None,
     chat: bool,
     extra_stop: tuple[str, ...] = (),
 ) -> Any:
-    """Tokenize (in a worker thread), submit, and answer: a StreamingResponse, or the final
-    response unless the client disconnects first."""
+    """Tokenize (in a worker thread: the prompt's ids, and its text if echoed), submit, and
+    answer: a StreamingResponse, or the final response unless the client disconnects first."""
 
-    async def start() -> tuple[Slot, list[int], dict]:
+    async def start() -> tuple[Slot, list[int], str | None, dict]:
         slot = ctx.bridge.reserve()
         try:
-            ids = await run_in_threadpool(encode)
+            ids, echo = await run_in_threadpool(encode)
             params = sampling_params(ctx, body, len(ids), max_tokens, extra_stop)
             try:
                 rid = await slot.submit(ids, params)
@@ -302,44 +335,74 @@ async def generate(
             "created": int(time.time()),
             "model": ctx.model_name,
         }
-        return slot, ids, head
+        return slot, ids, echo, head
 
     if body.stream:
-        slot, ids, head = await start()
-        events = stream_events(slot, head, ids, body, chat)
+        slot, ids, echo, head = await start()
+        events = stream_events(ctx, slot, head, ids, echo, body, chat)
         return StreamingResponse(
             events, media_type="text/event-stream", background=BackgroundTask(slot.close)
         )
 
     async def complete():
-        slot, ids, head = await start()
+        slot, ids, echo, head = await start()
         final = None
         async with aclosing(slot.outputs()) as outputs:
             async for out in outputs:
                 final = out
         usage = Usage.of(len(ids), len(final.token_ids))
+        tok, asked = ctx.tokenizer, final.logprobs is not None
         if chat:
             choice = ChatChoice(
-                message=ChatMessage(content=final.text or ""), finish_reason=final.finish_reason
+                message=ChatMessage(content=final.text or ""),
+                logprobs=chat_logprobs(tok, final.logprobs) if asked else None,
+                finish_reason=final.finish_reason,
             )
             return ChatCompletionResponse(**head, choices=[choice], usage=usage)
-        choice = CompletionChoice(text=final.text or "", finish_reason=final.finish_reason)
+        logprobs = None
+        if asked:
+            logprobs, _ = completion_logprobs(tok, final.logprobs, len(echo or ""))
+            if echo is not None:
+                logprobs = prompt_logprobs(tok, final) + logprobs
+        text = (echo or "") + (final.text or "")
+        choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=final.finish_reason)
         return CompletionResponse(**head, choices=[choice], usage=usage)
 
     return await unless_disconnected(request, complete())
 
 
-async def stream_events(slot: Slot, head: dict, ids: list[int], body: CommonRequest, chat: bool):
-    """Server-sent events: the text as it settles (TextDeltas), the finish reason, the usage if
-    asked for, then [DONE]; a failure in the middle is an error event before [DONE]."""
+async def stream_events(
+    ctx: ServerContext,
+    slot: Slot,
+    head: dict,
+    ids: list[int],
+    echo: str | None,
+    body: CommonRequest,
+    chat: bool,
+):
+    """Server-sent events: the echoed prompt (completions with echo), the text as it settles
+    (TextDeltas) with the log-probabilities of the tokens since the last piece, the finish reason
+    (with those of the tokens left), the usage if asked for, then [DONE]; a failure in the middle
+    is an error event before [DONE]."""
+    tok, sent, offset = ctx.tokenizer, 0, len(echo or "")  # tokens whose logprobs were sent; their text's end
 
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False, logprobs=None) -> str:
         if chat:
             delta = Delta(role="assistant" if role else None, content=text)
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+            choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)
             return sse(ChatCompletionChunk(**head, choices=[choice]))
-        choice = CompletionChoice(text=text or "", finish_reason=finish_reason)
+        choice = CompletionChoice(text=text or "", logprobs=logprobs, finish_reason=finish_reason)
         return sse(CompletionResponse(**head, choices=[choice]))
+
+    def new_logprobs(out) -> CompletionLogprobs | ChatLogprobs | None:
+        nonlocal sent, offset
+        if out.logprobs is None or len(out.logprobs) == sent:
+            return None
+        entries, sent = out.logprobs[sent:], len(out.logprobs)
+        if chat:
+            return chat_logprobs(tok, entries)
+        logprobs, offset = completion_logprobs(tok, entries, offset)
+        return logprobs
 
     if chat:
         yield chunk("", role=True)
@@ -347,18 +410,80 @@ async def stream_events(slot: Slot, head: dict, ids: list[int], body: CommonRequ
     try:
         async with aclosing(slot.outputs()) as outputs:
             async for final in outputs:
+                if echo is not None:
+                    yield chunk(
+                        echo, logprobs=prompt_logprobs(tok, final) if final.logprobs is not None else None
+                    )
+                    echo = None
                 piece = deltas.update(final.text, final.finished)
                 if piece:
-                    yield chunk(piece)
+                    yield chunk(piece, logprobs=new_logprobs(final))
     except (RequestFailed, EngineUnavailable) as e:
         yield sse(bridge_error(e).body())
         yield SSE_DONE
         return
-    yield chunk(None, final.finish_reason)
+    yield chunk(None, final.finish_reason, logprobs=new_logprobs(final))
     if body.stream_options and body.stream_options.include_usage:
         usage = Usage.of(len(ids), len(final.token_ids))
         yield sse((ChatCompletionChunk if chat else CompletionResponse)(**head, choices=[], usage=usage))
     yield SSE_DONE
+
+
+# ---------------------------------------------------------------------------------- log-probabilities
+def token_texts(tokenizer, ids: Iterable[int]) -> dict[int, tuple[str, int]]:
+    """Per distinct token id: its text decoded alone (special tokens by their name), and the
+    characters it adds to a decoded output (0 for special tokens, which decoding leaves out)."""
+    unique = list(dict.fromkeys(ids))
+    alone = [[i] for i in unique]
+    named = tokenizer.tokenizer.decode_batch(alone, skip_special_tokens=False)
+    output = tokenizer.tokenizer.decode_batch(alone, skip_special_tokens=True)
+    return {i: (name, len(text)) for i, name, text in zip(unique, named, output)}
+
+
+def completion_logprobs(
+    tokenizer, entries: list[TokenLogprob | None], offset: int, ids: list[int] | None = None
+) -> tuple[CompletionLogprobs, int]:
+    """A completion's logprobs of tokens `ids` (default: the entries' tokens), whose text starts
+    at `offset` of the choice's text, and where their text ends; an entry None (the first prompt
+    token) has null logprobs."""
+    ids = [e.token_id for e in entries] if ids is None else ids
+    texts = token_texts(tokenizer, itertools.chain(ids, (t for e in entries if e for t, _ in e.top)))
+    offsets = list(itertools.accumulate((texts[i][1] for i in ids), initial=offset))
+    logprobs = CompletionLogprobs(
+        tokens=[texts[i][0] for i in ids],
+        token_logprobs=[None if e is None else e.logprob for e in entries],
+        top_logprobs=[
+            None if e is None else {**{texts[t][0]: lp for t, lp in e.top}, texts[i][0]: e.logprob}
+            for i, e in zip(ids, entries)
+        ],
+        text_offset=offsets[:-1],
+    )
+    return logprobs, offsets[-1]
+
+
+def prompt_logprobs(tokenizer, out) -> CompletionLogprobs:
+    """The echoed prompt's logprobs (its text starts the choice's text)."""
+    return completion_logprobs(tokenizer, out.prompt_logprobs, 0, out.prompt_token_ids)[0]
+
+
+def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> ChatLogprobs:
+    """A chat choice's logprobs of the tokens of `entries`, each with its top_logprobs."""
+    texts = token_texts(
+        tokenizer, itertools.chain.from_iterable([e.token_id, *(t for t, _ in e.top)] for e in entries)
+    )
+
+    def named(token_id: int, logprob: float) -> dict:
+        token = texts[token_id][0]
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **named(e.token_id, e.logprob), top_logprobs=[TopLogprob(**named(*t)) for t in e.top]
+            )
+            for e in entries
+        ]
+    )
 
 
 def bridge_error(e: Exception) -> APIError:

@@ -16,6 +16,13 @@ become int64 tensors (top_k, stop_token_ids) or seed a generator fit in int64; f
 a temperature below GREEDY_BELOW is greedy (as in vLLM; dividing the logits by a temperature
 near 0 overflows float32 and the distribution turns to NaN); the repetition penalty,
 which divides or multiplies logits, lies in [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY].
+
+Log-probabilities. A request may ask for the log-probability of each token it gets (`logprobs`)
+and of each prompt token after the first (`prompt_logprobs`), with that many of the most likely
+tokens at each position (0..MAX_LOGPROBS). They are log_softmax of the model's raw logits, before
+the repetition penalty, temperature and top-k/top-p shape the distribution sampled from (what
+vLLM reports by default): the model's own probability of the text, whatever the sampling.
+`max_tokens=0` with prompt_logprobs scores a prompt without generating.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 INT64_MAX = 2**63 - 1
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-6, 1e6
+MAX_LOGPROBS = 20  # most likely tokens reported per position (OpenAI's top_logprobs limit)
 
 
 @dataclass
@@ -41,6 +49,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None  # per-request generator; same seed -> same tokens
+    logprobs: int | None = None  # each generated token's log-probability and this many top ones (None: off)
+    prompt_logprobs: int | None = None  # the same for the prompt tokens after the first (None: off)
 
     def validate(self) -> None:
         """ValueError naming the field, its value and the rule."""
@@ -55,7 +65,11 @@ class SamplingParams:
         def is_num(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        need(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        need(
+            is_int(self.max_tokens) and self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
+            "max_tokens",
+            "must be an integer >= 1 (0 only with prompt_logprobs: score the prompt without generating)",
+        )
         need(
             is_num(self.temperature) and self.temperature >= 0,
             "temperature",
@@ -91,9 +105,38 @@ class SamplingParams:
             f"must be an integer in [0, {INT64_MAX}] or None",
         )
 
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            need(
+                value is None or (is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                name,
+                f"must be an integer in [0, {MAX_LOGPROBS}] (most likely tokens to report) or None",
+            )
+
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token at one position, its log-probability, and the most likely tokens there."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """logits [N, V] (raw, as the model gives them), tokens [N] -> per row the token's
+    log_softmax and the `top` most likely (token, log-probability) pairs."""
+    logprobs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)  # [N, V]
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()  # [N]
+    best, best_ids = logprobs.topk(top, dim=-1)  # [N, top]
+    return [
+        TokenLogprob(t, lp, tuple(zip(ids, values)))
+        for t, lp, ids, values in zip(tokens.tolist(), chosen, best_ids.tolist(), best.tolist())
+    ]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

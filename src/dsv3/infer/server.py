@@ -10,8 +10,8 @@ The server is split the way vLLM's OpenAI entrypoint is:
     server.py    this file: the command line, and `create_app`, which puts them together
 
 Errors are OpenAI's JSON shape {"error": {"message", "type", "param", "code"}}: 400 for
-malformed JSON, wrong types, out-of-range values, invalid Unicode, unsupported options (n > 1,
-logprobs, ...) and prompts that do not fit (code "context_length_exceeded"); 401 without the
+malformed JSON, wrong types, out-of-range values, invalid Unicode, unsupported options (n > 1, best_of,
+suffix, ...) and prompts that do not fit (code "context_length_exceeded"); 401 without the
 API key; 404 for an unknown model or route; 413 for a body over --max-body-bytes; 429 when
 --max-concurrent requests are in flight; 500 when the engine failed a request; 503 when the
 engine has stopped or the server is shutting down.
@@ -44,6 +44,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dsv3.infer.cli import add_engine_arguments
+    from dsv3.infer.disaggregate import add_arguments as add_disaggregation_arguments
     from dsv3.infer.distributed import add_arguments as add_expert_parallel_arguments
 
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or HF folder")
@@ -83,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dtype", choices=("auto", "bf16", "fp8"), default="auto")
     add_engine_arguments(parser)
     add_expert_parallel_arguments(parser)
+    add_disaggregation_arguments(parser)
 
 
 @dataclass
@@ -196,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: dsv3 serve needs fastapi and uvicorn: pip install 'dsv3[serve]'", file=sys.stderr)
         return 2
+    if args.role is not None:  # prefill/decode disaggregation
+        from dsv3.infer.disaggregate import serve
+
+        return serve(args)
     if args.ep is not None:  # expert parallelism over torchrun's ranks
         from dsv3.infer.distributed import serve
 

@@ -133,7 +133,9 @@ def cached_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) -> Path:
     if not path.is_file():
         with _building(path):
             if not path.is_file():  # another run may have trained it while we waited
-                with progress(f"training a byte-level BPE tokenizer (vocab {vocab_size})", corpus.size, "bytes") as advance:
+                with progress(
+                    f"training a byte-level BPE tokenizer (vocab {vocab_size})", corpus.size, "bytes"
+                ) as advance:
                     texts = (advance(len(t.encode())) or t for t in corpus)
                     write_file_atomically(path, train_tokenizer(texts, vocab_size).to_str())
     return path
@@ -330,20 +332,19 @@ def _tokenize_into(
     train, val = _SplitWriter(folder, "train", dtype), _SplitWriter(folder, "val", dtype)
     try:
         with _progress(corpus) as advance:
-            for batch in _batched(corpus.records(), RECORDS_PER_BATCH):
-                for (index, record), doc in zip(batch, _encode([r for _, r in batch], tok, template)):
-                    stat = stats[index]
-                    if isinstance(doc, str):
-                        stat["bad"] += 1
-                        if len(stat["bad_examples"]) < EXAMPLES_SHOWN:
-                            stat["bad_examples"].append(f"{record.where}: {doc}")
-                    elif doc[0]:  # an empty text is no document
-                        held_out = int((documents + 1) * val_fraction) > int(documents * val_fraction)
-                        (val if held_out else train).add(*doc)
-                        stat["documents"] += 1
-                        stat["val_tokens" if held_out else "train_tokens"] += len(doc[0])
-                        documents, val_documents = documents + 1, val_documents + held_out
-                advance(sum(record.size for _, record in batch), documents=documents)
+            for index, record, doc in encoded_documents(corpus, tok, template):
+                stat = stats[index]
+                if isinstance(doc, str):
+                    stat["bad"] += 1
+                    if len(stat["bad_examples"]) < EXAMPLES_SHOWN:
+                        stat["bad_examples"].append(f"{record.where}: {doc}")
+                elif doc[0]:  # an empty text is no document
+                    held_out = int((documents + 1) * val_fraction) > int(documents * val_fraction)
+                    (val if held_out else train).add(*doc)
+                    stat["documents"] += 1
+                    stat["val_tokens" if held_out else "train_tokens"] += len(doc[0])
+                    documents, val_documents = documents + 1, val_documents + held_out
+                advance(record.size, documents=documents)
         chats = train.learned is not None or val.learned is not None
         if chats:  # both splits get the mask, so both are packed the same way
             train.keep_learned()
@@ -374,10 +375,21 @@ def _tokenize_into(
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def _encode(
+def encoded_documents(corpus: Corpus, tok: TokenizerInfo, template: str):
+    """(source index, record, document) for every record of the corpus, tokenized in batches:
+    document = (token ids, learned mask or None for text) as `encode_records` makes it, or why the
+    record is bad."""
+    for batch in _batched(corpus.records(), RECORDS_PER_BATCH):
+        yield from (
+            (i, r, doc) for (i, r), doc in zip(batch, encode_records([r for _, r in batch], tok, template))
+        )
+
+
+def encode_records(
     records: list[Record], tok: TokenizerInfo, template: str
 ) -> list[tuple[list[int], np.ndarray | None] | str]:
-    """Per record: (token ids, learned mask or None for text), or why it is bad."""
+    """Per record: (token ids, learned mask or None for text), or why it is bad. Text becomes
+    bos + tokens + eos; a chat is rendered with `template` (train/sft.py)."""
     texts = [r.text for r in records if r.text is not None]
     chats = [r.messages for r in records if r.messages is not None]
     bos = [] if tok.bos_id is None else [tok.bos_id]
@@ -397,7 +409,9 @@ def _encode(
 
 def _progress(corpus: Corpus):
     """Progress over the corpus's bytes; yields advance(bytes read, documents=so far)."""
-    return progress("tokenizing " + ", ".join(s.spec for s in corpus.sources), total=corpus.size, unit="bytes")
+    return progress(
+        "tokenizing " + ", ".join(s.spec for s in corpus.sources), total=corpus.size, unit="bytes"
+    )
 
 
 def _batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
