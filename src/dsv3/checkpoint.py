@@ -92,12 +92,22 @@ def write_folder_atomically(
     return path
 
 
-def write_file_atomically(path: Path, text: str) -> None:
-    """Replace a small text file atomically (temp file, fsync, rename, fsync the folder)."""
+def write_file_atomically(path: Path, content: str | Callable[[Path], None]) -> None:
+    """Replace one file atomically: `content` (a text, or a function that writes the temporary
+    file it is given) goes to a temporary sibling, which is fsynced and renamed onto `path`."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            tmp.write_text(content)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and _is_out_of_space(e):
+            raise CheckpointError(_no_space(path.parent, None, shutil.disk_usage(path.parent).free)) from e
+        raise
     _fsync(path.parent)
 
 
@@ -107,7 +117,9 @@ def _remove_dead_temporaries(parent: Path) -> None:
         pid = leftover.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             print(f"removing {leftover} (left by an interrupted save)", flush=True)
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(
+                missing_ok=True
+            )
 
 
 def _alive(pid: int) -> bool:
@@ -163,7 +175,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not root.is_dir():
         return None
     for leftover in sorted(root.glob(f"{TMP_PREFIX}*")):
-        print(f"ignoring incomplete checkpoint {leftover} (interrupted while saving); removing it", flush=True)
+        print(
+            f"ignoring incomplete checkpoint {leftover} (interrupted while saving); removing it", flush=True
+        )
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
     candidates = sorted((p for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir()), reverse=True)
     pointer = root / LATEST

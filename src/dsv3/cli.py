@@ -25,7 +25,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     (
         "convert",
         "dsv3.infer.convert",
-        "convert a checkpoint: ours -> HF, BF16 <-> DeepSeek FP8 (shard by shard)",
+        "convert a checkpoint: ours -> HF, BF16 <-> DeepSeek FP8 (shard by shard), -> GGUF (llama.cpp)",
     ),
 )
 

@@ -1,8 +1,9 @@
-"""`dsv3 convert SRC DST --to {bf16,fp8,hf}`: move a checkpoint between formats, shard by shard.
+"""`dsv3 convert SRC DST --to {bf16,fp8,hf,gguf}`: move a checkpoint between formats, shard by shard.
 
     dsv3 convert runs/tiny            tiny-hf   --to hf     # training run/checkpoint -> HF folder
     dsv3 convert tiny-hf              tiny-fp8  --to fp8    # -> DeepSeek's FP8 release format
     dsv3 convert DeepSeek-V3          v3-bf16   --to bf16   # FP8 release -> BF16, on the CPU
+    dsv3 convert runs/tiny  tiny.gguf --to gguf --gguf-type q8_0   # -> one llama.cpp file
 
 Formats (see dsv3.hf for the FP8 layout):
   hf    the tensors as they are, in a plain HF-layout folder (a training checkpoint drops its
@@ -11,6 +12,8 @@ Formats (see dsv3.hf for the FP8 layout):
         the router's e_score_correction_bias (FP32, as in the release); no quantization_config.
   fp8   the release format: attention and MLP Linear weights as E4M3 + `weight_scale_inv`, the
         rest as for bf16; already-FP8 weights are copied untouched (codes and scales).
+  gguf  one llama.cpp file (DST is a file), weights in --gguf-type f32 (default), bf16 or q8_0,
+        tokenizer included; see dsv3.gguf for the layout and what llama.cpp cannot represent.
 
 Streaming: each source shard is read, converted and written as the same-numbered output shard
 before the next is opened, so memory holds one shard (plus its converted copy), never the model.
@@ -35,13 +38,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dsv3 import gguf as gguf_io
 from dsv3 import hf as hf_io
 from dsv3.checkpoint import write_folder_atomically
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.fp8 import quant as fp8_quant
 
-FORMATS = ("bf16", "fp8", "hf")
+FORMATS = ("bf16", "fp8", "hf", "gguf")
 COMPILE_ABOVE_BYTES = 2**30
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -53,15 +57,26 @@ TOKENIZER_FILES = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="run folder, training checkpoint, or HF-layout folder (bf16/fp32/FP8)")
-    parser.add_argument("dst", help="output folder (HF layout)")
+    parser.add_argument("dst", help="output folder (HF layout), or file for --to gguf")
     parser.add_argument("--to", required=True, help=f"target format: one of {', '.join(FORMATS)}")
+    parser.add_argument(
+        "--gguf-type",
+        default=None,
+        help=f"weights of --to gguf: one of {', '.join(gguf_io.GGUF_TYPES)} (default f32)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
-def plan(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> tuple[Path, list[Path]]:
+def plan(
+    src: str | Path, dst: str | Path, to: str, overwrite: bool = False, gguf_type: str | None = None
+) -> tuple[Path, list[Path]]:
     """Check everything before any work: (model folder, its shard files). Raises ConfigError."""
     if to not in FORMATS:
         raise ConfigError(f"--to {to!r} is not a format; choose one of {', '.join(FORMATS)}")
+    if gguf_type is not None and to != "gguf":
+        raise ConfigError(f"--gguf-type {gguf_type} applies to --to gguf only, not --to {to}")
+    if to == "gguf" and (gguf_type or "f32") not in gguf_io.GGUF_TYPES:
+        raise ConfigError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(gguf_io.GGUF_TYPES)}")
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise ConfigError(f"SRC {src} is not a folder")
@@ -69,7 +84,7 @@ def plan(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> 
         folder = hf_io.resolve_model_folder(src)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
-    ModelConfig.from_hf(folder)  # a readable DeepSeek config
+    cfg = ModelConfig.from_hf(folder)  # a readable DeepSeek config
     files = hf_io.checkpoint_files(folder)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -78,13 +93,29 @@ def plan(src: str | Path, dst: str | Path, to: str, overwrite: bool = False) -> 
         raise ConfigError(f"DST {dst} exists; pass --overwrite to replace it")
     if dst.resolve() == folder.resolve() or folder.resolve() in dst.resolve().parents:
         raise ConfigError(f"DST {dst} must not be SRC's model folder or lie inside it")
+    if to == "gguf":
+        if dst.is_dir():
+            raise ConfigError(f"DST {dst} is a folder; --to gguf writes one file (e.g. {dst / 'model.gguf'})")
+        if not dst.parent.is_dir():
+            raise ConfigError(f"DST {dst}: its folder {dst.parent} does not exist")
+        gguf_io.check_representable(cfg)
+        gguf_io.read_vocab(folder, cfg)
     return folder, files
 
 
-def convert(src: str | Path, dst: str | Path, to: str, overwrite: bool = False, log=print) -> Path:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str,
+    overwrite: bool = False,
+    log=print,
+    gguf_type: str | None = None,
+) -> Path:
     """Convert SRC to format `to` in DST (see the module docstring); returns DST."""
-    folder, files = plan(src, dst, to, overwrite)
+    folder, files = plan(src, dst, to, overwrite, gguf_type)
     dst = Path(dst)
+    if to == "gguf":
+        return gguf_io.write_gguf(folder, hf_io.iter_checkpoint(folder), dst, gguf_type or "f32", log)
 
     def write(tmp: Path) -> None:
         weight_map, total = {}, 0
@@ -165,9 +196,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        dst = convert(args.src, args.dst, args.to, args.overwrite)
+        dst = convert(args.src, args.dst, args.to, args.overwrite, gguf_type=args.gguf_type)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {dst} ({args.to})")
+    print(f"wrote {dst} ({args.to}{'' if args.to != 'gguf' else ' ' + (args.gguf_type or 'f32')})")
     return 0
