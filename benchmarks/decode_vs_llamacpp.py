@@ -70,9 +70,12 @@ def run_measured(cmd: list[str]) -> tuple[str, float]:
         return out.read().decode(), peak_kb / 1024
 
 
-def dsv3_decode(model: Path, threads: int, context: int, streams: int, gen: int) -> tuple[float, float]:
+def dsv3_decode(
+    model: Path, threads: int, context: int, streams: int, gen: int, compile: bool = False
+) -> tuple[float, float]:
     cmd = [sys.executable, __file__, "--worker", str(model), "--threads", str(threads)]
     cmd += ["--context", str(context), "--streams", str(streams), "--gen", str(gen)]
+    cmd += ["--compile"] if compile else []
     out, rss = run_measured(cmd)
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"], rss
 
@@ -106,8 +109,13 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(
-        args.worker, dtype=torch.float32, max_batch_size=args.streams, max_seq_len=args.context + args.gen + 2
+        args.worker,
+        dtype=torch.float32,
+        max_batch_size=args.streams,
+        max_seq_len=args.context + args.gen + 2,
+        compile=args.compile,
     )
+    engine.warmup()  # compiles the decode step (--compile; cached on disk across runs), not timed
     vocab = engine.cfg.vocab_size
     greedy = dict(temperature=0, ignore_eos=True)
     engine.generate([[0, 5, 6, 7]], SamplingParams(max_tokens=4, **greedy))  # warm-up
@@ -172,6 +180,9 @@ def main() -> None:
     p.add_argument("--streams", nargs="+", type=int, default=[1, 16])
     p.add_argument("--gen", type=int, default=32, help="decode steps timed per measurement")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--compile", action="store_true", help="dsv3 with its compiled decode step (Engine(compile=True))"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--context", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -198,7 +209,9 @@ def main() -> None:
         for cell in cells:
             name, threads, context, streams = cell
             folder, gguf = models[name]
-            samples[cell]["dsv3"].append(dsv3_decode(folder, threads, context, streams, args.gen))
+            samples[cell]["dsv3"].append(
+                dsv3_decode(folder, threads, context, streams, args.gen, args.compile)
+            )
             samples[cell]["llama"].append(
                 llama_decode(Path(args.llama_bin), gguf, threads, context, streams, args.gen)
             )
@@ -257,6 +270,7 @@ def main() -> None:
                 "tool": "llama-batched-bench, -ctk f32 -ctv f32",
             },
             "weights": "F32 on both sides (GGUF written by dsv3 convert --to gguf)",
+            "dsv3_decode_step": "compiled (Engine(compile=True))" if args.compile else "eager",
             "tiny_checkpoint": str(models.get("tiny", ("",))[0]),
             "small_checkpoint": "preset small, random weights (torch.manual_seed(0))",
             "gen_tokens_per_stream": args.gen,
