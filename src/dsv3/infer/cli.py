@@ -47,21 +47,41 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine options `dsv3 generate` and `dsv3 serve` share."""
     from dsv3.device import DTYPE_CHOICES
 
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="weights and compute: auto (BF16 only where this CPU's BF16 GEMMs are faster, measured "
-                        "once and cached), bfloat16 or float32")
-    parser.add_argument("--weights", choices=("auto", "fp8", "bf16", "fp32"), default="auto",
-                        help="auto: an FP8 checkpoint's weights stay FP8, dequantized per GEMM (else --dtype); fp8: "
-                        "also quantize other checkpoints at load; bf16/fp32: dequantize at load to that dtype")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights and compute: auto (BF16 only where this CPU's BF16 GEMMs are faster, measured "
+        "once and cached), bfloat16 or float32",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "fp8", "bf16", "fp32"),
+        default="auto",
+        help="auto: an FP8 checkpoint's weights stay FP8, dequantized per GEMM (else --dtype); fp8: "
+        "also quantize other checkpoints at load; bf16/fp32: dequantize at load to that dtype",
+    )
     parser.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step (faster tokens; a minute of compiling at start, cached)")
-    parser.add_argument("--prefill-chunk", type=int, default=None,
-                        help="feed long prompts in chunks of this many tokens, interleaved with decoding")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (faster tokens; a minute of compiling at start, cached)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="feed long prompts in chunks of this many tokens, interleaved with decoding",
+    )
 
 
-def load(checkpoint: str | Path, tokenizer: str | Path | None = None, dtype: str = "auto", weights: str = "auto",
-         **engine_kwargs):
+def load(
+    checkpoint: str | Path,
+    tokenizer: str | Path | None = None,
+    dtype: str = "auto",
+    weights: str = "auto",
+    **engine_kwargs,
+):
     """(Engine, ChatTokenizer) for a checkpoint; the tokenizer is checked before the weights load.
     dtype "auto" picks the compute dtype by measuring this machine's GEMMs at decode shapes;
     weights (dsv3.fp8.resident) keeps FP8 weights FP8, or names the dtype to dequantize them to."""
@@ -82,7 +102,12 @@ def load(checkpoint: str | Path, tokenizer: str | Path | None = None, dtype: str
             print(f"warning: {choice.warning()}", file=sys.stderr, flush=True)
         torch_dtype = choice.dtype
     engine = Engine.from_pretrained(
-        folder, dtype=torch_dtype, weights=weights, decode=tok.decode, eos_token_id=tok.eos_id, **engine_kwargs
+        folder,
+        dtype=torch_dtype,
+        weights=weights,
+        decode=tok.decode,
+        eos_token_id=tok.eos_id,
+        **engine_kwargs,
     )
     if engine.compiled:
         print("compiling the decode step ...", file=sys.stderr, flush=True)
@@ -127,11 +152,15 @@ def stream(engine, prompt_ids: list[int], params, out: TextIO | None = None, pre
 def stats_line(g: Generation, engine_stats: dict) -> str:
     decode_s = g.total_s - g.first_token_s
     rate = (g.num_tokens - 1) / decode_s if g.num_tokens > 1 and decode_s > 0 else float("nan")
-    line = (f"[{g.num_tokens} tokens in {g.total_s:.2f} s: first token {1e3 * g.first_token_s:.0f} ms, "
-            f"then {rate:.1f} tokens/s; finish: {g.finish_reason}")  # fmt: skip
+    line = (
+        f"[{g.num_tokens} tokens in {g.total_s:.2f} s: first token {1e3 * g.first_token_s:.0f} ms, "
+        f"then {rate:.1f} tokens/s; finish: {g.finish_reason}"
+    )
     if engine_stats.get("mtp_acceptance_rate") is not None:
-        line += (f"; MTP acceptance {100 * engine_stats['mtp_acceptance_rate']:.1f}% "
-                 f"({engine_stats.get('tokens_per_forward') or float('nan'):.2f} tokens/forward)")  # fmt: skip
+        line += (
+            f"; MTP acceptance {100 * engine_stats['mtp_acceptance_rate']:.1f}% "
+            f"({engine_stats.get('tokens_per_forward') or float('nan'):.2f} tokens/forward)"
+        )
     return line + "]"
 
 
@@ -176,14 +205,27 @@ def chat(
         history = messages + [{"role": "assistant", "content": g.text}]
 
 
-def sample(folder: Path, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = None,
-           top_p: float | None = None, seed: int = 0, tokenizer: Path | None = None) -> str:  # fmt: skip
+def sample(
+    folder: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    tokenizer: Path | None = None,
+) -> str:
     """Load the model in `folder` and return the prompt followed by its sampled continuation."""
     from dsv3.infer.sampling import SamplingParams
 
     engine, tok = load(folder, tokenizer, max_batch_size=1)
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
-                            top_p=1.0 if top_p is None else top_p, seed=seed)  # fmt: skip
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k or 0,
+        top_p=1.0 if top_p is None else top_p,
+        seed=seed,
+    )
     return prompt + stream(engine, tok.encode(prompt), params).text
 
 
@@ -198,8 +240,16 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     try:
         params.validate()
-        engine, tok = load(args.checkpoint, args.tokenizer, args.dtype, args.weights, mtp=args.mtp, max_batch_size=1,
-                           compile=args.compile, prefill_chunk=args.prefill_chunk)
+        engine, tok = load(
+            args.checkpoint,
+            args.tokenizer,
+            args.dtype,
+            args.weights,
+            mtp=args.mtp,
+            max_batch_size=1,
+            compile=args.compile,
+            prefill_chunk=args.prefill_chunk,
+        )
     except (CheckpointError, DataError, ConfigError, ChatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

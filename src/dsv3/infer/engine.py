@@ -117,24 +117,34 @@ class Engine:
         _need(isinstance(block_size, int) and block_size >= 1, "block_size", block_size, ">= 1")
         _need(
             isinstance(max_seq_len, int) and 2 <= max_seq_len <= cfg.max_position_embeddings,
-            "max_seq_len", max_seq_len, f"between 2 and max_position_embeddings={cfg.max_position_embeddings}",
-        )  # fmt: skip
+            "max_seq_len",
+            max_seq_len,
+            f"between 2 and max_position_embeddings={cfg.max_position_embeddings}",
+        )
         _need(cache_dtype in CACHE_DTYPES, "cache_dtype", cache_dtype, f"one of {CACHE_DTYPES}")
-        _need(prefill_chunk is None or (isinstance(prefill_chunk, int) and prefill_chunk >= 1), "prefill_chunk",
-              prefill_chunk, "an integer >= 1 (or None: whole prompts)")
+        _need(
+            prefill_chunk is None or (isinstance(prefill_chunk, int) and prefill_chunk >= 1),
+            "prefill_chunk",
+            prefill_chunk,
+            "an integer >= 1 (or None: whole prompts)",
+        )
         if mtp and not len(model.mtp):
             raise ValueError("mtp=True: the model has no MTP module (num_nextn_predict_layers=0)")
         _need(
             eos_token_id is None or 0 <= eos_token_id < cfg.vocab_size,
-            "eos_token_id", eos_token_id, f"in [0, vocab_size={cfg.vocab_size})",
-        )  # fmt: skip
+            "eos_token_id",
+            eos_token_id,
+            f"in [0, vocab_size={cfg.vocab_size})",
+        )
         self.steps_per_decode = 2 if mtp else 1  # tokens fed per sequence per decode forward
         blocks_per_seq = math.ceil((max_seq_len + self.steps_per_decode - 1) / block_size)
         num_blocks = max_batch_size * blocks_per_seq if num_blocks is None else num_blocks
         _need(
             isinstance(num_blocks, int) and num_blocks >= blocks_per_seq,
-            "num_blocks", num_blocks, f">= {blocks_per_seq} (one sequence of max_seq_len={max_seq_len})",
-        )  # fmt: skip
+            "num_blocks",
+            num_blocks,
+            f">= {blocks_per_seq} (one sequence of max_seq_len={max_seq_len})",
+        )
 
         self.model, self.cfg, self.mtp, self.decode, self.eos_token_id = (
             model.eval(),
@@ -154,9 +164,14 @@ class Engine:
         self.device, self.dtype = emb.device, emb.dtype
         cache_torch_dtype = torch.bfloat16 if cache_dtype == "bf16" else self.dtype
         self.cache = PagedLatentCache(
-            cfg, num_blocks, block_size, dtype=cache_torch_dtype, fp8=cache_dtype == "fp8",
-            num_layers=cfg.num_hidden_layers + (1 if mtp else 0), device=self.device,
-        )  # fmt: skip
+            cfg,
+            num_blocks,
+            block_size,
+            dtype=cache_torch_dtype,
+            fp8=cache_dtype == "fp8",
+            num_layers=cfg.num_hidden_layers + (1 if mtp else 0),
+            device=self.device,
+        )
         for m in model.modules():
             if isinstance(m, MLA):
                 m.prepare_absorbed(self.dtype)
@@ -166,9 +181,19 @@ class Engine:
         self._outbox: list[RequestOutput] = []  # aborts, reported by the next step()
         self._ids = itertools.count()
         self._counters = dict.fromkeys(
-            ("prompt_tokens_total", "generation_tokens_total", "forward_passes", "decode_forward_passes",
-             "decode_sequence_forwards", "decode_tokens", "mtp_drafted", "mtp_accepted", "preemptions"), 0,
-        )  # fmt: skip
+            (
+                "prompt_tokens_total",
+                "generation_tokens_total",
+                "forward_passes",
+                "decode_forward_passes",
+                "decode_sequence_forwards",
+                "decode_tokens",
+                "mtp_drafted",
+                "mtp_accepted",
+                "preemptions",
+            ),
+            0,
+        )
 
     @classmethod
     def from_pretrained(
@@ -293,13 +318,23 @@ class Engine:
             "cache_bytes_used": cache.bytes_used,
             "cache_bytes_total": cache.nbytes,
             "cache_bytes_per_token": cache.bytes_per_token,
-            **{k: c[k] for k in ("prompt_tokens_total", "generation_tokens_total", "forward_passes",
-                                 "mtp_drafted", "mtp_accepted", "preemptions")},  # fmt: skip
+            **{
+                k: c[k]
+                for k in (
+                    "prompt_tokens_total",
+                    "generation_tokens_total",
+                    "forward_passes",
+                    "mtp_drafted",
+                    "mtp_accepted",
+                    "preemptions",
+                )
+            },
             "mtp_acceptance_rate": c["mtp_accepted"] / c["mtp_drafted"] if c["mtp_drafted"] else None,
             # tokens a sequence gains per decode forward it takes part in (1 without MTP)
             "tokens_per_forward": c["decode_tokens"] / c["decode_sequence_forwards"]
-            if c["decode_sequence_forwards"] else None,
-        }  # fmt: skip
+            if c["decode_sequence_forwards"]
+            else None,
+        }
 
     # ------------------------------------------------------------------ one iteration
     @torch.no_grad()
@@ -340,8 +375,9 @@ class Engine:
         starts = [r.num_cached for r in reqs]
         ns = [min(r.prefill_to - r.num_cached, self.prefill_chunk or r.prefill_to) for r in reqs]
         T = max(ns)
-        ids = torch.tensor([r.tokens[s : s + n] + [0] * (T - n) for r, s, n in zip(reqs, starts, ns)],
-                           device=self.device)  # [B, T]
+        ids = torch.tensor(
+            [r.tokens[s : s + n] + [0] * (T - n) for r, s, n in zip(reqs, starts, ns)], device=self.device
+        )  # [B, T]
         view = self.cache.view([r.id for r in reqs], starts, T, read=any(starts), lengths=ns)
         last = torch.tensor(ns, device=self.device) - 1  # each row's last real position
         out = self.model(ids, cache=view, start_pos=view.start_pos, absorb=False, logits_to_keep=last)
@@ -365,10 +401,14 @@ class Engine:
             for i, t, lp in zip(done, tokens.tolist(), self._logprobs(sampled, logits, tokens)):
                 outputs.append(self._emit(reqs[i], [t], [lp]))
         if self.mtp:  # MTP over the same positions, to fill its cache layer and draft where the prompt ends
-            next_ids = torch.tensor([(r.tokens[s + 1 : s + n + 1] + [0] * T)[:T] for r, s, n in zip(reqs, starts, ns)],
-                                    device=self.device)
+            next_ids = torch.tensor(
+                [(r.tokens[s + 1 : s + n + 1] + [0] * T)[:T] for r, s, n in zip(reqs, starts, ns)],
+                device=self.device,
+            )
             logits = mtp_logits(self.model, out.hidden, next_ids, view, view.start_pos, False, last)
-            ready = [i for i, r in enumerate(reqs) if r.num_cached == r.prefill_to and r.finish_reason is None]
+            ready = [
+                i for i, r in enumerate(reqs) if r.num_cached == r.prefill_to and r.finish_reason is None
+            ]
             if ready:
                 self._draft([reqs[i] for i in ready], logits[ready])
 
@@ -378,7 +418,10 @@ class Engine:
         view = self.cache.view([r.id for r in reqs], [r.num_cached for r in reqs], T)
         fed = [[r.tokens[-1]] + ([r.draft] if self.mtp else []) for r in reqs]
         out = self._fast(
-            self._decode_forward, torch.tensor(fed, device=self.device), cache=view, start_pos=view.start_pos,
+            self._decode_forward,
+            torch.tensor(fed, device=self.device),
+            cache=view,
+            start_pos=view.start_pos,
             absorb=True,
         )
         c = self._counters
@@ -394,10 +437,14 @@ class Engine:
                 outputs.append(self._emit(r, [t], [lp]))
             return
         draft = torch.tensor([r.draft for r in reqs], device=self.device)
-        q = torch.stack([
-            r.draft_q if r.draft_q is not None else torch.nn.functional.one_hot(draft[i], self.cfg.vocab_size).float()
-            for i, r in enumerate(reqs)
-        ])
+        q = torch.stack(
+            [
+                r.draft_q
+                if r.draft_q is not None
+                else torch.nn.functional.one_hot(draft[i], self.cfg.vocab_size).float()
+                for i, r in enumerate(reqs)
+            ]
+        )
         first, bonus, accepted = verify(batch, out.logits, draft, q)
         c["mtp_drafted"] += len(reqs)
         c["mtp_accepted"] += int(accepted.sum())
@@ -410,8 +457,16 @@ class Engine:
         live = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         if live:  # MTP over positions n, n+1 (the second is padding where the draft was rejected)
             next_ids = torch.stack((first, torch.where(accepted, bonus, first)), dim=1)
-            logits = self._fast(self._draft_logits, self.model, out.hidden, next_ids, view, view.start_pos, True,
-                                accepted.long())
+            logits = self._fast(
+                self._draft_logits,
+                self.model,
+                out.hidden,
+                next_ids,
+                view,
+                view.start_pos,
+                True,
+                accepted.long(),
+            )
             self._draft([reqs[i] for i in live], logits[live])
 
     def _draft(self, reqs: list[_Request], logits: torch.Tensor) -> None:

@@ -98,9 +98,12 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-            )  # fmt: skip
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
             self._task = self._bar.add_task("train", total=total, completed=start, info="")
             self._bar.start()
 
@@ -123,9 +126,13 @@ class Progress:
 
 # --------------------------------------------------------------------------------------- report
 def write_report(
-    metrics_path: Path, png_path: Path, title: str = "", baseline: Path | None = None,
-    label: str = "", baseline_label: str = "baseline",
-) -> Path:  # fmt: skip
+    metrics_path: Path,
+    png_path: Path,
+    title: str = "",
+    baseline: Path | None = None,
+    label: str = "",
+    baseline_label: str = "baseline",
+) -> Path:
     """Loss curves, learning rate, MaxVio and before/after expert-load heat maps in one PNG.
 
     With `baseline` (another run's metrics.jsonl, e.g. the same run with the router-bias update
