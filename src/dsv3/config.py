@@ -34,6 +34,18 @@ from dsv3.model.routing import ROUTING_METHODS, SCORE_FUNCTIONS, RoutingMethod
 HIDDEN_ACTS = ("silu",)
 
 
+# DeepSeek-V3's context extension: 4K -> 160K (V3R section 4.3)
+V3_YARN = {
+    "type": "yarn",
+    "factor": 40.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
+
 @dataclass
 class ModelConfig:
     # sizes
@@ -68,17 +80,7 @@ class ModelConfig:
     # positions
     max_position_embeddings: int = 163840
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = field(
-        default_factory=lambda: {
-            "type": "yarn",
-            "factor": 40.0,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        }
-    )
+    rope_scaling: dict[str, Any] | None = field(default_factory=lambda: dict(V3_YARN))
     rope_interleave: bool = True  # published weights rotate interleaved pairs (x0,x1),(x2,x3),...
     # misc
     hidden_act: str = "silu"
@@ -137,18 +139,8 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: {rule}")
 
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "intermediate_size",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "max_position_embeddings",
-        ):
+        sizes = "vocab_size hidden_size num_hidden_layers intermediate_size num_attention_heads kv_lora_rank"
+        for name in (sizes + " qk_nope_head_dim qk_rope_head_dim v_head_dim max_position_embeddings").split():
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
         need(
@@ -318,145 +310,90 @@ def _normalize_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
 
 
 # Architecture keys a config.json without a known model_type must carry.
-REQUIRED_HF_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
+REQUIRED_HF_KEYS = tuple(
+    "vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size kv_lora_rank "
+    "qk_nope_head_dim qk_rope_head_dim v_head_dim".split()
 )
 
-# transformers' class defaults for the keys it leaves out of a saved config.json.
+# transformers' class defaults for the keys it leaves out of a saved config.json (where a key is in
+# neither, ModelConfig's default applies: the same value).
+_V3_DEFAULTS = {  # our defaults are DeepSeek-V3's published config; transformers' class differs in three
+    **{
+        f.name: getattr(ModelConfig, f.name)
+        for f in dataclasses.fields(ModelConfig)
+        if f.name != "rope_scaling"
+    },
+    "max_position_embeddings": 4096,
+    "initializer_range": 0.02,
+    "rope_scaling": None,
+}
 HF_DEFAULTS: dict[str | None, dict[str, Any]] = {
-    "deepseek_v3": dict(
-        vocab_size=129280,
-        hidden_size=7168,
-        intermediate_size=18432,
-        moe_intermediate_size=2048,
-        num_hidden_layers=61,
-        num_attention_heads=128,
-        n_shared_experts=1,
-        n_routed_experts=256,
-        routed_scaling_factor=2.5,
-        kv_lora_rank=512,
-        q_lora_rank=1536,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        qk_nope_head_dim=128,
-        n_group=8,
-        topk_group=4,
-        num_experts_per_tok=8,
-        first_k_dense_replace=3,
-        norm_topk_prob=True,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        tie_word_embeddings=False,
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
-        num_nextn_predict_layers=1,
-        rope_interleave=True,
-        initializer_range=0.02,
-    ),
-    "deepseek_v2": dict(
-        vocab_size=102400,
-        hidden_size=4096,
-        intermediate_size=11008,
-        moe_intermediate_size=1407,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        n_shared_experts=2,
-        n_routed_experts=64,
-        routed_scaling_factor=1.0,
-        kv_lora_rank=512,
-        q_lora_rank=1536,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        qk_nope_head_dim=128,
-        n_group=1,
-        topk_group=1,
-        num_experts_per_tok=6,
-        first_k_dense_replace=0,
-        norm_topk_prob=False,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        tie_word_embeddings=False,
-        topk_method="greedy",
-        scoring_func="softmax",
-        num_nextn_predict_layers=0,
-        rope_interleave=True,
-        initializer_range=0.02,
-    ),
+    "deepseek_v3": _V3_DEFAULTS,
+    "deepseek_v2": {  # where DeepseekV2Config's defaults differ from DeepseekV3Config's
+        **_V3_DEFAULTS,
+        "vocab_size": 102400,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "moe_intermediate_size": 1407,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "n_shared_experts": 2,
+        "n_routed_experts": 64,
+        "routed_scaling_factor": 1.0,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_experts_per_tok": 6,
+        "first_k_dense_replace": 0,
+        "norm_topk_prob": False,
+        "max_position_embeddings": 2048,
+        "topk_method": "greedy",
+        "scoring_func": "softmax",
+        "num_nextn_predict_layers": 0,
+    },
 }
 
-_V3_YARN = {
-    "type": "yarn",
-    "factor": 40.0,
-    "original_max_position_embeddings": 4096,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-}
-
+# The CPU default: ~7M activated parameters; Linear dims are multiples of 128 (FP8 tiles).
+TINY = dict(
+    vocab_size=8192,
+    hidden_size=256,
+    num_hidden_layers=4,
+    intermediate_size=768,
+    num_attention_heads=4,
+    q_lora_rank=128,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    first_k_dense_replace=1,
+    moe_intermediate_size=128,
+    n_shared_experts=1,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=2048,
+    rope_scaling=None,
+    initializer_range=0.02,
+)
 PRESETS: dict[str, dict[str, Any]] = {
-    # The CPU default: ~7M activated parameters; Linear dims are multiples of 128 (FP8 tiles).
-    "tiny": dict(
-        vocab_size=8192,
-        hidden_size=256,
-        num_hidden_layers=4,
-        intermediate_size=768,
-        num_attention_heads=4,
-        q_lora_rank=128,
-        kv_lora_rank=128,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
-        first_k_dense_replace=1,
-        moe_intermediate_size=128,
-        n_shared_experts=1,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        num_nextn_predict_layers=1,
-        max_position_embeddings=2048,
-        rope_scaling=None,
-        initializer_range=0.02,
-    ),
+    "tiny": TINY,
     # A laptop-GPU / patient-CPU model: 135M total, 63M activated parameters.
-    "small": dict(
-        vocab_size=32768,
-        hidden_size=512,
-        num_hidden_layers=8,
-        intermediate_size=1536,
-        num_attention_heads=8,
-        q_lora_rank=256,
-        kv_lora_rank=256,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
-        first_k_dense_replace=1,
-        moe_intermediate_size=256,
-        n_shared_experts=1,
-        n_routed_experts=32,
-        num_experts_per_tok=6,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        num_nextn_predict_layers=1,
-        max_position_embeddings=4096,
-        rope_scaling=None,
-        initializer_range=0.02,
-    ),
+    "small": {
+        **TINY,
+        "vocab_size": 32768,
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "intermediate_size": 1536,
+        "num_attention_heads": 8,
+        "q_lora_rank": 256,
+        "kv_lora_rank": 256,
+        "moe_intermediate_size": 256,
+        "n_routed_experts": 32,
+        "num_experts_per_tok": 6,
+        "max_position_embeddings": 4096,
+    },
     # DeepSeek-V2-Lite (15.7B total, ~2.4B activated): plain query projection, softmax gating.
     "v2-lite": dict(
         vocab_size=102400,
@@ -485,10 +422,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=163840,
         bos_token_id=100000,
         eos_token_id=100001,
-        rope_scaling={**_V3_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+        rope_scaling={**V3_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
     ),
     # DeepSeek-V3 as published (671B total, 37B activated, MTP depth 1).
-    "v3-671b": dict(rope_scaling=dict(_V3_YARN)),
+    "v3-671b": dict(rope_scaling=dict(V3_YARN)),
 }
 
 

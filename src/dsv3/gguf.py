@@ -244,22 +244,32 @@ def add_metadata(writer, cfg: ModelConfig, vocab: Vocab, name: str, gguf_type: s
     )
     if gguf_type == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_leading_dense_block_count(cfg.first_k_dense_replace)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_attention_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    hyper = {  # the deepseek2 key (GGUFWriter.add_<key>) -> its value in our config
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position_embeddings,
+        "embedding_length": cfg.hidden_size,
+        "block_count": cfg.num_hidden_layers,
+        "feed_forward_length": cfg.intermediate_size,
+        "leading_dense_block_count": cfg.first_k_dense_replace,
+        "head_count": cfg.num_attention_heads,
+        "head_count_kv": cfg.num_attention_heads,
+        "layer_norm_rms_eps": cfg.rms_norm_eps,
+        "kv_lora_rank": cfg.kv_lora_rank,
+        "key_length": cfg.qk_head_dim,
+        "value_length": cfg.v_head_dim,
+        "rope_dimension_count": cfg.qk_rope_head_dim,
+        "rope_freq_base": cfg.rope_theta,
+        "expert_count": cfg.n_routed_experts,
+        "expert_used_count": cfg.num_experts_per_tok,
+        "expert_shared_count": max(cfg.n_shared_experts, 1),  # 0: one all-zero shared expert
+        "expert_feed_forward_length": cfg.moe_intermediate_size,
+        "expert_weights_scale": cfg.routed_scaling_factor,
+        "expert_weights_norm": cfg.norm_topk_prob and cfg.num_experts_per_tok > 1,  # as dsv3's Router
+    }
     if cfg.q_lora_rank is not None:
-        writer.add_q_lora_rank(cfg.q_lora_rank)
-    writer.add_kv_lora_rank(cfg.kv_lora_rank)
-    writer.add_key_length(cfg.qk_head_dim)
-    writer.add_value_length(cfg.v_head_dim)
-    writer.add_rope_dimension_count(cfg.qk_rope_head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
+        hyper["q_lora_rank"] = cfg.q_lora_rank
+    for key, value in hyper.items():
+        getattr(writer, f"add_{key}")(value)
     rs = cfg.rope_scaling
     # 2025-02's llama.cpp requires the key even without YaRN; 0.1 x mscale_all_dim, the softmax-scale factor
     writer.add_rope_scaling_yarn_log_mul(0.0 if rs is None else 0.1 * rs["mscale_all_dim"])
@@ -269,12 +279,6 @@ def add_metadata(writer, cfg: ModelConfig, vocab: Vocab, name: str, gguf_type: s
         writer.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])
         writer.add_rope_scaling_yarn_beta_fast(rs["beta_fast"])
         writer.add_rope_scaling_yarn_beta_slow(rs["beta_slow"])
-    writer.add_expert_count(cfg.n_routed_experts)
-    writer.add_expert_used_count(cfg.num_experts_per_tok)
-    writer.add_expert_shared_count(max(cfg.n_shared_experts, 1))  # 0: one all-zero shared expert
-    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    writer.add_expert_weights_scale(cfg.routed_scaling_factor)
-    writer.add_expert_weights_norm(cfg.norm_topk_prob and cfg.num_experts_per_tok > 1)  # as dsv3's Router
     writer.add_expert_gating_func(
         gguf.ExpertGatingFuncType.SIGMOID
         if cfg.scoring_func == "sigmoid"

@@ -149,12 +149,16 @@ class EngineBridge:
                 self._deliver(rid, EngineUnavailable(f"the engine stopped: {e}"), True)
             self._fail_commands(EngineUnavailable(f"the engine stopped: {e}"))
 
-    def _take_commands(self) -> None:
+    def _queued(self):
+        """The commands queued so far, taken one by one."""
         while True:
             try:
-                cmd = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _take_commands(self) -> None:
+        for cmd in self._queued():
             if cmd[0] == "abort":
                 self.engine.abort(cmd[1])
             elif cmd[0] == "end_all":
@@ -187,11 +191,7 @@ class EngineBridge:
             self._deliver(rid, error, True)
 
     def _fail_commands(self, error: BaseException) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for cmd in self._queued():
             if cmd[0] == "add":
                 cmd[-1].set_exception(error)
 

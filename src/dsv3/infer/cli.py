@@ -75,16 +75,24 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def engine_options(args: argparse.Namespace) -> dict:
+    """`load`'s keyword arguments from the options of `add_engine_arguments`."""
+    names = ("dtype", "weights", "mtp", "compile", "prefill_chunk")
+    return {name: getattr(args, name) for name in names}
+
+
 def load(
     checkpoint: str | Path,
     tokenizer: str | Path | None = None,
     dtype: str = "auto",
     weights: str = "auto",
+    engine_class=None,
     **engine_kwargs,
 ):
     """(Engine, ChatTokenizer) for a checkpoint; the tokenizer is checked before the weights load.
     dtype "auto" picks the compute dtype by measuring this machine's GEMMs at decode shapes;
-    weights (dsv3.fp8.resident) keeps FP8 weights FP8, or names the dtype to dequantize them to."""
+    weights (dsv3.fp8.resident) keeps FP8 weights FP8, or names the dtype to dequantize them to.
+    engine_class: an Engine subclass to build instead (disaggregated prefill/decode workers)."""
     from dsv3.config import ModelConfig
     from dsv3.device import choose_dtype, gemm_shapes
     from dsv3.hf import resolve_model_folder
@@ -101,7 +109,7 @@ def load(
         if choice.warning():
             print(f"warning: {choice.warning()}", file=sys.stderr, flush=True)
         torch_dtype = choice.dtype
-    engine = Engine.from_pretrained(
+    engine = (engine_class or Engine).from_pretrained(
         folder,
         dtype=torch_dtype,
         weights=weights,
@@ -240,16 +248,7 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     try:
         params.validate()
-        engine, tok = load(
-            args.checkpoint,
-            args.tokenizer,
-            args.dtype,
-            args.weights,
-            mtp=args.mtp,
-            max_batch_size=1,
-            compile=args.compile,
-            prefill_chunk=args.prefill_chunk,
-        )
+        engine, tok = load(args.checkpoint, args.tokenizer, **engine_options(args), max_batch_size=1)
     except (CheckpointError, DataError, ConfigError, ChatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -252,20 +252,30 @@ class CompletionLogprobs(BaseModel):
         )
 
 
-class CompletionChoice(BaseModel):
+class Choice(BaseModel):
+    """What every choice of a response or chunk carries."""
+
     index: int = 0
-    text: str
-    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
-class CompletionResponse(BaseModel):
-    """A completion, and also each chunk of a streamed one (OpenAI uses the same object)."""
+class Envelope(BaseModel):
+    """What every completion response and chunk carries."""
 
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+
+
+class CompletionChoice(Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(Envelope):
+    """A completion, and also each chunk of a streamed one (OpenAI uses the same object)."""
+
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = omitted()
 
@@ -289,18 +299,13 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
-class ChatChoice(BaseModel):
-    index: int = 0
+class ChatChoice(Choice):
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(Envelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -310,18 +315,13 @@ class Delta(BaseModel):
     content: str | None = omitted()
 
 
-class ChatChunkChoice(BaseModel):
-    index: int = 0
+class ChatChunkChoice(Choice):
     delta: Delta
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = omitted()
 

@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dsv3.errors import CheckpointError, ConfigError, DataError
     from dsv3.infer.chat import ChatError
-    from dsv3.infer.cli import load
+    from dsv3.infer.cli import engine_options, load
 
     try:
         import uvicorn  # noqa: F401
@@ -210,12 +210,7 @@ def run(args: argparse.Namespace) -> int:
         limits, api_key = check_args(args)
         engine, tok = load(
             args.checkpoint,
-            None,
-            args.dtype,
-            args.weights,
-            mtp=args.mtp,
-            compile=args.compile,
-            prefill_chunk=args.prefill_chunk,
+            **engine_options(args),
             max_batch_size=args.max_batch_size,
             max_seq_len=args.max_seq_len,
             num_blocks=args.num_blocks,

@@ -59,11 +59,12 @@ class Router(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_experts = cfg.n_routed_experts
-        self.top_k = cfg.num_experts_per_tok
-        self.method = cfg.routing_method
-        self.norm_topk_prob = cfg.norm_topk_prob
-        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.n_experts, self.top_k, self.method = (
+            cfg.n_routed_experts,
+            cfg.num_experts_per_tok,
+            cfg.routing_method,
+        )
+        self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
         if self.method.selection_bias:  # V2 checkpoints have no selection bias
             self.register_buffer(
@@ -149,7 +150,9 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 
 @torch.library.custom_op("dsv3::expert_mlp", mutates_args=())
-def expert_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def expert_mlp(
+    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
     """Inference: every expert's SwiGLU on its rows of x [M, H] (sorted by expert, offs [E]). With
     fewer rows than experts (decoding) only the chosen experts run, one GEMM pair each on views of
     their weights (llama.cpp's mul_mat_id: nothing else is read); otherwise two grouped GEMMs. A
@@ -211,7 +214,9 @@ class LocalDispatcher(Dispatcher[torch.Tensor]):
         """x [N, H], indices [N, K] -> x_sorted [N*K, H], offs [E], order [N*K]."""
         flat = indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
-        counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )
         offs = counts.cumsum(0).to(torch.int32)  # [E] (a fixed shape, unlike bincount's)
         return x[order // indices.shape[1]], offs, order
 
