@@ -19,8 +19,16 @@ TRAINED_RUN = Path(__file__).parents[1] / "runs" / "demo"
 
 
 def machine() -> dict:
+    """What the numbers were measured on: CPU model and the SIMD flags that decide the kernels
+    (AVX-512 BF16 / AMX make torch's BF16 GEMMs fast; AVX2 alone makes them ~100x slower than FP32)."""
+    from dsv3.device import cpu_model
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "simd_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

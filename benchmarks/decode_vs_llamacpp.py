@@ -41,15 +41,6 @@ from common import TRAINED_RUN, save_result  # noqa: E402
 SHORT_CONTEXT = 16
 
 
-def cpu_description() -> dict:
-    """CPU model name and the SIMD flags that decide both sides' kernels."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    simd = [f for f in fields.get("flags", "").split() if f.startswith(("avx", "fma", "f16c", "sse4", "amx"))]
-    return {"model": fields.get("model name"), "simd_flags": sorted(simd), "cores": os.cpu_count()}
-
-
 def run_measured(cmd: list[str]) -> tuple[str, float]:
     """Run `cmd`; its stdout and peak RSS in MB: VmHWM of /proc/<pid>/status, read every 20 ms
     while it runs (ru_maxrss would not do: Linux carries the forking parent's RSS into the child's)."""
@@ -263,7 +254,6 @@ def main() -> None:
     path = save_result(
         "decode_vs_llamacpp",
         {
-            "cpu": cpu_description(),
             "llama_cpp": {
                 "bin": str(args.llama_bin),
                 "build": args.llama_label,
