@@ -11,11 +11,27 @@ import torch.distributed as dist
 from dsv3 import ModelConfig, Transformer
 from dsv3.infer.engine import Engine, SamplingParams
 
-CFG = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=4,
-           q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
-           first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-           n_group=2, topk_group=1, num_nextn_predict_layers=1, max_position_embeddings=128,
-           initializer_range=0.15)  # fmt: skip
+CFG = dict(
+    vocab_size=96,
+    hidden_size=64,
+    num_hidden_layers=3,
+    intermediate_size=96,
+    num_attention_heads=4,
+    q_lora_rank=48,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    first_k_dense_replace=1,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=128,
+    initializer_range=0.15,
+)
 
 
 def model() -> Transformer:
@@ -51,10 +67,15 @@ def reference(reqs, mtp: bool) -> list[list[int]]:
     return [o.token_ids for o in engine.generate([p for p, _ in reqs], [sp for _, sp in reqs])]
 
 
-def drive(front, reqs, join_every: int = 2, per_join: int = 3) -> list[list[int]]:
-    """Rank 0: feed the requests a few at a time between steps, run to the end; tokens in order."""
+def drive(
+    front, reqs, join_every: int = 2, per_join: int = 3, rebalance_every: int | None = None
+) -> list[list[int]]:
+    """Rank 0: feed the requests a few at a time between steps, run to the end; tokens in order.
+    rebalance_every: re-place the experts (EPLB) before every that many steps."""
     ids, final, pending, steps = [], {}, list(reqs), 0
     while pending or front.has_unfinished():
+        if rebalance_every and steps % rebalance_every == rebalance_every - 1:
+            front.request_rebalance()
         if pending and steps % join_every == 0:
             for prompt, params in pending[:per_join]:
                 ids.append(front.add_request(prompt, params))
@@ -66,11 +87,42 @@ def drive(front, reqs, join_every: int = 2, per_join: int = 3) -> list[list[int]
     return [final[i] for i in ids]
 
 
-def ep_engine(mtp: bool, **kw):
-    """This rank's LockstepEngine over the test model with its experts split over the world."""
+def ep_engine(mtp: bool, redundant: int | None = None, skew: float = 0.0, **kw):
+    """(this rank's LockstepEngine over the test model with its experts split over the world, the
+    LiveBalancer or None). redundant: place E + redundant slots with EPLB (else the training
+    layout); skew: add this to the selection bias of the last expert of every router."""
     from dsv3.infer.lockstep import LockstepEngine
+    from dsv3.model.moe import named_routers
+    from dsv3.parallel.eplb_live import LiveBalancer, apply_expert_placement, initial_placement, moe_layers
     from dsv3.parallel.expert_parallel import apply_expert_parallel
 
     m = model()
-    apply_expert_parallel(m, dist.group.WORLD)
-    return LockstepEngine(m, max_batch_size=kw.pop("max_batch_size", 4), block_size=4, mtp=mtp, **kw)
+    with torch.no_grad():
+        for _, router in named_routers(m):
+            router.e_score_correction_bias[-1] += skew
+    balancer = None
+    if redundant is None:
+        apply_expert_parallel(m, dist.group.WORLD)
+    else:
+        ep, E = dist.get_world_size(), CFG["n_routed_experts"]
+        placement = initial_placement(len(moe_layers(m)), E, redundant, CFG["n_group"], ep)
+        apply_expert_placement(m, dist.group.WORLD, placement)
+        balancer = LiveBalancer(m, dist.group.WORLD, placement)
+    engine = LockstepEngine(m, max_batch_size=kw.pop("max_batch_size", 4), block_size=4, mtp=mtp, **kw)
+    return engine, balancer
+
+
+def holds_placed_experts(engine, balancer) -> bool:
+    """Whether this rank's expert weights are those of its slots in the balancer's placement."""
+    from dsv3.parallel.eplb_live import moe_layers
+
+    full, rank = moe_layers(model()), dist.get_rank()
+    for layer, (moe, ref) in enumerate(zip(moe_layers(engine.model), full)):
+        S = moe.experts.n_experts
+        mine = balancer.placement.physical_to_logical[layer, rank * S : (rank + 1) * S]
+        if not (
+            torch.equal(moe.experts.gate_up_proj, ref.experts.gate_up_proj[mine])
+            and torch.equal(moe.experts.down_proj, ref.experts.down_proj[mine])
+        ):
+            return False
+    return True

@@ -6,6 +6,7 @@
     dsv3 analyze inference-limit --hardware H800 [--link scale-out] [--batch 32 --context 4096]
     dsv3 analyze network [--radix 64] [--experts 256 --nodes 8 --top-k 8 --max-nodes 4]
     dsv3 analyze memory --config v3-671b --pp 16 --ep 64 --dp 128 [--recompute] [--hardware H800]
+    dsv3 analyze deployment --config v3-671b --hardware H800 --ep 320 --redundant-experts 64
 
 --config takes a preset (tiny, small, v2-lite, v3-671b), a bundled reference model
 (deepseek-v3, deepseek-v2, qwen2.5-72b, llama-3.1-405b, llama-3.1-8b, mixtral-8x7b) or a
@@ -84,6 +85,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=4096, help="roofline: cached tokens per sequence")
     p.add_argument("--devices", type=int, default=1, help="roofline: devices sharing the model")
     p.add_argument("--weight-dtype", default="bf16", help="roofline: bf16 or fp8 weights")
+
+    p = command("deployment", "expert-parallel serving: memory and traffic per rank, EP decode limit", plot=False)
+    model_args(p)
+    p.add_argument("--hardware", default="H800", help="catalog accelerator, or 'cpu' to measure this machine")
+    p.add_argument("--ep", type=int, default=32, help="expert-parallel ranks")
+    p.add_argument("--redundant-experts", type=int, default=0, help="extra expert slots (EPLB copies)")
+    p.add_argument("--weight-dtype", default="fp8", help="fp8 (embeddings BF16), bf16 or fp32")
+    p.add_argument("--cache-dtype", default="bf16", help="latent cache: fp32, bf16 or fp8")
+    p.add_argument("--no-mtp", dest="mtp", action="store_false", help="without the MTP module (its layer)")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence for the cache budget")
+    p.add_argument("--tokens-per-rank", type=int, default=32, help="tokens each rank decodes per step")
+    p.add_argument("--link", choices=("scale-out", "scale-up"), default="scale-out")
+    p.add_argument("--bandwidth", type=float, help="override the per-rank bandwidth, GB/s")
+    p.add_argument("--dispatch-bytes", type=float, default=1.0, help="bytes per value dispatched (FP8: 1)")
+    p.add_argument("--combine-bytes", type=float, default=2.0, help="bytes per value combined (BF16: 2)")
+    p.add_argument("--memory-reserve", type=float, default=0.1, help="fraction of HBM kept for activations")
+    p.add_argument("--latency-us", type=float, default=0.0, help="latency per all-to-all")
+    p.add_argument("--compute-us", type=float, help="a MoE layer's compute for the rank's tokens (default: roofline)")
+    p.add_argument("--mtp-acceptance", type=float, default=0.0, help="MTP draft acceptance (paper: 0.8-0.9)")
 
     p = command("network", "topology sizes and costs; node-limited routing traffic")
     p.add_argument("--radix", type=int, default=64, help="switch ports")
@@ -234,6 +254,34 @@ def _inference_limit(args, catalog):
     return tables, payload, plots
 
 
+def _deployment(args, catalog):
+    from dsv3.analysis import costs, deployment, hardware
+
+    arch = costs.load_architecture(args.config)
+    hw = hardware.resolve(args.hardware, catalog)
+    links = {"scale-out": hw.scaleout_gbps, "scale-up": hw.scaleup_gbps}
+    d = deployment.deployment(
+        arch,
+        hw,
+        args.ep,
+        redundant_experts=args.redundant_experts,
+        weight_dtype=args.weight_dtype,
+        cache_dtype=args.cache_dtype,
+        mtp=args.mtp,
+        context=args.context,
+        tokens_per_rank=args.tokens_per_rank,
+        bandwidth_gbps=args.bandwidth if args.bandwidth is not None else links[args.link],
+        dispatch_bytes=args.dispatch_bytes,
+        combine_bytes=args.combine_bytes,
+        memory_reserve=args.memory_reserve,
+        latency_us=args.latency_us,
+        compute_us=args.compute_us,
+        mtp_acceptance=args.mtp_acceptance,
+    )
+    payload = {**asdict(d), "weight_bytes": d.weight_bytes, "fits": d.fits}
+    return deployment.deployment_tables(d), payload, []
+
+
 def _network(args, catalog):
     from dsv3.analysis import network, report
 
@@ -285,4 +333,5 @@ HANDLERS = {
     "inference-limit": _inference_limit,
     "network": _network,
     "memory": _memory,
+    "deployment": _deployment,
 }

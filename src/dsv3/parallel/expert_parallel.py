@@ -39,6 +39,12 @@ there are several nodes) the dispatcher does the same in two all-to-alls over th
            experts (the gate weights reach it by a small all-to-all); hop 1 back carries one
            partial sum per (token, node), and the token's rank adds them up
 
+Overlap: `dispatch` and `combine` are each two calls, `*_begin` (the rows go on the wire through
+asynchronous functional collectives) and `*_end` (the first use of the received rows waits for
+them). Whatever runs between the two, the shared expert or another micro-batch's attention
+(parallel/overlap.py), computes while the tokens are in flight. Only the small count exchange
+blocks. (The node-limited two hops and FP8 dispatch finish inside `*_begin`.)
+
 With FP8 dispatch both hops send E4M3 (hop 2 re-quantizes the dequantized rows of hop 1).
 `stats` holds the bytes that cross nodes both ways: once per remote expert (counted from the
 routing) and once per remote node (measured on hop 1's buffers, or counted without node_dedup).
@@ -57,6 +63,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from dsv3.device import compute_dtype
 from dsv3.fp8.quant import ACT, TILE, Fp8Tensor, quantize
 from dsv3.model.moe import Dispatcher, MoE, named_routers
+
+COUNTS_EVENT = "ep::count_exchange"  # trace ranges where the compute thread waits for the wire
+DISPATCH_WAIT_EVENT = "ep::dispatch_end"
+COMBINE_WAIT_EVENT = "ep::combine_end"
 
 
 @dataclass
@@ -96,6 +106,27 @@ class _NodeState:
     n_tokens: int
 
 
+@dataclass
+class PendingDispatch:
+    """A dispatch between dispatch_begin and dispatch_end: the received rows (still in flight
+    until first used), their order by local expert (None: already in order), offs, state."""
+
+    rows: Tensor
+    offs: Tensor
+    state: _PairState | _NodeState
+    by_expert: Tensor | None = None
+
+
+@dataclass
+class PendingCombine:
+    """A combine between combine_begin and combine_end: the rows coming back (in flight), and
+    the gate weights and state to sum them (None: `rows` is already the combined [N, H])."""
+
+    rows: Tensor
+    weights: Tensor | None
+    state: _PairState | None
+
+
 class ExpertParallelDispatcher(Dispatcher[_PairState | _NodeState]):
     """All-to-all dispatch to the experts' ranks: the `Dispatcher` contract, as `LocalDispatcher`.
     One row per (token, expert), or with node_dedup (needs ranks_per_node and > 1 node) once per
@@ -124,25 +155,53 @@ class ExpertParallelDispatcher(Dispatcher[_PairState | _NodeState]):
     ) -> tuple[Tensor, Tensor, _PairState | _NodeState]:
         """x [N, H], indices [N, K] global expert ids -> x_sorted [M, H] (the pairs routed to this
         rank's experts, by local expert), offs int32 [E/ep], state for combine."""
+        return self.dispatch_end(self.dispatch_begin(x, indices, n_experts))
+
+    def combine(self, y_sorted: Tensor, weights: Tensor, state: _PairState | _NodeState) -> Tensor:
+        """y_sorted [M, H] expert outputs by local expert, weights [N, K] -> [N, H]."""
+        return self.combine_end(self.combine_begin(y_sorted, weights, state))
+
+    # --------------------------------------------------------- split phases (overlap)
+    def dispatch_begin(self, x: Tensor, indices: Tensor, n_experts: int) -> PendingDispatch:
+        """The first half of `dispatch`: exchange the counts (a small blocking all-to-all) and
+        put the rows on the wire without waiting for them; compute may run until dispatch_end.
+        (Node-limited two-hop and FP8 dispatch complete here: no overlap for them.)"""
         if n_experts != self.n_experts:
             raise ValueError(f"dispatcher built for {self.n_experts} experts, called with {n_experts}")
         self.stats.calls += 1
         self._count_cross_node(indices, x)
         x = x.to(compute_dtype(x))
         if self.node_dedup:
-            return self._dispatch_via_nodes(x, indices)
-        return self._dispatch_pairs(x, indices)
+            return PendingDispatch(*self._dispatch_via_nodes(x, indices))
+        return self._dispatch_pairs_begin(x, indices)
 
-    def combine(self, y_sorted: Tensor, weights: Tensor, state: _PairState | _NodeState) -> Tensor:
-        """y_sorted [M, H] expert outputs by local expert, weights [N, K] -> [N, H]."""
+    def dispatch_end(self, pending: PendingDispatch) -> tuple[Tensor, Tensor, _PairState | _NodeState]:
+        """Receive the rows (waits for the all-to-all) -> x_sorted, offs, state."""
+        with torch.profiler.record_function(DISPATCH_WAIT_EVENT):
+            x = pending.rows if pending.by_expert is None else pending.rows[pending.by_expert]
+        return x, pending.offs, pending.state
+
+    def combine_begin(
+        self, y_sorted: Tensor, weights: Tensor, state: _PairState | _NodeState
+    ) -> PendingCombine:
+        """Put the expert outputs on the wire back to their tokens' ranks, without waiting."""
         if isinstance(state, _NodeState):
-            return self._combine_via_nodes(y_sorted, weights, state)
-        y = self._combine_pairs(y_sorted, state)  # [N, K, H]
-        return (y * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+            return PendingCombine(self._combine_via_nodes(y_sorted, weights, state), None, None)
+        y_back = self._send_back(y_sorted[state.arrival], state.send_splits, state.recv_splits)  # [P, H]
+        return PendingCombine(y_back, weights, state)
+
+    def combine_end(self, pending: PendingCombine) -> Tensor:
+        """Receive the outputs (waits for the all-to-all) and take the gate-weighted sums -> [N, H]."""
+        if pending.state is None:
+            return pending.rows
+        with torch.profiler.record_function(COMBINE_WAIT_EVENT):
+            y = self._unpermute(pending.rows, pending.state)  # [N, K, H]
+        return (y * pending.weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
 
     # --------------------------------------------------------- one row per (token, expert)
-    def _dispatch_pairs(self, x: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, _PairState]:
-        """x [N, H], indices [N, K] with -1 for no expert -> x_sorted, offs, _PairState."""
+    def _dispatch_pairs_begin(self, x: Tensor, indices: Tensor) -> PendingDispatch:
+        """x [N, H], indices [N, K] with -1 for no expert -> the rows in flight, and how to
+        regroup them by local expert (PendingDispatch with a _PairState)."""
         flat = indices.flatten()  # [N*K]
         pos = (flat >= 0).nonzero().squeeze(1)  # [P]
         pos = pos[flat[pos].argsort(stable=True)]  # by expert, hence by destination rank
@@ -150,7 +209,7 @@ class ExpertParallelDispatcher(Dispatcher[_PairState | _NodeState]):
         recv_counts = self._exchange(send_counts)  # [ep, E/ep]: from each source, per local expert
         send_splits = send_counts.view(self.ep, self.n_local).sum(1).tolist()
         recv_splits = recv_counts.view(self.ep, self.n_local).sum(1).tolist()
-        x_recv = self._send_rows(x, pos // indices.shape[1], recv_splits, send_splits)  # [M, H]
+        x_recv = self._send_rows(x, pos // indices.shape[1], recv_splits, send_splits)  # [M, H], in flight
 
         # rows arrive grouped by source rank, each block by local expert: regroup by local expert
         local_expert = torch.arange(self.n_local, device=x.device).repeat(self.ep)  # [ep * E/ep]
@@ -159,14 +218,23 @@ class ExpertParallelDispatcher(Dispatcher[_PairState | _NodeState]):
         arrival[by_expert] = torch.arange(len(by_expert), device=x.device)
         offs = recv_counts.view(self.ep, self.n_local).sum(0).cumsum(0).to(torch.int32)  # [E/ep]
         state = _PairState(pos, arrival, send_splits, recv_splits, tuple(indices.shape))
-        return x_recv[by_expert], offs, state
+        return PendingDispatch(x_recv, offs, state, by_expert)
+
+    def _dispatch_pairs(self, x: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, _PairState]:
+        """x [N, H], indices [N, K] with -1 for no expert -> x_sorted, offs, _PairState."""
+        return self.dispatch_end(self._dispatch_pairs_begin(x, indices))
 
     def _combine_pairs(self, y_sorted: Tensor, state: _PairState) -> Tensor:
         """-> y [N, K, H], zeros where indices were -1."""
-        N, K = state.shape
         y_back = self._send_back(y_sorted[state.arrival], state.send_splits, state.recv_splits)  # [P, H]
+        return self._unpermute(y_back, state)
+
+    @staticmethod
+    def _unpermute(y_back: Tensor, state: _PairState) -> Tensor:
+        """y_back [P, H] in send order -> [N, K, H] in (token, k) order, zeros where no expert."""
+        N, K = state.shape
         y = y_back.new_zeros(N * K, y_back.shape[1]).index_copy(0, state.pos, y_back)
-        return y.view(N, K, -1)
+        return y.view(N, K, y_back.shape[1])  # H spelled out: N may be 0 (an idle rank)
 
     # --------------------------------------------------------- once per (token, node), then fan-out
     def _dispatch_via_nodes(self, x: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, _NodeState]:
@@ -203,7 +271,8 @@ class ExpertParallelDispatcher(Dispatcher[_PairState | _NodeState]):
     def _exchange(self, send_counts: Tensor) -> Tensor:
         """All-to-all of equal-length int counts (one block per rank)."""
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        with torch.profiler.record_function(COUNTS_EVENT):  # the blocking part of a dispatch, in traces
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         return recv_counts
 
     def _send_rows(
