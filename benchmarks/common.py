@@ -24,7 +24,9 @@ def machine() -> dict:
     from dsv3.device import cpu_model
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    flags = next(
+        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []
+    )
     return {
         "cpu": cpu_model(),
         "simd_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))),

@@ -53,7 +53,7 @@ def main() -> None:
     work = prompts(tok, args.prompts, 64)
     greedy = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     outputs, rates = {}, {"plain": [], "mtp": []}
-    for name, (engine, _) in engines.items():
+    for engine, _ in engines.values():
         engine.generate(work[:1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
     for r in range(args.repeats):
         order = ("plain", "mtp") if r % 2 == 0 else ("mtp", "plain")
@@ -63,7 +63,9 @@ def main() -> None:
             outs = [engine.generate([w], greedy)[0].token_ids for w in work]
             rates[name].append(len(work) * args.tokens / (time.perf_counter() - start))
             outputs[name] = outs
-        print(f"[{r + 1}/{args.repeats}] plain {rates['plain'][-1]:.1f} tok/s, mtp {rates['mtp'][-1]:.1f} tok/s")
+        print(
+            f"[{r + 1}/{args.repeats}] plain {rates['plain'][-1]:.1f} tok/s, mtp {rates['mtp'][-1]:.1f} tok/s"
+        )
     identical = outputs["plain"] == outputs["mtp"]
     stats = engines["mtp"][0].stats()
     ratio = statistics.median(m / p for m, p in zip(rates["mtp"], rates["plain"]))
@@ -81,9 +83,11 @@ def main() -> None:
         "identical_output": identical,
         "samples": rates,
     }
-    print(f"\n{machine()['cpu']}: MTP {result['mtp_tokens_per_s']} vs plain {result['plain_tokens_per_s']} tok/s "
-          f"= {ratio:.2f}x; acceptance {result['mtp_acceptance_rate']:.0%}, "
-          f"{result['tokens_per_forward']:.2f} tokens/forward; identical output: {identical}")
+    print(
+        f"\n{machine()['cpu']}: MTP {result['mtp_tokens_per_s']} vs plain {result['plain_tokens_per_s']} tok/s "
+        f"= {ratio:.2f}x; acceptance {result['mtp_acceptance_rate']:.0%}, "
+        f"{result['tokens_per_forward']:.2f} tokens/forward; identical output: {identical}"
+    )
     print(f"results: {save_result('mtp_speed', result)}")
     if not identical:
         sys.exit("error: MTP changed the greedy output")

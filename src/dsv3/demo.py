@@ -44,14 +44,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def demo_config(out: str, seed: int, steps: int, max_minutes: float | None = None) -> TrainConfig:
     from dsv3.train.config import TrainConfig
 
-    return TrainConfig.from_dict({
-        "out": out, "model": {"preset": "tiny"}, "data": {"sources": ["stdlib"], "seq_len": 256, "batch_size": 8},
-        "optim": {"steps": steps, "lr": 2e-3, "schedule": "cosine", "warmup_steps": max(1, steps // 20),
-                  "bias_gamma": 0.01},
-        "run": {"seed": seed, "max_minutes": max_minutes},
-        "logging": {"log_every": 10, "eval_every": max(10, steps // 6), "eval_batches": 8},
-        "checkpoint": {"save_every": max(10, steps // 3)},
-    })
+    return TrainConfig.from_dict(
+        {
+            "out": out,
+            "model": {"preset": "tiny"},
+            "data": {"sources": ["stdlib"], "seq_len": 256, "batch_size": 8},
+            "optim": {
+                "steps": steps,
+                "lr": 2e-3,
+                "schedule": "cosine",
+                "warmup_steps": max(1, steps // 20),
+                "bias_gamma": 0.01,
+            },
+            "run": {"seed": seed, "max_minutes": max_minutes},
+            "logging": {"log_every": 10, "eval_every": max(10, steps // 6), "eval_batches": 8},
+            "checkpoint": {"save_every": max(10, steps // 3)},
+        }
+    )
 
 
 def calibrate_steps(out: str, seed: int, budget_s: float) -> int:
@@ -81,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"replacing the previous demo run in {out}")
         shutil.rmtree(out)
     started = time.perf_counter()
-    print(f"dsv3 demo: the tiny preset on the Python standard library, {args.minutes:g} min of training", flush=True)
+    print(
+        f"dsv3 demo: the tiny preset on the Python standard library, {args.minutes:g} min of training",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as probe_dir:
         steps = calibrate_steps(probe_dir, args.seed, args.minutes * 60)
     print(f"training the tiny preset for {steps} steps (~{args.minutes:g} min on this machine)", flush=True)
@@ -93,15 +105,23 @@ def run(args: argparse.Namespace) -> int:
     steps = trainer.step
     tokens = trainer.cfg.data.batch_size * trainer.cfg.data.seq_len
     margin = summary["unigram_loss"] - last["val_loss"]
-    print(f"\ntrained {steps} steps x {tokens} tokens in {train_s:.0f} s ({steps * tokens / train_s:,.0f} tokens/s)")
+    print(
+        f"\ntrained {steps} steps x {tokens} tokens in {train_s:.0f} s ({steps * tokens / train_s:,.0f} tokens/s)"
+    )
     print(f"train loss      {first['loss']:.3f} -> {last['loss']:.3f} nats/token")
     print(
         f"validation loss {last['val_loss']:.3f} (unigram baseline {summary['unigram_loss']:.3f}, "
         f"uniform over {trainer.tok.vocab_size} tokens {math.log(trainer.tok.vocab_size):.3f})"
     )
-    verdict = "learned" if margin >= LEARNED_MARGIN else "NOT yet learned (the machine was too slow for the budget?)"
+    verdict = (
+        "learned"
+        if margin >= LEARNED_MARGIN
+        else "NOT yet learned (the machine was too slow for the budget?)"
+    )
     print(f"{verdict}: {margin:.2f} nats below the unigram baseline (the bar: {LEARNED_MARGIN:g})")
-    print(f"expert-load MaxVio {first.get('maxvio', 0):.2f} (step 1) -> {last.get('maxvio', 0):.2f} (last step)")
+    print(
+        f"expert-load MaxVio {first.get('maxvio', 0):.2f} (step 1) -> {last.get('maxvio', 0):.2f} (last step)"
+    )
     print(f"report: {summary.get('report')}   checkpoints: {out / 'checkpoints'}")
     text = sample(
         resolve_model_folder(out), args.prompt, max_new_tokens=120, temperature=0.7, top_k=50, seed=args.seed

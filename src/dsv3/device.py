@@ -40,7 +40,7 @@ def default_cache_dir() -> str:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
+    """ "auto" -> cuda when available, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

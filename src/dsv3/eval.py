@@ -49,16 +49,15 @@ HEAD_ROWS = 1024  # scored positions whose logits are computed at a time (bounds
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+DATA_HELP = (
+    "held-out data, as dsv3 train reads it: text files or folders, .jsonl, .parquet, a datasets folder, "
+    "hf:NAME (cached); records with 'messages' are chats, scored on their assistant turns"
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or HF folder")
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        metavar="SOURCE",
-        help="held-out data, as dsv3 train reads it: text files or folders, .jsonl, .parquet, a datasets "
-        "folder, hf:NAME (cached); records with 'messages' are chats, scored on their assistant turns",
-    )
+    parser.add_argument("--data", nargs="+", required=True, metavar="SOURCE", help=DATA_HELP)
     parser.add_argument("--text-field", default="text", help="the field that holds a document's text")
     parser.add_argument(
         "--seq-len",

@@ -290,7 +290,9 @@ def open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e}): truncated or corrupt") from None
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({e}): truncated or corrupt"
+        ) from None
 
 
 def release_config(config: dict, weights: str) -> dict:
@@ -324,8 +326,10 @@ def write_pretrained(model, folder: Path, max_shard_bytes: int | None = None, fp
     config = model.cfg.to_hf(dtype)
     tensors = to_hf_state_dict(model)
     if any(name.endswith(SCALE_SUFFIX) for name in tensors):
-        raise ConfigError("this model holds FP8-resident weights (dsv3.fp8.resident), which are for inference: "
-                          "save the checkpoint it was loaded from, or convert it with `dsv3 convert --to fp8`")
+        raise ConfigError(
+            "this model holds FP8-resident weights (dsv3.fp8.resident), which are for inference: "
+            "save the checkpoint it was loaded from, or convert it with `dsv3 convert --to fp8`"
+        )
     if fp8:
         config = release_config(config, "fp8")
         tensors = dict(to_fp8_tensors(tensors.items()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -52,7 +53,12 @@ def run_distributed(
 
 def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    timeout = timedelta(
+        seconds=float(os.environ.get("DSV3_COLLECTIVE_TIMEOUT_S", "120"))
+    )  # a hang fails fast
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timeout
+    )
     try:  # an exception here reaches the caller as ProcessRaisedException with this traceback
         out = fn(rank, world_size, *args)
     finally:

@@ -25,5 +25,6 @@ def test_a_flipped_bit_in_one_replica_is_caught_and_named(root):
     cfg = config(root, "sdc", dp_replicate=3, batch_size=6, steps=4, sdc_check_every=1, save_every=10)
     errors = run_distributed(_train, 3, dataclasses.asdict(cfg), env={"DSV3_FAULT_BITFLIP_AT_STEP": "2"})
     # the check after step 1 passed (replicas agree without a fault); the one after step 2 caught it
-    assert all(e is not None and "step 2: the sharded weights of rank(s) [2] differ" in e for e in errors), errors
-
+    assert all(e is not None and "step 2: the sharded weights of rank(s) [2] differ" in e for e in errors), (
+        errors
+    )

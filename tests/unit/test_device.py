@@ -36,16 +36,23 @@ def test_auto_picks_bf16_only_where_it_is_faster(tmp_path, rates, chosen):
 
 def test_measured_once_per_machine_then_cached(tmp_path):
     calls = []
-    first = device.choose_dtype("auto", SHAPES, "cpu", tmp_path, fake({"float32": 0.1, "bfloat16": 0.6}, calls))
-    again = device.choose_dtype("auto", SHAPES, "cpu", tmp_path, fake({"float32": 9.0, "bfloat16": 0.0}, calls))
+    first = device.choose_dtype(
+        "auto", SHAPES, "cpu", tmp_path, fake({"float32": 0.1, "bfloat16": 0.6}, calls)
+    )
+    again = device.choose_dtype(
+        "auto", SHAPES, "cpu", tmp_path, fake({"float32": 9.0, "bfloat16": 0.0}, calls)
+    )
     assert len(calls) == 2 and again.cached and again.rates == first.rates
-    other_shapes = device.choose_dtype("auto", [(1, 256, 768)], "cpu", tmp_path,
-                                       fake({"float32": 0.1, "bfloat16": 0.01}, calls))
+    other_shapes = device.choose_dtype(
+        "auto", [(1, 256, 768)], "cpu", tmp_path, fake({"float32": 0.1, "bfloat16": 0.01}, calls)
+    )
     assert len(calls) == 4 and other_shapes.name == "float32"  # decode shapes are measured on their own
 
 
 def test_forced_slow_dtype_works_and_warns_with_the_factor(tmp_path):
-    choice = device.choose_dtype("bfloat16", SHAPES, "cpu", tmp_path, fake({"float32": 0.1, "bfloat16": 0.001}, []))
+    choice = device.choose_dtype(
+        "bfloat16", SHAPES, "cpu", tmp_path, fake({"float32": 0.1, "bfloat16": 0.001}, [])
+    )
     assert choice.name == "bfloat16" and "100.0x slower than float32" in choice.warning()
     with pytest.raises(ConfigError, match="dtype='float16'"):
         device.choose_dtype("float16", SHAPES, "cpu", tmp_path)

@@ -98,7 +98,11 @@ def test_fp8_cache_stores_codes_scales_and_bf16_rope():
     cache = PagedLatentCache(cfg, num_blocks=2, block_size=4, fp8=True)
     assert len(cache.kv) == len(cache.kv_scale) == len(cache.pe) == cfg.num_hidden_layers  # one per layer
     # (2 blocks + the scratch block that padded prefill rows write to) x 4 slots, 256 / 128 scales
-    assert cache.kv[0].dtype == torch.uint8 and cache.kv_scale[0].shape == (12, 2) and cache.pe[0].dtype == torch.bfloat16
+    assert (
+        cache.kv[0].dtype == torch.uint8
+        and cache.kv_scale[0].shape == (12, 2)
+        and cache.pe[0].dtype == torch.bfloat16
+    )
     assert cache.ensure("s", 3)
     view = cache.view(["s"], [0], 3)
     c_kv, k_pe = torch.randn(1, 3, 256), torch.randn(1, 3, 8)

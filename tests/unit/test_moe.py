@@ -276,3 +276,11 @@ def test_dispatcher_is_a_permutation():
     assert offs.tolist() == [3, 6, 10]
     y = d.combine(x_sorted, torch.ones(5, 2), order)
     torch.testing.assert_close(y, 2 * x)
+
+
+def test_a_moe_layer_takes_zero_tokens():
+    """An idle expert-parallel rank enters every MoE layer with no tokens (it still serves others)."""
+    moe = MoE(_cfg()).eval()
+    with torch.no_grad():
+        y, _ = moe(torch.zeros(0, 1, 32))
+    assert y.shape == (0, 1, 32)

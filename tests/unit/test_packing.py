@@ -4,10 +4,24 @@ import torch
 
 from dsv3 import ModelConfig, Transformer
 
-CFG = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2,
-           q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-           moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-           initializer_range=0.1)
+CFG = dict(
+    vocab_size=64,
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=2,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    initializer_range=0.1,
+)
 
 
 def test_packed_documents_equal_documents_alone():

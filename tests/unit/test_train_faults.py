@@ -94,7 +94,9 @@ def test_disk_full_is_named_and_the_previous_checkpoint_survives(corpus, tmp_pat
 
     monkeypatch.setattr(torch, "save", full_disk)
     trainer.train_step()
-    with pytest.raises(CheckpointError, match=r"no space left on .*checkpoints: needs ~\d+ MB, [\d,]+ MB free"):
+    with pytest.raises(
+        CheckpointError, match=r"no space left on .*checkpoints: needs ~\d+ MB, [\d,]+ MB free"
+    ):
         trainer.save()
     monkeypatch.undo()
     ckpts = tmp_path / "run" / "checkpoints"
@@ -184,7 +186,11 @@ def test_train_bad_input_is_one_line_and_exit_2(corpus, tmp_path, capsys):
     data, cache = corpus
     base = ["train", "--data", str(data), "--cache-dir", str(cache), "--out", str(tmp_path / "run")]
     for extra, message in bad_input_cases(tmp_path):
-        with pytest.raises(SystemExit) if "invalid choice" in message or "JSON object" in message else _nothing():
+        with (
+            pytest.raises(SystemExit)
+            if "invalid choice" in message or "JSON object" in message
+            else _nothing()
+        ):
             assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (extra, err)
@@ -223,30 +229,46 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(corpus, t
     final losses equal an uninterrupted run's, bit for bit."""
     data, cache = corpus
     reference = micro_config(tmp_path / "ref", data, cache)
-    args = ["--data", str(data), "--cache-dir", str(cache), "--model-overrides",
-            json.dumps(reference.model.overrides), "--seq-len", "32", "--batch-size", "4", "--steps", "40",
-            "--lr", "3e-3", "--dtype", "float32", "--val-fraction", "0.1", "--eval-every", "10",
-            "--eval-batches", "2", "--save-every", "1", "--log-every", "1", "--peak-tflops", "1",
-            "--threads", "1", "--no-report"]
-    ref = subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "ref"), *args],
-                         capture_output=True, text=True, check=True)
+    flags = (
+        "--seq-len 32 --batch-size 4 --steps 40 --lr 3e-3 --dtype float32 --val-fraction 0.1 --eval-every 10"
+    )
+    flags += " --eval-batches 2 --save-every 1 --log-every 1 --peak-tflops 1 --threads 1 --no-report"
+    overrides = json.dumps(reference.model.overrides)
+    args = ["--data", str(data), "--cache-dir", str(cache), "--model-overrides", overrides, *flags.split()]
+    started = time.monotonic()
+    ref = subprocess.run(
+        [sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "ref"), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "done: step 40/40" in ref.stdout
+    run_s = time.monotonic() - started  # imports, data, 40 steps and 40 saves: kills land anywhere in it
     out = tmp_path / "killed"
     rng, kills = random.Random(0), 0
-    for _ in range(6):
+
+    def command():  # resume once a checkpoint exists (a kill may come before the first one)
         resume = ["--resume"] if (out / "checkpoints" / LATEST).exists() else []
-        proc = subprocess.Popen([sys.executable, "-m", "dsv3", "train", "--out", str(out), *args, *resume],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(rng.uniform(3.0, 6.0))  # imports take ~3 s: kills land in steps and saves
+        return [sys.executable, "-m", "dsv3", "train", "--out", str(out), *args, *resume]
+
+    for _ in range(6):
+        proc = subprocess.Popen(
+            command(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(rng.uniform(0.3, 0.8) * run_s)
         proc.send_signal(signal.SIGKILL)
         output = proc.communicate()[0]
         if "done: step 40/40" in output:
             break
         kills += 1
     else:
-        subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(out), *args, "--resume"], check=True,
-                       capture_output=True)
+        subprocess.run(command(), check=True, capture_output=True)
     assert kills >= 1, "no kill landed before the end"
-    want = [(r["step"], r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
+    want = [
+        (r["step"], r["loss"], r.get("val_loss")) for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    ]
     got = [(r["step"], r["loss"], r.get("val_loss")) for r in read_metrics(out / "metrics.jsonl")]
     assert got == want

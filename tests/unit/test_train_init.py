@@ -49,6 +49,10 @@ def test_loss_at_step_0_is_the_source_models(source, tmp_path, layout):
 def test_overrides_may_not_change_shapes(source, tmp_path):
     run, data, cache = source
     with pytest.raises(ConfigError, match="num_hidden_layers.*change .* tensors"):
-        Trainer(micro_config(tmp_path, data, cache, init_from=str(run), model_overrides={"num_hidden_layers": 3}))
-    trainer = Trainer(micro_config(tmp_path, data, cache, init_from=str(run), model_overrides={"aux_loss_alpha": 0.0}))
+        Trainer(
+            micro_config(tmp_path, data, cache, init_from=str(run), model_overrides={"num_hidden_layers": 3})
+        )
+    trainer = Trainer(
+        micro_config(tmp_path, data, cache, init_from=str(run), model_overrides={"aux_loss_alpha": 0.0})
+    )
     assert trainer.model_config.aux_loss_alpha == 0.0

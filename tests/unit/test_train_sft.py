@@ -155,9 +155,7 @@ def test_a_token_outside_an_assistant_turn_never_gets_a_gradient(chat_split, tok
     exactly zero where t's target is not learned, and not zero where it is."""
     _, split = chat_split
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(
-        "tiny", **{**MICRO, "vocab_size": 4096, "num_nextn_predict_layers": 0}
-    )
+    cfg = ModelConfig.from_preset("tiny", **{**MICRO, "vocab_size": 4096, "num_nextn_predict_layers": 0})
     model = Transformer(cfg)
     batch = Loader(
         PackedTokens(split.train, seq_len=32, eos_id=tok.eos_id), batch_size=4, seed=0

@@ -86,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=1, help="roofline: devices sharing the model")
     p.add_argument("--weight-dtype", default="bf16", help="roofline: bf16 or fp8 weights")
 
-    p = command("deployment", "expert-parallel serving: memory and traffic per rank, EP decode limit", plot=False)
+    p = command(
+        "deployment", "expert-parallel serving: memory and traffic per rank, EP decode limit", plot=False
+    )
     model_args(p)
     p.add_argument("--hardware", default="H800", help="catalog accelerator, or 'cpu' to measure this machine")
     p.add_argument("--ep", type=int, default=32, help="expert-parallel ranks")
@@ -102,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--combine-bytes", type=float, default=2.0, help="bytes per value combined (BF16: 2)")
     p.add_argument("--memory-reserve", type=float, default=0.1, help="fraction of HBM kept for activations")
     p.add_argument("--latency-us", type=float, default=0.0, help="latency per all-to-all")
-    p.add_argument("--compute-us", type=float, help="a MoE layer's compute for the rank's tokens (default: roofline)")
+    p.add_argument(
+        "--compute-us", type=float, help="a MoE layer's compute for the rank's tokens (default: roofline)"
+    )
     p.add_argument("--mtp-acceptance", type=float, default=0.0, help="MTP draft acceptance (paper: 0.8-0.9)")
 
     p = command("network", "topology sizes and costs; node-limited routing traffic")
@@ -260,23 +264,13 @@ def _deployment(args, catalog):
     arch = costs.load_architecture(args.config)
     hw = hardware.resolve(args.hardware, catalog)
     links = {"scale-out": hw.scaleout_gbps, "scale-up": hw.scaleup_gbps}
+    options = (
+        "redundant_experts weight_dtype cache_dtype mtp context tokens_per_rank dispatch_bytes combine_bytes"
+    )
+    options += " memory_reserve latency_us compute_us mtp_acceptance"
+    bandwidth = args.bandwidth if args.bandwidth is not None else links[args.link]
     d = deployment.deployment(
-        arch,
-        hw,
-        args.ep,
-        redundant_experts=args.redundant_experts,
-        weight_dtype=args.weight_dtype,
-        cache_dtype=args.cache_dtype,
-        mtp=args.mtp,
-        context=args.context,
-        tokens_per_rank=args.tokens_per_rank,
-        bandwidth_gbps=args.bandwidth if args.bandwidth is not None else links[args.link],
-        dispatch_bytes=args.dispatch_bytes,
-        combine_bytes=args.combine_bytes,
-        memory_reserve=args.memory_reserve,
-        latency_us=args.latency_us,
-        compute_us=args.compute_us,
-        mtp_acceptance=args.mtp_acceptance,
+        arch, hw, args.ep, bandwidth_gbps=bandwidth, **{name: getattr(args, name) for name in options.split()}
     )
     payload = {**asdict(d), "weight_bytes": d.weight_bytes, "fits": d.fits}
     return deployment.deployment_tables(d), payload, []

@@ -33,6 +33,15 @@ class HardwareError(UserError):
 
 
 @dataclass(frozen=True)
+class Link:
+    """A measured small-message latency (ISCA Table 5)."""
+
+    name: str
+    latency_us: float
+    source: str
+
+
+@dataclass(frozen=True)
 class Accelerator:
     name: str
     bf16_tflops: float
@@ -71,15 +80,6 @@ class Accelerator:
                 raise HardwareError(f"{self.name} has no FP8 tensor cores; use dtype 'bf16'")
             return self.fp8_tflops
         raise HardwareError(f"dtype={dtype!r}: expected 'bf16' or 'fp8'")
-
-
-@dataclass(frozen=True)
-class Link:
-    """A measured small-message latency (ISCA Table 5)."""
-
-    name: str
-    latency_us: float
-    source: str
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,6 @@ def measure_cpu(matmul_size: int = 1024, copy_mb: int = 256, repeats: int = 3) -
         nic_gbps=0.0,
         source=f"measured: {matmul_size}^3 BF16 matmul, {copy_mb} MB copy, {torch.get_num_threads()} threads",
     )
-
-
 
 
 def _memory_gb() -> float:

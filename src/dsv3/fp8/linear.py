@@ -242,5 +242,3 @@ def _values_of(wq: Fp8Tensor) -> torch.dtype | None:
 def _expert(wq: Fp8Tensor, e: int) -> Fp8Tensor:
     values = None if wq.values is None else wq.values[e]
     return Fp8Tensor(wq.data[e], wq.scale[e], wq.block, wq.fmt, values)
-
-

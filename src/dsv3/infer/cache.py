@@ -204,7 +204,9 @@ class CacheView(AttentionCache):
             cache.kv_scale[layer_idx].index_copy_(0, self.write_idx, q.scale)
         else:
             cache.kv[layer_idx].index_copy_(0, self.write_idx, c_kv.reshape(B * T, r).to(cache.dtype))
-        cache.pe[layer_idx].index_copy_(0, self.write_idx, k_pe.reshape(B * T, dr).to(cache.pe[layer_idx].dtype))
+        cache.pe[layer_idx].index_copy_(
+            0, self.write_idx, k_pe.reshape(B * T, dr).to(cache.pe[layer_idx].dtype)
+        )
         if self.read_blocks is None:
             return c_kv, k_pe
         S, idx = self.read_blocks.shape[1] * cache.block_size, self.read_blocks.flatten()

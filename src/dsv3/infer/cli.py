@@ -258,14 +258,8 @@ def run(args: argparse.Namespace) -> int:
 def sampling_params(args: argparse.Namespace):
     from dsv3.infer.sampling import SamplingParams
 
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    names = "max_tokens temperature top_p top_k repetition_penalty seed".split()
+    return SamplingParams(**{name: getattr(args, name) for name in names})
 
 
 def respond(engine, tok, args: argparse.Namespace, params) -> int:

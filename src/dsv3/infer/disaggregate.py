@@ -45,6 +45,11 @@ from dsv3.infer.chat import IncrementalText
 from dsv3.infer.engine import Engine, RequestOutput, _Request
 from dsv3.infer.sampling import SamplingParams, TokenLogprob
 
+ROLE_HELP = (
+    "prefill: serve HTTP, prefill prompts and hand them to the decode worker at --peer; "
+    "decode: continue the sequences the prefill worker sends (listens on --peer)"
+)
+PEER_HELP = "where the decode worker listens for the prefill worker (default: %(default)s)"
 ROLES = ("prefill", "decode")
 
 
@@ -408,19 +413,8 @@ def run_decode_worker(engine: DecodeEngine, sock: socket.socket, idle_s: float =
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`dsv3 serve --role prefill|decode --peer HOST:PORT`."""
     group = parser.add_argument_group("prefill/decode disaggregation")
-    group.add_argument(
-        "--role",
-        choices=ROLES,
-        default=None,
-        help="prefill: serve HTTP, prefill prompts and hand them to the decode worker at --peer; "
-        "decode: continue the sequences the prefill worker sends (listens on --peer)",
-    )
-    group.add_argument(
-        "--peer",
-        default="127.0.0.1:29600",
-        metavar="HOST:PORT",
-        help="where the decode worker listens for the prefill worker (default: %(default)s)",
-    )
+    group.add_argument("--role", choices=ROLES, help=ROLE_HELP)
+    group.add_argument("--peer", default="127.0.0.1:29600", metavar="HOST:PORT", help=PEER_HELP)
 
 
 def _address(peer: str) -> tuple[str, int]:

@@ -457,15 +457,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         limits, api_key = server.check_args(args)
-        setup = start(
-            args,
-            mtp=args.mtp,
-            prefill_chunk=args.prefill_chunk,
-            max_batch_size=args.max_batch_size,
-            max_seq_len=args.max_seq_len,
-            num_blocks=args.num_blocks,
-            cache_dtype=args.cache_dtype,
-        )
+        setup = start(args, mtp=args.mtp, prefill_chunk=args.prefill_chunk, **server.serving_options(args))
     except (UserError, ChatError, ValueError) as e:
         return _user_error(e)
     if dist.get_rank() > 0:

@@ -24,7 +24,7 @@ top_logprobs, as it has no context. A chat (`logprobs: true`, `top_logprobs`: 0.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
@@ -252,37 +252,36 @@ class CompletionLogprobs(BaseModel):
         )
 
 
-class Choice(BaseModel):
+Logprobs = TypeVar("Logprobs")
+ChoiceT = TypeVar("ChoiceT")
+
+
+class Choice(BaseModel, Generic[Logprobs]):
     """What every choice of a response or chunk carries."""
 
     index: int = 0
+    logprobs: Logprobs | None = None
     finish_reason: str | None
 
 
-class Envelope(BaseModel):
-    """What every completion response and chunk carries."""
+class Envelope(BaseModel, Generic[ChoiceT]):
+    """What every completion response and chunk carries (usage: in the final one, if asked)."""
 
     id: str
     created: int
     model: str
-
-
-class CompletionChoice(Choice):
-    text: str
-    logprobs: CompletionLogprobs | None = None
-
-
-class CompletionResponse(Envelope):
-    """A completion, and also each chunk of a streamed one (OpenAI uses the same object)."""
-
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
+    choices: list[ChoiceT]
     usage: Usage | None = omitted()
 
 
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = omitted()
+    content: str | None = omitted()
 
 
 class TopLogprob(BaseModel):
@@ -299,31 +298,31 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
-class ChatChoice(Choice):
+class CompletionChoice(Choice[CompletionLogprobs]):
+    text: str
+
+
+class ChatChoice(Choice[ChatLogprobs]):
     message: ChatMessage
-    logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionResponse(Envelope):
+class ChatChunkChoice(Choice[ChatLogprobs]):
+    delta: Delta
+
+
+class CompletionResponse(Envelope[CompletionChoice]):
+    """A completion, and also each chunk of a streamed one (OpenAI uses the same object)."""
+
+    object: Literal["text_completion"] = "text_completion"
+
+
+class ChatCompletionResponse(Envelope[ChatChoice]):
     object: Literal["chat.completion"] = "chat.completion"
-    choices: list[ChatChoice]
     usage: Usage
 
 
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = omitted()
-    content: str | None = omitted()
-
-
-class ChatChunkChoice(Choice):
-    delta: Delta
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatCompletionChunk(Envelope):
+class ChatCompletionChunk(Envelope[ChatChunkChoice]):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = omitted()
 
 
 class ModelCard(BaseModel):

@@ -208,19 +208,19 @@ def run(args: argparse.Namespace) -> int:
         return serve(args)
     try:
         limits, api_key = check_args(args)
-        engine, tok = load(
-            args.checkpoint,
-            **engine_options(args),
-            max_batch_size=args.max_batch_size,
-            max_seq_len=args.max_seq_len,
-            num_blocks=args.num_blocks,
-            cache_dtype=args.cache_dtype,
-        )
+        engine, tok = load(args.checkpoint, **engine_options(args), **serving_options(args))
     except (CheckpointError, DataError, ConfigError, ChatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.model_name or Path(args.checkpoint).resolve().name
     return serve_app(create_app(engine, tok, name, limits, api_key), args, name, engine)
+
+
+def serving_options(args: argparse.Namespace) -> dict:
+    """The engine's batch and cache sizes from `dsv3 serve`'s options."""
+    return {
+        name: getattr(args, name) for name in ("max_batch_size", "max_seq_len", "num_blocks", "cache_dtype")
+    }
 
 
 def check_args(args: argparse.Namespace) -> tuple[Limits, str | None]:

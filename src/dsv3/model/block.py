@@ -34,7 +34,9 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, H] -> (x [B, T, H], balance loss of this layer or None). mask: an attention
         mask [B, 1, T, T] for packed documents (default: causal)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx, start_pos, absorb, mask)
+        x = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, cache, self.layer_idx, start_pos, absorb, mask
+        )
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h, with_aux)

@@ -225,7 +225,7 @@ class LocalDispatcher(Dispatcher[torch.Tensor]):
         N, K = weights.shape
         y = torch.empty_like(y_sorted)
         y[order] = y_sorted  # back to (token, k) order
-        return (y.view(N, K, -1) * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+        return (y.view(N, K, y.shape[-1]) * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)  # N may be 0
 
 
 class MoE(nn.Module):

@@ -67,12 +67,12 @@ class RoutingMethod:
         return choice.topk(top_k, dim=-1).indices
 
     def _mask_groups(self, choice: Tensor) -> Tensor:
-        N = choice.shape[0]
-        grouped = choice.view(N, self.n_group, -1)  # [N, G, E/G]
+        N, E = choice.shape
+        grouped = choice.view(N, self.n_group, E // self.n_group)  # [N, G, E/G] (N may be 0)
         group_scores = self.group_scores(grouped)  # [N, G]
         keep = group_scores.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
         masked = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-        return grouped.masked_fill(masked[..., None], float("-inf")).view(N, -1)  # [N, E]
+        return grouped.masked_fill(masked[..., None], float("-inf")).view(N, E)  # [N, E]
 
 
 class NoAuxTC(RoutingMethod):

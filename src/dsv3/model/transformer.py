@@ -194,7 +194,9 @@ class Transformer(nn.Module):
         embedding takes them as (input_ids=h, *carried=(emb, balance))."""
         if self.embed_tokens is not None:
             if carried:
-                raise TypeError("Transformer.forward takes labels as a keyword: model(input_ids, labels=labels)")
+                raise TypeError(
+                    "Transformer.forward takes labels as a keyword: model(input_ids, labels=labels)"
+                )
             h = emb = self.embed_tokens(input_ids)  # [B, T, H]
             balance = None
             if self.is_pipeline_stage:  # the first stage starts the balance loss that travels down the pipe
@@ -256,8 +258,14 @@ class Transformer(nn.Module):
             if T <= k:
                 break
             chain_ok = chain_ok[:, :-1] & (labels[:, k:] != IGNORE_INDEX)  # [B, T-k]
-            h, aux = module(h[:, :-1], emb[:, k:], cos[..., k:, :], sin[..., k:, :], with_aux=True,
-                            mask=None if mask is None else mask[..., : T - k, : T - k])  # [B, T-k, H]
+            h, aux = module(
+                h[:, :-1],
+                emb[:, k:],
+                cos[..., k:, :],
+                sin[..., k:, :],
+                with_aux=True,
+                mask=None if mask is None else mask[..., : T - k, : T - k],
+            )  # [B, T-k, H]
             balance = _add(balance, aux)
             targets = labels[:, k:].masked_fill(~chain_ok, IGNORE_INDEX)
             losses.append(linear_cross_entropy(module.shared_head.norm(h), self.lm_head.weight, targets))

@@ -43,18 +43,31 @@ class ParallelDims:
     """Sizes of the parallel dimensions; -1 = automatic: dp_shard takes the ranks left after pp and
     dp_replicate (dp_replicate = 1 when both are automatic), dp_replicate those left after dp_shard."""
 
-    dp_replicate: int = field(default=-1, metadata={
-        "help": "data-parallel replicas (HSDP; -1: 1, or the ranks left after dp_shard)"})
-    dp_shard: int = field(default=-1, metadata={
-        "help": "data-parallel FSDP shards (-1: the ranks left after pp and dp_replicate)"})
-    ep: int = field(default=1, metadata={
-        "help": "expert-parallel ranks, carved from dp_shard (must divide it and n_routed_experts)"})
-    pp: int = field(default=1, metadata={"help": "pipeline stages (ranks); dualpipev puts two stages on each"})
+    dp_replicate: int = field(
+        default=-1,
+        metadata={"help": "data-parallel replicas (HSDP; -1: 1, or the ranks left after dp_shard)"},
+    )
+    dp_shard: int = field(
+        default=-1,
+        metadata={"help": "data-parallel FSDP shards (-1: the ranks left after pp and dp_replicate)"},
+    )
+    ep: int = field(
+        default=1,
+        metadata={
+            "help": "expert-parallel ranks, carved from dp_shard (must divide it and n_routed_experts)"
+        },
+    )
+    pp: int = field(
+        default=1, metadata={"help": "pipeline stages (ranks); dualpipev puts two stages on each"}
+    )
     pp_schedule: str = field(default="1f1b", metadata={"help": "pipeline schedule", "choices": PP_SCHEDULES})
-    pp_microbatches: int | None = field(default=None, metadata={
-        "help": "microbatches per pipeline step (default: the number of stages)"})
-    ranks_per_node: int | None = field(default=None, metadata={
-        "help": "EP ranks per node, for node-limited routing and cross-node byte counts"})
+    pp_microbatches: int | None = field(
+        default=None, metadata={"help": "microbatches per pipeline step (default: the number of stages)"}
+    )
+    ranks_per_node: int | None = field(
+        default=None,
+        metadata={"help": "EP ranks per node, for node-limited routing and cross-node byte counts"},
+    )
 
     def resolve(self, world_size: int) -> ParallelDims:
         """A copy with the -1 sizes filled from the world size; raises ConfigError on a mismatch."""

@@ -64,7 +64,9 @@ class World:
                 store = dist.PrefixStore(f"dsv3/attempt_{attempt}", store)
                 dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
             else:  # one process
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+                dist.init_process_group(
+                    backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+                )
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         return cls(dist.get_rank(), dist.get_world_size(), device)

@@ -51,7 +51,7 @@ def _json_object(text: str) -> dict[str, Any]:
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"num_hidden_layers": 2}\'')
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"num_hidden_layers\": 2}'")
     return value
 
 
@@ -70,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if trainer.is_main:
         print(json.dumps(trainer.resolved_config()))
-        print(f"world: {trainer.world.size} process(es), device {trainer.device}; dtype: "
-              f"{trainer.dtype_choice.describe()}", flush=True)
+        print(
+            f"world: {trainer.world.size} process(es), device {trainer.device}; dtype: "
+            f"{trainer.dtype_choice.describe()}",
+            flush=True,
+        )
         if trainer.dtype_choice.warning():
             print(f"warning: {trainer.dtype_choice.warning()}", flush=True)
     try:
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if not trainer.is_main:
         return 0
     last = summary.get("last", {})
-    print(f"done: step {trainer.step}/{cfg.optim.steps}, loss {last.get('loss', float('nan')):.4f}, "
-          f"val_loss {last.get('val_loss', float('nan')):.4f} (unigram baseline {summary['unigram_loss']:.4f})")
+    print(
+        f"done: step {trainer.step}/{cfg.optim.steps}, loss {last.get('loss', float('nan')):.4f}, "
+        f"val_loss {last.get('val_loss', float('nan')):.4f} (unigram baseline {summary['unigram_loss']:.4f})"
+    )
     return 0

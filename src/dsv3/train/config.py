@@ -45,8 +45,15 @@ from dsv3.train.sources import mixture
 NONFINITE_POLICIES = ("stop", "skip", "rollback")
 
 
-def option(default: Any = None, help: str | None = None, *, choices=None, alias: str | None = None,
-           control: bool = False, factory=None) -> Any:
+def option(
+    default: Any = None,
+    help: str | None = None,
+    *,
+    choices=None,
+    alias: str | None = None,
+    control: bool = False,
+    factory=None,
+) -> Any:
     """A config field: `help` and `choices` for the CLI and validation, `alias` a legacy flat
     name, `control=True` for options that may change on resume without changing the trajectory."""
     meta = {"help": help, "choices": choices, "alias": alias, "control": control}
@@ -58,20 +65,27 @@ def option(default: Any = None, help: str | None = None, *, choices=None, alias:
 @dataclass
 class ModelSection:
     preset: str = option("tiny", "model preset (tiny, small, v2-lite, v3-671b)")
-    config_file: str | None = option(None, "a config.json (ours or Hugging Face's) instead of the preset",
-                                     alias="model_config")
-    overrides: dict[str, Any] = option(
-        help='JSON object of ModelConfig fields to override, e.g. \'{"num_hidden_layers": 2}\'',
-        alias="model_overrides", factory=dict,
+    config_file: str | None = option(
+        None, "a config.json (ours or Hugging Face's) instead of the preset", alias="model_config"
     )
-    init_from: str | None = option(None, "start from the weights, config and tokenizer of a dsv3 run or "
-                                   "checkpoint, a Hugging Face DeepSeek-V2/V3 folder or DeepSeek's FP8 release "
-                                   "(the optimizer starts fresh; overrides may not change any weight's shape)")
+    overrides: dict[str, Any] = option(
+        help="JSON object of ModelConfig fields to override, e.g. '{\"num_hidden_layers\": 2}'",
+        alias="model_overrides",
+        factory=dict,
+    )
+    init_from: str | None = option(
+        None,
+        "start from the weights, config and tokenizer of a dsv3 run or "
+        "checkpoint, a Hugging Face DeepSeek-V2/V3 folder or DeepSeek's FP8 release "
+        "(the optimizer starts fresh; overrides may not change any weight's shape)",
+    )
 
     def build(self) -> ModelConfig:
         """The ModelConfig this section describes (ConfigError on a bad preset, file or override)."""
         if not isinstance(self.overrides, dict):
-            raise ConfigError(f"model.overrides={self.overrides!r}: must be a JSON object of ModelConfig fields")
+            raise ConfigError(
+                f"model.overrides={self.overrides!r}: must be a JSON object of ModelConfig fields"
+            )
         if self.init_from is not None:
             return self._over_checkpoint()
         if self.config_file is not None:
@@ -95,8 +109,11 @@ class ModelSection:
         cfg = ModelConfig.from_dict({**source.to_dict(), **self.overrides})
         with torch.device("meta"):
             before, after = Transformer(source).state_dict(), Transformer(cfg).state_dict()
-        changed = sorted(k for k in before.keys() | after.keys()
-                         if k not in before or k not in after or before[k].shape != after[k].shape)
+        changed = sorted(
+            k
+            for k in before.keys() | after.keys()
+            if k not in before or k not in after or before[k].shape != after[k].shape
+        )
         if changed:
             raise ConfigError(
                 f"model.overrides={self.overrides}: with --init-from only options that keep every weight's "
@@ -112,14 +129,23 @@ class DataSection:
         help="sources: 'stdlib', text files or folders, .jsonl (JSON Lines), .parquet, a datasets "
         "save_to_disk folder, 'hf:NAME[:CONFIG]' (cached); records with 'messages' are chats (SFT). "
         "SOURCE:WEIGHT for a weighted mixture (a.jsonl:0.7 b.parquet:0.3)",
-        alias="data", factory=lambda: ["stdlib"],
+        alias="data",
+        factory=lambda: ["stdlib"],
     )
     text_field: str = option("text", "the JSON Lines / Parquet / dataset field that holds a document's text")
-    document_masking: bool = option(False, "packed documents attend only within themselves, RoPE positions "
-                                    "restarting at each (always on for chat data)")
-    tokenizer: str | None = option(None, "a tokenizer.json (default: byte-level BPE trained on the corpus, cached)")
-    cache_dir: str = option(help="where tokenizers and token caches live (env DSV3_CACHE)",
-                            control=True, factory=default_cache_dir)
+    document_masking: bool = option(
+        False,
+        "packed documents attend only within themselves, RoPE positions "
+        "restarting at each (always on for chat data)",
+    )
+    tokenizer: str | None = option(
+        None, "a tokenizer.json (default: byte-level BPE trained on the corpus, cached)"
+    )
+    cache_dir: str = option(
+        help="where tokenizers and token caches live (env DSV3_CACHE)",
+        control=True,
+        factory=default_cache_dir,
+    )
     max_corpus_mb: float | None = option(None, "use only the first N MB of files")
     val_fraction: float = option(0.01, "fraction of the documents held out for validation")
     seq_len: int = option(256, "tokens per training sequence")
@@ -151,20 +177,37 @@ class OptimSection:
 @dataclass
 class RunSection:
     seed: int = option(0, "seed of the weights and the data order")
-    dtype: str = option("auto", "compute dtype: auto (measured: BF16 only where it is faster), bfloat16 "
-                        "(autocast) or float32", choices=DTYPE_CHOICES)
+    dtype: str = option(
+        "auto",
+        "compute dtype: auto (measured: BF16 only where it is faster), bfloat16 (autocast) or float32",
+        choices=DTYPE_CHOICES,
+    )
     device: str = option("auto", "auto, cpu or cuda[:N]")
     compile: bool = option(False, "torch.compile each block")
-    fp8: bool = option(False, "FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks) in attention, "
-                       "dense and expert projections")
-    fp8_scales: str = option("pow2", "FP8 scale format: pow2 (exact fast path on CPU), fp32 (the V3 paper's), "
-                             "ue8m0", choices=typing.get_args(ScaleFormat))
+    fp8: bool = option(
+        False,
+        "FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks) in attention, "
+        "dense and expert projections",
+    )
+    fp8_scales: str = option(
+        "pow2",
+        "FP8 scale format: pow2 (exact fast path on CPU), fp32 (the V3 paper's), ue8m0",
+        choices=typing.get_args(ScaleFormat),
+    )
     threads: int | None = option(None, "torch CPU threads", control=True)
-    stop_after: int | None = option(None, "end this invocation after K more steps, with a checkpoint", control=True)
-    max_minutes: float | None = option(None, "end this invocation after M minutes of wall time, with a checkpoint",
-                                       control=True)
-    on_nonfinite: str = option("stop", "when a loss or gradient is NaN/Inf: stop (with a message), skip the step, "
-                               "or rollback to the last checkpoint", choices=NONFINITE_POLICIES, control=True)
+    stop_after: int | None = option(
+        None, "end this invocation after K more steps, with a checkpoint", control=True
+    )
+    max_minutes: float | None = option(
+        None, "end this invocation after M minutes of wall time, with a checkpoint", control=True
+    )
+    on_nonfinite: str = option(
+        "stop",
+        "when a loss or gradient is NaN/Inf: stop (with a message), skip the step, "
+        "or rollback to the last checkpoint",
+        choices=NONFINITE_POLICIES,
+        control=True,
+    )
 
 
 @dataclass
@@ -173,8 +216,12 @@ class ParallelSection(ParallelDims):
 
     fp8_dispatch: bool = option(False, "send EP dispatch in FP8 with 1x128 scales (combine stays BF16)")
     activation_checkpoint: bool = option(False, "recompute attention (norm + MLA) in backward", control=True)
-    sdc_check_every: int = option(0, "every N steps compare a checksum of the weights across data-parallel "
-                                  "replicas and name a rank that disagrees (0: off)", control=True)
+    sdc_check_every: int = option(
+        0,
+        "every N steps compare a checksum of the weights across data-parallel "
+        "replicas and name a rank that disagrees (0: off)",
+        control=True,
+    )
 
 
 @dataclass
@@ -191,13 +238,19 @@ class LoggingSection:
     eval_batches: int = option(8, "validation batches per evaluation", control=True)
     tensorboard: bool = option(False, "also write TensorBoard events", control=True)
     report: bool = option(True, "draw report.png at the end", control=True)
-    peak_tflops: float | None = option(None, "device peak for MFU (default: measured GEMMs of the chosen dtype)",
-                                       control=True)
+    peak_tflops: float | None = option(
+        None, "device peak for MFU (default: measured GEMMs of the chosen dtype)", control=True
+    )
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection,
-    "parallel": ParallelSection, "checkpoint": CheckpointSection, "logging": LoggingSection,
+    "model": ModelSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "run": RunSection,
+    "parallel": ParallelSection,
+    "checkpoint": CheckpointSection,
+    "logging": LoggingSection,
 }
 
 
@@ -229,8 +282,10 @@ class TrainConfig:
             elif not _set(cfg, ALIASES.get(key, key), value):
                 unknown.append(key)
         if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; valid keys are "
-                              f"{sorted(k for k in ALIASES.values())} (or their sections as tables)")
+            raise ConfigError(
+                f"{where}: unknown keys {sorted(unknown)}; valid keys are "
+                f"{sorted(k for k in ALIASES.values())} (or their sections as tables)"
+            )
         return cfg
 
     @classmethod
@@ -284,12 +339,28 @@ class TrainConfig:
             if f.metadata.get("choices") and value is not None:
                 need(value in f.metadata["choices"], name, f"must be one of {list(f.metadata['choices'])}")
         d, o, r, p, lg = self.data, self.optim, self.run, self.parallel, self.logging
-        for name in ("data.seq_len", "data.batch_size", "data.grad_accum", "optim.steps", "logging.log_every",
-                     "logging.eval_every", "logging.eval_batches", "checkpoint.save_every", "checkpoint.keep",
-                     "parallel.ep", "parallel.pp"):
+        for name in (
+            "data.seq_len",
+            "data.batch_size",
+            "data.grad_accum",
+            "optim.steps",
+            "logging.log_every",
+            "logging.eval_every",
+            "logging.eval_batches",
+            "checkpoint.save_every",
+            "checkpoint.keep",
+            "parallel.ep",
+            "parallel.pp",
+        ):
             need(_get(self, name) > 0, name, "must be a positive integer")
-        for name in ("run.stop_after", "run.max_minutes", "data.max_corpus_mb", "run.threads",
-                     "parallel.pp_microbatches", "parallel.ranks_per_node"):
+        for name in (
+            "run.stop_after",
+            "run.max_minutes",
+            "data.max_corpus_mb",
+            "run.threads",
+            "parallel.pp_microbatches",
+            "parallel.ranks_per_node",
+        ):
             need(_get(self, name) is None or _get(self, name) > 0, name, "must be > 0 (or unset)")
         need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")
         need(0 < o.warmup <= o.steps, "optim.warmup_steps", f"must be in [1, steps={o.steps}]")
@@ -306,7 +377,11 @@ class TrainConfig:
         need(all(isinstance(spec, str) for spec in d.sources), "data.sources", "must be a list of strings")
         mixture(d.sources)  # DataError naming a --data source whose weight is not a positive number
         need(bool(d.text_field), "data.text_field", "must name a field")
-        need(r.device in ("auto", "cpu") or r.device.startswith("cuda"), "run.device", "must be auto, cpu or cuda[:N]")
+        need(
+            r.device in ("auto", "cpu") or r.device.startswith("cuda"),
+            "run.device",
+            "must be auto, cpu or cuda[:N]",
+        )
         need(p.sdc_check_every >= 0, "parallel.sdc_check_every", "must be >= 0 (0: off)")
         for name in ("parallel.dp_replicate", "parallel.dp_shard"):
             need(_get(self, name) == -1 or _get(self, name) > 0, name, "must be > 0 or -1 (auto)")
@@ -316,14 +391,18 @@ class TrainConfig:
             import torch
 
             need(torch.cuda.is_available(), "run.device", "CUDA is not available on this machine")
-        for enabled, name, module in ((r.fp8, "run.fp8", "dsv3.fp8.linear"), (lg.tensorboard, "logging.tensorboard",
-                                                                              "tensorboard")):
+        for enabled, name, module in (
+            (r.fp8, "run.fp8", "dsv3.fp8.linear"),
+            (lg.tensorboard, "logging.tensorboard", "tensorboard"),
+        ):
             if enabled and importlib.util.find_spec(module) is None:
                 raise ConfigError(f"{name}=True: the module {module} is not installed")
 
 
 # ---------------------------------------------------------------------------------- the field table
-FIELDS: dict[str, dataclasses.Field] = {"out": next(f for f in dataclasses.fields(TrainConfig) if f.name == "out")}
+FIELDS: dict[str, dataclasses.Field] = {
+    "out": next(f for f in dataclasses.fields(TrainConfig) if f.name == "out")
+}
 HINTS: dict[str, Any] = {"out": str}
 for _section, _cls in SECTIONS.items():
     _hints = typing.get_type_hints(_cls)
@@ -377,8 +456,15 @@ def _has_type(value: Any, kind: Any) -> bool:
 
 
 def _type_name(kind: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-             list: "a list", dict: "a table (JSON object)", type(None): "unset"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        list: "a list",
+        dict: "a table (JSON object)",
+        type(None): "unset",
+    }
     return " or ".join(names.get(typing.get_origin(t) or t, str(t)) for t in _options(kind))
 
 

@@ -92,19 +92,26 @@ class Trainer:
         self.mesh = build_mesh(self.dims, self.device.type)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.dtype_choice = choose_dtype(
-            cfg.run.dtype, gemm_shapes(self.model_config, cfg.data.batch_size * cfg.data.seq_len), self.device,
+            cfg.run.dtype,
+            gemm_shapes(self.model_config, cfg.data.batch_size * cfg.data.seq_len),
+            self.device,
             cfg.data.cache_dir,
         )
         self.dtype = self.dtype_choice.dtype
-        corpus = Corpus(cfg.data.sources, None if cfg.data.max_corpus_mb is None else int(cfg.data.max_corpus_mb * 1e6),
-                        text_field=cfg.data.text_field)
+        corpus = Corpus(
+            cfg.data.sources,
+            None if cfg.data.max_corpus_mb is None else int(cfg.data.max_corpus_mb * 1e6),
+            text_field=cfg.data.text_field,
+        )
         self.tokenizer_path = self.world.on_rank0(self._tokenizer_path, corpus, then_others=True)
         self.tok = load_tokenizer(self.tokenizer_path, self.model_config.vocab_size)
-        self.model_config = dataclasses.replace(self.model_config, bos_token_id=self.tok.bos_id,
-                                                eos_token_id=self.tok.eos_id)
+        self.model_config = dataclasses.replace(
+            self.model_config, bos_token_id=self.tok.bos_id, eos_token_id=self.tok.eos_id
+        )
         self.world.on_rank0(self._build_data, corpus, then_others=True)
-        self.loader = Loader(self.train_data, cfg.data.batch_size, cfg.run.seed, rank=self.dp_rank,
-                             ranks=self.dims.dp)
+        self.loader = Loader(
+            self.train_data, cfg.data.batch_size, cfg.run.seed, rank=self.dp_rank, ranks=self.dims.dp
+        )
         self._build_model()
 
     # ------------------------------------------------------------------------ construction steps
@@ -117,12 +124,15 @@ class Trainer:
             dims.validate(self.model_config, cfg.data.batch_size)
         except ConfigError as e:
             if "WORLD_SIZE" not in os.environ:
-                raise ConfigError(f"{e} (one process: launch with `torchrun --nproc-per-node N -m dsv3 train ...`)"
-                                  ) from None
+                raise ConfigError(
+                    f"{e} (one process: launch with `torchrun --nproc-per-node N -m dsv3 train ...`)"
+                ) from None
             raise
         if cfg.run.fp8 and dims.world_size > 1:
-            raise ConfigError("run.fp8=True (FP8 linears) is not supported with parallelism yet; use "
-                              "--fp8-dispatch for FP8 expert-parallel dispatch")
+            raise ConfigError(
+                "run.fp8=True (FP8 linears) is not supported with parallelism yet; use "
+                "--fp8-dispatch for FP8 expert-parallel dispatch"
+            )
         if cfg.parallel.fp8_dispatch and dims.ep == 1:
             raise ConfigError("parallel.fp8_dispatch=True needs expert parallelism (--ep > 1)")
         return ParallelDims(**{f.name: getattr(dims, f.name) for f in dataclasses.fields(ParallelDims)})
@@ -134,8 +144,9 @@ class Trainer:
                 raise CheckpointError(f"--resume: no checkpoint under {self.ckpt_root}")
             return found
         if (self.ckpt_root / ckpt.LATEST).exists():
-            raise ConfigError(f"out={self.cfg.out!r} ({self.out}) already holds a run; pass --resume or choose "
-                              "a new --out")
+            raise ConfigError(
+                f"out={self.cfg.out!r} ({self.out}) already holds a run; pass --resume or choose a new --out"
+            )
         return None
 
     def _tokenizer_path(self, corpus: Corpus) -> Path:
@@ -150,13 +161,17 @@ class Trainer:
     def _build_data(self, corpus: Corpus) -> None:
         d = self.cfg.data
         template = chat_template_for(self.tokenizer_path)  # chats are rendered as the model will be served
-        split = build_token_cache(corpus, self.tok, d.val_fraction, Path(d.cache_dir), template).split(d.seq_len)
+        split = build_token_cache(corpus, self.tok, d.val_fraction, Path(d.cache_dir), template).split(
+            d.seq_len
+        )
         self._print(split.summary)  # sources, documents, tokens, skipped files, bad records, validation
         self.train_data = PackedTokens(split.train, d.seq_len, self.tok.eos_id, "train", d.document_masking)
         self.val_data = PackedTokens(split.val, d.seq_len, self.tok.eos_id, "validation", d.document_masking)
         if self.train_data.segmented and self.dims.pp > 1:
-            raise ConfigError(f"parallel.pp={self.dims.pp}: packed documents kept apart (chat data, or "
-                              "data.document_masking) are not sent through pipeline stages yet; use pp=1")
+            raise ConfigError(
+                f"parallel.pp={self.dims.pp}: packed documents kept apart (chat data, or "
+                "data.document_masking) are not sent through pipeline stages yet; use pp=1"
+            )
         self.unigram_loss = unigram_entropy(split.train, self.tok.vocab_size)
 
     def _build_model(self) -> None:
@@ -173,15 +188,24 @@ class Trainer:
         else:
             init = reference_weights(self.model_config, cfg.run.seed)
         self.pm = parallelize(
-            structure, dims, self.mesh, device=self.device, init=init,
-            param_dtype=self.dtype, activation_checkpoint=cfg.parallel.activation_checkpoint,
-            compile=cfg.run.compile, fp8=cfg.run.fp8_scales if cfg.run.fp8 else None,
+            structure,
+            dims,
+            self.mesh,
+            device=self.device,
+            init=init,
+            param_dtype=self.dtype,
+            activation_checkpoint=cfg.parallel.activation_checkpoint,
+            compile=cfg.run.compile,
+            fp8=cfg.run.fp8_scales if cfg.run.fp8 else None,
             fp8_dispatch=cfg.parallel.fp8_dispatch,
             microbatch=(cfg.data.batch_size // (dims.dp * dims.microbatches), cfg.data.seq_len),
         )
         self.optimizer = build_optimizer(
-            torch.nn.ModuleList(self.pm.modules), cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2),
-            cfg.optim.weight_decay, bf16_moments=cfg.optim.bf16_moments,
+            torch.nn.ModuleList(self.pm.modules),
+            cfg.optim.lr,
+            (cfg.optim.beta1, cfg.optim.beta2),
+            cfg.optim.weight_decay,
+            bf16_moments=cfg.optim.bf16_moments,
         )
         o = cfg.optim
         self.schedule = Schedule(o.lr, o.steps, o.warmup, o.schedule, o.min_lr_ratio)
@@ -221,12 +245,21 @@ class Trainer:
                 group["lr"] = lr
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loads = self._balance_experts(bias_gamma_at(step, cfg.optim.steps, cfg.optim.bias_gamma) if bad is None
-                                      else 0.0)
+        loads = self._balance_experts(
+            bias_gamma_at(step, cfg.optim.steps, cfg.optim.bias_gamma) if bad is None else 0.0
+        )
         self.step += 1
         inject_faults(self.step, self.world, self.pm)
-        record = {"step": self.step, "loss": loss, "mtp_loss": mtp_loss, "balance_loss": balance_loss, "lr": lr,
-                  "grad_norm": grad_norm.item(), "mtp_lambda": lam, "expert_load": loads}
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "mtp_loss": mtp_loss,
+            "balance_loss": balance_loss,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "mtp_lambda": lam,
+            "expert_load": loads,
+        }
         if bad is not None:
             record["nonfinite"] = bad
         return record
@@ -312,8 +345,9 @@ class Trainer:
             import torch.distributed as dist
 
             everyone = [None] * self.dims.pp
-            dist.all_gather_object(everyone, {k: v.cpu() for k, v in loads.items()},
-                                   group=self.mesh["pp"].get_group())
+            dist.all_gather_object(
+                everyone, {k: v.cpu() for k, v in loads.items()}, group=self.mesh["pp"].get_group()
+            )
             loads = {k: v for part in everyone for k, v in part.items()}
         order = sorted(loads, key=lambda n: (n.startswith("mtp"), int(n.split(".")[1])))
         return torch.stack([loads[n].cpu() for n in order]) if order else torch.zeros(0)
@@ -324,7 +358,9 @@ class Trainer:
         self.pm.train(False)
         total, n = 0.0, 0
         rows_per_batch = self.dims.dp * self.dims.microbatches
-        for batch in validation_batches(self.val_data, self.cfg.data.batch_size, self.cfg.logging.eval_batches):
+        for batch in validation_batches(
+            self.val_data, self.cfg.data.batch_size, self.cfg.logging.eval_batches
+        ):
             if len(batch) % rows_per_batch:
                 break  # a last partial batch that does not split over the ranks is skipped
             rows = len(batch) // self.dims.dp
@@ -350,9 +386,20 @@ class Trainer:
             (self.out / "train_config.json").write_text(json.dumps(self.resolved_config(), indent=2) + "\n")
         self.tokenizer_path = self.out / "tokenizer.json"
         self.world.barrier()
-        end = cfg.optim.steps if cfg.run.stop_after is None else min(cfg.optim.steps, self.step + cfg.run.stop_after)
-        log = MetricsLog(self.out / "metrics.jsonl", self.step if self.resume_from else None,
-                         self.out / "tensorboard" if cfg.logging.tensorboard else None) if self.is_main else None
+        end = (
+            cfg.optim.steps
+            if cfg.run.stop_after is None
+            else min(cfg.optim.steps, self.step + cfg.run.stop_after)
+        )
+        log = (
+            MetricsLog(
+                self.out / "metrics.jsonl",
+                self.step if self.resume_from else None,
+                self.out / "tensorboard" if cfg.logging.tensorboard else None,
+            )
+            if self.is_main
+            else None
+        )
         tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len
         flops_per_step = self.model_shape.training_flops_per_token(cfg.data.seq_len) * tokens_per_step
         peak = 1e12 * (cfg.logging.peak_tflops or self.dtype_choice.peak_tflops)
@@ -410,14 +457,20 @@ class Trainer:
 
     def _report(self) -> Path:
         try:
-            return write_report(self.out / "metrics.jsonl", self.out / "report.png", title=f"dsv3 {self.cfg.out}")
+            return write_report(
+                self.out / "metrics.jsonl", self.out / "report.png", title=f"dsv3 {self.cfg.out}"
+            )
         except ImportError:
             print("matplotlib is not installed: skipping report.png (pip install 'dsv3[plots]')")
             return Path()
 
     def header(self) -> dict[str, Any]:
         """What the run header prints: the resolved config and the measured dtype choice."""
-        return {**self.resolved_config(), "dtype": self.dtype_choice.describe(), "world_size": self.world.size}
+        return {
+            **self.resolved_config(),
+            "dtype": self.dtype_choice.describe(),
+            "world_size": self.world.size,
+        }
 
     def resolved_config(self) -> dict[str, Any]:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict()}
@@ -440,7 +493,9 @@ class Trainer:
         position = self.loader.state_dict()
         self.load(found)
         self.loader.load_state_dict(position)  # go on with the batches after the bad one
-        self._print(f"warning: {message}; rolled back to {found} (step {self.step}), continuing with new data")
+        self._print(
+            f"warning: {message}; rolled back to {found} (step {self.step}), continuing with new data"
+        )
         return True
 
     # ----------------------------------------------------------------------------- checkpointing
@@ -455,7 +510,9 @@ class Trainer:
             self._write_trainer_files(folder)
 
         if self.is_main:
-            previous = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.is_dir() else None
+            previous = (
+                self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.is_dir() else None
+            )
             needed = ckpt.folder_bytes(previous) if previous is not None else None  # about the same again
             path = ckpt.save_checkpoint(self.ckpt_root, self.step, write, self.cfg.checkpoint.keep, needed)
         else:
@@ -503,12 +560,16 @@ class Trainer:
         try:
             before = TrainConfig.from_dict(saved).flat()
         except ConfigError:
-            print("warning: the checkpoint's train_config.json is from another version; not comparing options")
+            print(
+                "warning: the checkpoint's train_config.json is from another version; not comparing options"
+            )
             return
         now = self.cfg.flat()
         for key in sorted(k for k in now if self.cfg.changes_trajectory(k) and now[k] != before[k]):
-            print(f"warning: {key} changed since the checkpoint ({before[key]!r} -> {now[key]!r}); "
-                  "the resumed run will differ from an uninterrupted one")
+            print(
+                f"warning: {key} changed since the checkpoint ({before[key]!r} -> {now[key]!r}); "
+                "the resumed run will differ from an uninterrupted one"
+            )
 
     def export_hf(self, folder: Path) -> None:
         """Gather the full model to rank 0 and write the Hugging Face layout there (collective)."""
