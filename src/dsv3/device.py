@@ -73,32 +73,35 @@ def measure_gemms(
     repeats: int = 3,
     budget_s: float = 0.5,
 ) -> float:
-    """TFLOP/s of the (M, K, N) GEMMs run back to back (best of `repeats` after a warm-up run that
-    builds oneDNN's kernels); a warm-up slower than budget_s is the measurement (a naive kernel is
-    measured as slow by then, and building kernels is not what made it slow)."""
+    """TFLOP/s of the (M, K, N) GEMMs run back to back: best of `repeats` after a warm-up run that
+    builds oneDNN's kernels. The warm-up goes shape by shape and stops once it has taken budget_s:
+    a naive kernel is measured as slow by then (and building kernels is not what made it slow)."""
     operands = [
         (torch.randn(m, k, device=device).to(dtype), torch.randn(n, k, device=device).to(dtype).t())
         for m, k, n in shapes
     ]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def run() -> None:
-        for a, b in operands:
+    def gemm(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for a, b in pairs:
             a @ b
         sync()
 
-    flops = sum(2 * m * k * n for m, k, n in shapes)
-    warm_up = _timed(run)
-    if warm_up > budget_s:
-        return flops / warm_up / 1e12
-    return flops / min(_timed(run) for _ in range(repeats)) / 1e12
+    done, elapsed = 0.0, 0.0
+    for pair, (m, k, n) in zip(operands, shapes):
+        elapsed += _timed(lambda: gemm([pair]))  # noqa: B023 - called right here
+        done += 2 * m * k * n
+        if elapsed > budget_s:
+            return done / elapsed / 1e12
+    best = min(_timed(lambda: gemm(operands)) for _ in range(repeats))
+    return sum(2 * m * k * n for m, k, n in shapes) / best / 1e12
 
 
 def gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int]]:
-    """(M, K, N) of the main GEMMs of one forward of `cfg` over `tokens` tokens (M capped at 512
+    """(M, K, N) of the main GEMMs of one forward of `cfg` over `tokens` tokens (M capped at 4096
     to keep the measurement short): the attention projections, a dense FFN and one routed
     expert at its average load."""
-    m = max(1, min(tokens, 512))
+    m = max(1, min(tokens, 4096))
     h = cfg.hidden_size
     q_in = cfg.q_lora_rank or h
     per_expert = max(1, min(512, tokens * cfg.num_experts_per_tok // max(1, cfg.n_routed_experts)))
