@@ -13,6 +13,11 @@ def test_expert_parallel_matches_one_process(root, ref, world, ep):
     assert_same_run(ref, run_layout(root, f"ep{ep}", world, ep=ep))
 
 
+def test_overlapped_dispatch_matches_one_process(root, ref):
+    """--ep-overlap: the shared expert runs while the tokens are on the wire; same arithmetic."""
+    assert_same_run(ref, run_layout(root, "ep2_overlap", 2, ep=2, ep_overlap=True))
+
+
 def test_fp8_dispatch_stays_within_fp8_tolerance(root, ref):
     """E4M3 tokens with 1x128 scales on the way to the experts (combine in full precision)."""
     eager = {"DSV3_FP8_COMPILE": "0"}  # the same codes; compiling the quantizer would cost ~30 s per rank

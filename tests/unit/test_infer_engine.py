@@ -302,3 +302,38 @@ def test_streamed_text_only_grows_when_a_stop_string_spans_tokens(model):
     while engine.has_unfinished():
         texts += [o.text for o in engine.step()]
     assert texts == [f"<{full[0]}", f"<{full[0]}><{full[1]}", f"<{full[0]}><{full[1]}"]  # '>' held back
+
+
+@pytest.mark.parametrize("mtp", [False, True])
+def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatch, mtp):
+    """After warmup() no request compiles the decode step again (a compile costs seconds in the
+    middle of a request): batch 1 and batch > 1, contexts within the first cache block and past
+    it, requests finishing at different steps. The compiled engine's greedy tokens are the eager
+    engine's. Dynamo's guards decide what compiles; the graphs run eagerly here (a counting
+    backend instead of Inductor: seconds instead of minutes)."""
+    import functools
+
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({**SMALL, "num_nextn_predict_layers": 1})
+    fp32 = Transformer(cfg).eval()
+    prompts = _prompts(3, 9, 2, 14)  # with block_size 4: one block and several
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in Engine(fp32, block_size=4, mtp=mtp).generate(prompts, params)]
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    torch._dynamo.reset()
+    engine = Engine(fp32, block_size=4, mtp=mtp, compile=True)
+    engine.warmup()
+    compiled_in_warmup = len(graphs)
+    got = [o.token_ids for o in engine.generate(prompts[:1], params)]  # batch 1
+    got += [o.token_ids for o in engine.generate(prompts[1:], params)]  # batch 3, then 2, then 1
+    assert compiled_in_warmup > 0 and len(graphs) == compiled_in_warmup
+    assert got == expected

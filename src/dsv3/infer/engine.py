@@ -213,12 +213,17 @@ class Engine:
         return cls(model, **engine_kwargs)
 
     def warmup(self) -> None:
-        """Compile the decode step now (batch 1 and 2, with MTP if on) instead of in the first
-        requests; afterwards compiled calls skip re-checking guards that cannot change."""
+        """Compile the decode step now instead of in the first requests; afterwards compiled calls
+        skip re-checking guards that cannot change. Dynamic shapes specialize a size of 1, so the
+        warm-up decodes every kind of step a request can meet: batch 1 and 2, each with a context
+        of one cache block and of two (and MTP drafting and verifying, if on)."""
         if not self.compiled or self._warm:
             return
+        block = self.cache.block_size
         for batch in (1, 2):
-            self.generate([[0, 1]] * batch, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+            for context in (2, min(block + 2, self.max_seq_len - self.steps_per_decode - 3)):
+                prompt = [0] + [1] * (context - 1)
+                self.generate([prompt] * batch, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
         self._warm = True
 
     def _fast(self, fn, *args, **kwargs):

@@ -9,12 +9,12 @@ MoE + combine of the other". Both rest on the dispatcher's split phases
 (`ExpertParallelDispatcher.dispatch_begin/_end`, `combine_begin/_end`): `*_begin` puts the rows
 on the wire with asynchronous collectives, `*_end` waits for them at their first use.
 
-Training (`apply_dispatch_overlap`): each expert-parallel MoE becomes an `OverlappedMoE`, the same
-module with the same parameters whose forward runs the shared expert between dispatch_begin and
-dispatch_end and the balance loss between combine_begin and combine_end. The arithmetic is the
-MoE's, so outputs and gradients are unchanged (autograd goes through the functional
-collectives as before). Apply it before FSDP wraps the model (it swaps the module's class, as
-FSDP2 itself does).
+Training (`apply_dispatch_overlap`, `dsv3 train --ep-overlap`): each expert-parallel MoE becomes
+an `OverlappedMoE`, the same module with the same parameters whose forward runs the shared expert
+between dispatch_begin and dispatch_end and the balance loss between combine_begin and
+combine_end. The arithmetic is the MoE's, so outputs and gradients are unchanged (autograd goes
+through the functional collectives as before). `parallelize` applies it right after expert
+parallelism, before FSDP wraps the model (it swaps the module's class, as FSDP2 itself does).
 
 Decoding (`MicroBatchDecode`): a forward over the main layers for the engine's decode step that
 splits the batch's rows in two halves, A and B, each a generator that runs its part of the model

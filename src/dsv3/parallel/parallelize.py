@@ -7,7 +7,8 @@
 One fixed order, each step swapping or wrapping modules of the (still empty) model, each skipped
 when its dimension is 1 (so one process gets the plain model):
     1. pipeline split   keep this pp rank's stages: the model with parts removed (parallel/pipeline.py)
-    2. expert parallel  each MoE keeps E/ep experts and gets the all-to-all dispatcher
+    2. expert parallel  each MoE keeps E/ep experts and gets the all-to-all dispatcher (optionally
+                        overlapped: the shared expert runs while the tokens travel, parallel/overlap.py)
     3. FP8 (optional)   linears and experts compute in FP8 (fp8/linear.py), same parameters
     4. activation checkpointing (optional)  recompute each block's attention in backward
     5. torch.compile (optional)  per block, in place (parameter names unchanged)
@@ -99,11 +100,13 @@ def parallelize(
     compile: bool = False,
     fp8: str | None = None,
     fp8_dispatch: bool = False,
+    ep_overlap: bool = False,
     reshard: str = "default",
     microbatch: tuple[int, int] | None = None,
 ) -> ParallelModel:
     """Apply pp -> EP -> FP8 -> AC -> compile -> FSDP to `model` (on meta), then fill it from `init`.
     fp8: a scale format ("pow2", "fp32", "ue8m0") to run the linears and experts in FP8, or None.
+    ep_overlap: the expert-parallel MoEs run their shared expert while the all-to-all is in flight.
     With pp > 1, `microbatch` = (sequences, seq_len) of one pipeline microbatch on one dp rank."""
     from dsv3.model.block import Block
 
@@ -121,6 +124,10 @@ def parallelize(
             apply_expert_parallel(
                 module, mesh["ep"], fp8_dispatch=fp8_dispatch, ranks_per_node=dims.ranks_per_node
             )
+            if ep_overlap:
+                from dsv3.parallel.overlap import apply_dispatch_overlap
+
+                apply_dispatch_overlap(module)
     if fp8 is not None:  # 3. FP8 linears and experts (same Parameters and names)
         from dsv3.fp8.linear import convert_to_fp8
 

@@ -8,7 +8,7 @@
                  grad_clip, bf16_moments, mtp_lambda, mtp_lambda_later, bias_gamma
     [run]        seed, dtype, device, compile, fp8, fp8_scales, threads, stop_after, max_minutes, on_nonfinite
     [parallel]   dp_replicate, dp_shard, ep, pp, pp_schedule, pp_microbatches, ranks_per_node,
-                 fp8_dispatch, activation_checkpoint, sdc_check_every
+                 fp8_dispatch, ep_overlap, activation_checkpoint, sdc_check_every
     [checkpoint] save_every, keep, resume
     [logging]    log_every, eval_every, eval_batches, tensorboard, report, peak_tflops
 
@@ -215,6 +215,9 @@ class ParallelSection(ParallelDims):
     """The parallel dimensions (dsv3.parallel.mesh.ParallelDims) and how the parallel run executes."""
 
     fp8_dispatch: bool = option(False, "send EP dispatch in FP8 with 1x128 scales (combine stays BF16)")
+    ep_overlap: bool = option(
+        False, "run each MoE's shared expert while its routed tokens are on the wire (async all-to-all)"
+    )
     activation_checkpoint: bool = option(False, "recompute attention (norm + MLA) in backward", control=True)
     sdc_check_every: int = option(
         0,

@@ -135,6 +135,8 @@ class Trainer:
             )
         if cfg.parallel.fp8_dispatch and dims.ep == 1:
             raise ConfigError("parallel.fp8_dispatch=True needs expert parallelism (--ep > 1)")
+        if cfg.parallel.ep_overlap and dims.ep == 1:
+            raise ConfigError("parallel.ep_overlap=True needs expert parallelism (--ep > 1)")
         return ParallelDims(**{f.name: getattr(dims, f.name) for f in dataclasses.fields(ParallelDims)})
 
     def _checkpoint_to_resume(self) -> Path | None:
@@ -198,6 +200,7 @@ class Trainer:
             compile=cfg.run.compile,
             fp8=cfg.run.fp8_scales if cfg.run.fp8 else None,
             fp8_dispatch=cfg.parallel.fp8_dispatch,
+            ep_overlap=cfg.parallel.ep_overlap,
             microbatch=(cfg.data.batch_size // (dims.dp * dims.microbatches), cfg.data.seq_len),
         )
         self.optimizer = build_optimizer(
