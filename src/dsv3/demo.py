@@ -59,7 +59,7 @@ def demo_config(
             "data": {"sources": ["stdlib"], "seq_len": 256, "batch_size": 8},
             "optim": {
                 "steps": steps,
-                "lr": 2e-3,
+                "lr": 3e-3,
                 "schedule": "cosine",
                 "warmup_steps": max(1, steps // 20),
                 "bias_gamma": 0.01,
