@@ -6,6 +6,8 @@ conftest.py, and spawned distributed workers inherit it).
                 layer with 8 experts in 2 groups, MTP depth 1 (training, distributed, CLI tests)
     MICRO_SERVE MICRO with the vocabulary of the tests' tokenizer (conftest `tokenizer_file`) and a
                 longer context, for serving and generation
+    ENGINE      3 layers (1 dense + 2 MoE, 8 experts in 2 groups), MTP depth 1, vocabulary 96: the
+                inference engine, speculative decoding, EP serving, overlap and disaggregation tests
     SMALL_MLA   MLA with q-LoRA and YaRN (mscale on the softmax scale), no MTP (attention, cache)
     FP8_BLOCKS  shapes on purpose not multiples of 128, so 128x128 FP8 blocks have partial edges
                 (mlp.up_proj [272, 160] is a 3x2 block grid): checkpoint FP8 import/export/convert
@@ -46,6 +48,27 @@ MICRO = dict(
 )
 MICRO_VOCAB = 2048  # = the tokenizer_file fixture's vocabulary (tests/conftest.py)
 MICRO_SERVE = {**MICRO, "vocab_size": MICRO_VOCAB, "max_position_embeddings": 256, "initializer_range": 0.1}
+ENGINE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    num_hidden_layers=3,
+    intermediate_size=96,
+    num_attention_heads=4,
+    q_lora_rank=48,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    first_k_dense_replace=1,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=128,
+    initializer_range=0.15,
+)
 SMALL_MLA = dict(
     vocab_size=64,
     hidden_size=64,

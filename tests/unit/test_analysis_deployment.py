@@ -13,6 +13,7 @@ from dsv3.cli import main
 from dsv3.fp8.quant import eager
 from dsv3.infer.disaggregate import PrefillEngine
 from dsv3.infer.engine import SamplingParams
+from fixtures import ENGINE
 
 V3 = costs.load_architecture("v3-671b")
 H800 = hardware.load_catalog().accelerator("H800")
@@ -36,26 +37,7 @@ def test_cache_bytes_per_token_are_the_paged_caches():
     assert cache_bytes_per_token(V3, "fp8") == 40_016  # infer/cache.py: 61 x (512 + 4 x 4 + 64 x 2)
 
 
-CFG = dict(
-    vocab_size=96,
-    hidden_size=64,
-    num_hidden_layers=3,
-    intermediate_size=96,
-    num_attention_heads=4,
-    q_lora_rank=48,
-    kv_lora_rank=160,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    first_k_dense_replace=1,
-    moe_intermediate_size=32,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=128,
-)
+CFG = {**ENGINE, "kv_lora_rank": 160}
 
 
 @pytest.mark.parametrize("cache_dtype,analyzer_dtype", [("auto", "fp32"), ("fp8", "fp8")])

@@ -11,29 +11,16 @@ from dsv3 import ModelConfig, Transformer
 from dsv3.infer.engine import Engine, SamplingParams
 from dsv3.infer.sampling import SamplingBatch, sample_from
 from dsv3.infer.speculative import verify
+from fixtures import ENGINE
 
 TRAINED = Path(__file__).parents[2] / "runs" / "demo" / "hf"  # written by `make run`; skipped without it
-SMALL = dict(
-    vocab_size=8,
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=96,
-    num_attention_heads=4,
-    q_lora_rank=48,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    first_k_dense_replace=1,
-    moe_intermediate_size=32,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=256,
-    initializer_range=0.3,
-)
+SMALL = {
+    **ENGINE,
+    "vocab_size": 8,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.3,
+}
 
 
 def _model(vocab_size=8, dtype=torch.float64):

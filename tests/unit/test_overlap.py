@@ -10,28 +10,9 @@ from dsv3.infer.engine import Engine, SamplingParams
 from dsv3.model.moe import LocalDispatcher, MoE
 from dsv3.parallel.expert_parallel import PendingCombine, PendingDispatch
 from dsv3.parallel.overlap import MicroBatchDecode, OverlappedMoE
+from fixtures import ENGINE
 
-CFG = dict(
-    vocab_size=96,
-    hidden_size=64,
-    num_hidden_layers=3,
-    intermediate_size=96,
-    num_attention_heads=4,
-    q_lora_rank=48,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    first_k_dense_replace=1,
-    moe_intermediate_size=32,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    num_nextn_predict_layers=0,
-    max_position_embeddings=128,
-    initializer_range=0.15,
-)
+CFG = {**ENGINE, "num_nextn_predict_layers": 0}
 
 
 class RecordingDispatcher(LocalDispatcher):

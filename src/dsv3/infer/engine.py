@@ -219,11 +219,12 @@ class Engine:
         of one cache block and of two (and MTP drafting and verifying, if on)."""
         if not self.compiled or self._warm:
             return
-        block = self.cache.block_size
+        new = min(3, self.max_seq_len - 1)  # tokens per warm-up request: a few decode steps
+        longest = self.max_seq_len - new
+        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
         for batch in (1, 2):
-            for context in (2, min(block + 2, self.max_seq_len - self.steps_per_decode - 3)):
-                prompt = [0] + [1] * (context - 1)
-                self.generate([prompt] * batch, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+            for context in sorted({min(2, longest), min(self.cache.block_size + 2, longest)}):
+                self.generate([[0] + [1] * (context - 1)] * batch, params)
         self._warm = True
 
     def _fast(self, fn, *args, **kwargs):

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import sysconfig
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,7 @@ class JsonLinesFile:
         return _stat(self.path)
 
 
-class Table:
+class Table(ABC):
     """Rows of a Parquet file or a `datasets` dataset: the `messages` column if there is one, else
     the text column (DataError naming the file and the column when it has neither)."""
 
@@ -203,9 +204,9 @@ class Table:
             )
         self.name, self.size, self.rows = name, size, rows
 
+    @abstractmethod
     def batches(self) -> Iterator[list[Any]]:
         """The column's values, a few hundred rows at a time."""
-        raise NotImplementedError
 
     def records(self) -> Iterator[Record]:
         row = 0
