@@ -62,11 +62,18 @@ def run_measured(cmd: list[str]) -> tuple[str, float]:
 
 
 def dsv3_decode(
-    model: Path, threads: int, context: int, streams: int, gen: int, compile: bool = False
+    model: Path,
+    threads: int,
+    context: int,
+    streams: int,
+    gen: int,
+    compile: bool = False,
+    freeze: bool = True,
 ) -> tuple[float, float]:
     cmd = [sys.executable, __file__, "--worker", str(model), "--threads", str(threads)]
     cmd += ["--context", str(context), "--streams", str(streams), "--gen", str(gen)]
     cmd += ["--compile"] if compile else []
+    cmd += [] if freeze else ["--no-freeze"]
     out, rss = run_measured(cmd)
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"], rss
 
@@ -105,6 +112,7 @@ def worker(args) -> None:
         max_batch_size=args.streams,
         max_seq_len=args.context + args.gen + 2,
         compile=args.compile,
+        freeze=not args.no_freeze,
     )
     engine.warmup()  # compiles the decode step (--compile; cached on disk across runs), not timed
     vocab = engine.cfg.vocab_size
@@ -174,6 +182,7 @@ def main() -> None:
     p.add_argument(
         "--compile", action="store_true", help="dsv3 with its compiled decode step (Engine(compile=True))"
     )
+    p.add_argument("--no-freeze", action="store_true", help=argparse.SUPPRESS)  # decode_freezing.py
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--context", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -309,7 +309,7 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
 
     graphs = []
 
-    def counting_backend(gm, example_inputs):
+    def counting_backend(gm, example_inputs, options=None):  # options: the Engine's freezing (Inductor's)
         graphs.append(gm)
         return gm.forward
 
@@ -322,3 +322,34 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
     got += [o.token_ids for o in engine.generate(prompts[1:], params)]  # batch 3, then 2, then 1
     assert compiled_in_warmup > 0 and len(graphs) == compiled_in_warmup
     assert got == expected
+
+
+def test_frozen_inductor_decode_equals_eager_for_two_models_in_one_process():
+    """The real compiled decode step (Inductor, weights frozen into the graph and packed) gives the
+    eager engine's greedy tokens; and two engines of different weights in one process, used in
+    turn with guards skipped as a warmed-up Engine runs, each run their own weights (a frozen graph
+    holds its weights as constants: the other model's graph would give that model's tokens).
+    One batch shape (2 sequences past the first cache block), so one compile per model; the
+    Linears of the compiled steps run packed (oneDNN/MKL) weights."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    cfg = ModelConfig.from_dict({**SMALL, "num_hidden_layers": 2})
+    models = [Transformer(cfg).eval() for _ in range(2)]  # two random draws: different weights
+    with torch.no_grad():
+        for m in models:
+            for p in m.parameters():  # large weights: greedy paths differ between the models
+                p.copy_(torch.randn_like(p) * 0.15 if p.dim() > 1 else 1 + 0.2 * torch.randn_like(p))
+    prompts = _prompts(9, 9)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    expected = [[o.token_ids for o in Engine(m, block_size=4).generate(prompts, params)] for m in models]
+    assert expected[0] != expected[1]
+    engines = [Engine(m, block_size=4, max_seq_len=16, compile=True) for m in models]
+    for engine, tokens in zip(engines, expected):  # compiles
+        assert [o.token_ids for o in engine.generate(prompts, params)] == tokens
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=True), torch.profiler.profile() as prof:
+        for engine, tokens in zip(engines, expected):
+            assert [o.token_ids for o in engine.generate(prompts, params)] == tokens
+    if torch.backends.mkldnn.is_available():  # the Linears ran on weights packed at compile time
+        ran = {e.key for e in prof.key_averages()}
+        assert ran & {"mkldnn::_linear_pointwise", "mkl::_mkl_linear"}, sorted(ran)

@@ -243,25 +243,24 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(corpus, t
         check=True,
     )
     assert "done: step 40/40" in ref.stdout
-    run_s = time.monotonic() - started  # imports, data, 40 steps and 40 saves: kills land anywhere in it
+    step_s = (time.monotonic() - started) / 40  # an upper bound of one step with its save
     out = tmp_path / "killed"
     rng, kills = random.Random(0), 0
 
-    def command():  # resume once a checkpoint exists (a kill may come before the first one)
+    def command():  # resume once a checkpoint exists
         resume = ["--resume"] if (out / "checkpoints" / LATEST).exists() else []
         return [sys.executable, "-m", "dsv3", "train", "--out", str(out), *args, *resume]
 
-    for _ in range(6):
-        proc = subprocess.Popen(
-            command(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        time.sleep(rng.uniform(0.3, 0.8) * run_s)
+    for _ in range(6):  # each kill: a random time into the step after a random step's log line
+        proc = subprocess.Popen(command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        target, output = rng.randint(1, 39), []
+        for line in proc.stdout:  # counted in steps, not seconds: however loaded the machine is
+            output.append(line)
+            if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= target:
+                break
+        time.sleep(rng.uniform(0, 1.5) * step_s)
         proc.send_signal(signal.SIGKILL)
-        output = proc.communicate()[0]
-        if "done: step 40/40" in output:
+        if "done: step 40/40" in "".join(output) + proc.communicate()[0]:
             break
         kills += 1
     else:
