@@ -1,8 +1,9 @@
 """Decode speed and memory: the dsv3 Engine against llama.cpp on the same checkpoint.
 
-Both sides run the same weights in F32: dsv3 from the checkpoint folder, llama.cpp from the GGUF
-file `dsv3 convert --to gguf` writes of it (llama.cpp's KV cache in F32 too, `-ctk f32 -ctv f32`,
-like dsv3's latent cache for an F32 model). Each measurement is one fresh process: dsv3 through
+Both sides run the same weights, in F32 (default) or BF16 (--dtype bf16, what `--dtype auto`
+picks on a CPU with fast BF16 GEMMs): dsv3 from the checkpoint folder in that dtype, llama.cpp
+from the GGUF file `dsv3 convert --to gguf --gguf-type f32|bf16` writes of it, its KV cache in
+the same dtype (`-ctk/-ctv`), like dsv3's latent cache. Each measurement is one fresh process: dsv3 through
 this script's `--worker` mode (Engine, greedy, eos ignored), llama.cpp through its
 `llama-batched-bench`, llama.cpp's own decode benchmark, whose S_TG is decode tokens/s after the
 prompts are in the cache. The grid is threads {1, 2} x context {short, 512 prompt tokens} x
@@ -16,9 +17,10 @@ load better than a ratio of medians), and each process's peak RSS (VmHWM).
 Models: the tiny preset from a training run (--tiny, default runs/demo, what `make run` writes)
 and the small preset with random weights (built here, with the tiny run's tokenizer). llama.cpp:
 --llama-bin or $LLAMA_CPP_BIN, the folder with llama-batched-bench (benchmarks/README.md says
-how to build it). Results go to benchmarks/results/decode_vs_llamacpp.json.
+how to build it). Results go to benchmarks/results/decode_vs_llamacpp.json (F32) and
+decode_vs_llamacpp_bf16.json.
 
-    python benchmarks/decode_vs_llamacpp.py --llama-bin ../llama.cpp/build/bin [--repeats 3 --gen 32]
+    python benchmarks/decode_vs_llamacpp.py --llama-bin ../llama.cpp/build/bin --compile [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def run_measured(cmd: list[str]) -> tuple[str, float]:
         return out.read().decode(), peak_kb / 1024
 
 
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
 def dsv3_decode(
     model: Path,
     threads: int,
@@ -69,8 +74,9 @@ def dsv3_decode(
     gen: int,
     compile: bool = False,
     freeze: bool = True,
+    dtype: str = "f32",
 ) -> tuple[float, float]:
-    cmd = [sys.executable, __file__, "--worker", str(model), "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--worker", str(model), "--threads", str(threads), "--dtype", dtype]
     cmd += ["--context", str(context), "--streams", str(streams), "--gen", str(gen)]
     cmd += ["--compile"] if compile else []
     cmd += [] if freeze else ["--no-freeze"]
@@ -79,7 +85,7 @@ def dsv3_decode(
 
 
 def llama_decode(
-    bin_dir: Path, gguf: Path, threads: int, context: int, streams: int, gen: int
+    bin_dir: Path, gguf: Path, threads: int, context: int, streams: int, gen: int, dtype: str = "f32"
 ) -> tuple[float, float]:
     cmd = [str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-tb", str(threads)]
     cmd += [
@@ -90,9 +96,9 @@ def llama_decode(
         "-ub",
         "512",
         "-ctk",
-        "f32",
+        dtype,
         "-ctv",
-        "f32",
+        dtype,
     ]
     cmd += ["-npp", str(context), "-ntg", str(gen), "-npl", str(streams), "--output-format", "jsonl"]
     out, rss = run_measured(cmd)
@@ -108,7 +114,7 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(
         args.worker,
-        dtype=torch.float32,
+        dtype=DTYPES[args.dtype],
         max_batch_size=args.streams,
         max_seq_len=args.context + args.gen + 2,
         compile=args.compile,
@@ -131,9 +137,11 @@ def worker(args) -> None:
     print(json.dumps({"tokens_per_s": args.streams * args.gen / elapsed}))
 
 
-def prepare_models(tiny_run: Path, work: Path, names: list[str], log=print) -> dict[str, tuple[Path, Path]]:
-    """{name: (checkpoint folder, GGUF file)} of `names`: the trained tiny run ("tiny") and a
-    random small model ("small")."""
+def prepare_models(
+    tiny_run: Path, work: Path, names: list[str], gguf_type: str = "f32", log=print
+) -> dict[str, tuple[Path, Path]]:
+    """{name: (checkpoint folder, GGUF file of `gguf_type`)} of `names`: the trained tiny run
+    ("tiny") and a random small model ("small")."""
     from dsv3 import ModelConfig, Transformer
     from dsv3.hf import resolve_model_folder
     from dsv3.infer.convert import convert
@@ -148,13 +156,13 @@ def prepare_models(tiny_run: Path, work: Path, names: list[str], log=print) -> d
     for name, folder in (("tiny", tiny), ("small", small)):
         if name not in names:
             continue
-        gguf = work / f"{name}-f32.gguf"
+        gguf = work / f"{name}-{gguf_type}.gguf"
         convert(
             folder,
             gguf,
             "gguf",
             overwrite=True,
-            gguf_type="f32",
+            gguf_type=gguf_type,
             log=lambda m, name=name: log(f"  [{name}] {m}"),
         )
         models[name] = (folder, gguf)
@@ -178,6 +186,7 @@ def main() -> None:
     p.add_argument("--contexts", nargs="+", type=int, default=[SHORT_CONTEXT, 512])
     p.add_argument("--streams", nargs="+", type=int, default=[1, 16])
     p.add_argument("--gen", type=int, default=32, help="decode steps timed per measurement")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="weights and cache, both sides")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--compile", action="store_true", help="dsv3 with its compiled decode step (Engine(compile=True))"
@@ -201,8 +210,8 @@ def main() -> None:
         )
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    print("converting to GGUF (F32) ...")
-    models = prepare_models(Path(args.tiny), work, args.models)
+    print(f"converting to GGUF ({args.dtype}) ...")
+    models = prepare_models(Path(args.tiny), work, args.models, args.dtype)
     cells = [(m, t, c, s) for m in models for t in args.threads for c in args.contexts for s in args.streams]
     samples: dict[tuple, dict[str, list]] = {cell: {"dsv3": [], "llama": []} for cell in cells}
     for r in range(args.repeats):
@@ -210,10 +219,10 @@ def main() -> None:
             name, threads, context, streams = cell
             folder, gguf = models[name]
             samples[cell]["dsv3"].append(
-                dsv3_decode(folder, threads, context, streams, args.gen, args.compile)
+                dsv3_decode(folder, threads, context, streams, args.gen, args.compile, dtype=args.dtype)
             )
             samples[cell]["llama"].append(
-                llama_decode(Path(args.llama_bin), gguf, threads, context, streams, args.gen)
+                llama_decode(Path(args.llama_bin), gguf, threads, context, streams, args.gen, args.dtype)
             )
             d, ll = samples[cell]["dsv3"][-1], samples[cell]["llama"][-1]
             print(
@@ -261,14 +270,14 @@ def main() -> None:
             f"{r['ratio_dsv3_over_llama_cpp_single_stream']:15.3f} {r['dsv3_peak_rss_mb']:8d} {r['llama_cpp_peak_rss_mb']:8d}"
         )
     path = save_result(
-        "decode_vs_llamacpp",
+        "decode_vs_llamacpp" + ("" if args.dtype == "f32" else f"_{args.dtype}"),
         {
             "llama_cpp": {
                 "bin": str(args.llama_bin),
                 "build": args.llama_label,
-                "tool": "llama-batched-bench, -ctk f32 -ctv f32",
+                "tool": f"llama-batched-bench, -ctk {args.dtype} -ctv {args.dtype}",
             },
-            "weights": "F32 on both sides (GGUF written by dsv3 convert --to gguf)",
+            "weights": f"{args.dtype.upper()} on both sides (GGUF written by dsv3 convert --to gguf)",
             "dsv3_decode_step": "compiled (Engine(compile=True))" if args.compile else "eager",
             "tiny_checkpoint": str(models.get("tiny", ("",))[0]),
             "small_checkpoint": "preset small, random weights (torch.manual_seed(0))",

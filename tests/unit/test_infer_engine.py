@@ -228,6 +228,24 @@ def test_sampling_distribution_matches_plain_reference():
     assert got[4].tolist() == torch.nn.functional.one_hot(logits[4].argmax(), 50).double().tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_next_tokens_are_the_argmax_of_the_penalized_logits(dtype):
+    """next_tokens of an all-greedy batch (argmax straight from the logits) picks what sampling
+    the one-hot distributions picks, repetition penalty included; a sampled batch samples."""
+    logits = (torch.randn(4, 50) * 3).to(dtype)
+    params = [SamplingParams(temperature=0, repetition_penalty=r) for r in (1.0, 1.5, 3.0, 1.0)]
+    seen = [None, *(torch.rand(50) < 0.5 for _ in range(3))]
+    seen[2][logits[2].float().argmax()] = True  # the best token was seen: the penalty decides
+    for rows in ([None] * 4, seen):
+        batch = SamplingBatch(params, [torch.Generator() for _ in params], rows, "cpu")
+        assert batch.next_tokens(logits).tolist() == batch.sample(batch.probs(logits)).tolist()
+    sampled = [SamplingParams(temperature=1.0, seed=i) for i in range(4)]
+    draw = [torch.Generator().manual_seed(i) for i in range(4)]
+    batch = SamplingBatch(sampled, draw, [None] * 4, "cpu")
+    expected = SamplingBatch(sampled, [torch.Generator().manual_seed(i) for i in range(4)], [None] * 4, "cpu")
+    assert batch.next_tokens(logits).tolist() == expected.sample(expected.probs(logits)).tolist()
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

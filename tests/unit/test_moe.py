@@ -1,11 +1,14 @@
 """DeepSeekMoE routing, grouped experts against the plain loop, balancing."""
 
+import gc
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv3 import ModelConfig
+from dsv3.model import packed_experts
 from dsv3.model.moe import (
     Dispatcher,
     GroupedExperts,
@@ -15,6 +18,7 @@ from dsv3.model.moe import (
     sequence_balance_loss,
     update_router_bias,
 )
+from dsv3.model.packed_experts import can_pack, is_current
 from dsv3.model.routing import ROUTING_METHODS, RoutingMethod
 
 
@@ -75,6 +79,69 @@ def test_inference_experts_equal_the_loop(counts):
         torch.testing.assert_close(
             compiled(x, offs), experts.forward_reference(x, offs), rtol=1e-5, atol=1e-6
         )
+
+
+needs_packing = pytest.mark.skipif(
+    not can_pack(torch.empty(0)), reason="this torch build has no oneDNN to pack the experts for"
+)
+
+
+def _experts(dtype=torch.float32) -> GroupedExperts:
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 32, 16)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    return experts.to(dtype)
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 7, 2, 4], [0, 1, 0, 0, 2, 0, 1, 0], [0] * 8])
+def test_packed_experts_equal_the_loop(counts, dtype):
+    """GroupedExperts.pack: the inference op runs on oneDNN-packed copies of the weights, for
+    many rows and for few, eagerly and compiled (the handle is an int the graph carries)."""
+    if dtype == torch.bfloat16 and not can_pack(torch.empty(0, dtype=dtype)):
+        pytest.skip("oneDNN has no BF16 kernels on this CPU")
+    experts = _experts(dtype)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 32).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        ref = experts.float().forward_reference(x.float(), offs)
+        experts.to(dtype)
+        assert experts.pack()
+        calls = torch.ops.mkldnn._linear_pointwise.default
+        with torch.profiler.profile() as prof:
+            packed = experts(x, offs)
+        assert sum(e.name == calls.name() for e in prof.events()) == 2 * sum(c > 0 for c in counts)
+        torch.testing.assert_close(packed.float(), ref, **tol)
+        compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, offs).float(), ref, **tol)
+
+
+@needs_packing
+def test_packed_experts_follow_weight_changes_and_free_with_their_module():
+    """Packed copies are a snapshot: once the weights change in place (an optimizer step) the
+    experts compute with the new weights (unpacked) until packed again; pack(False) drops them,
+    and they go with their module."""
+    experts, counts = _experts(), [0, 2, 0, 1, 0, 0, 3, 0]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 32)
+    with torch.no_grad():
+        assert experts.pack()
+        handle = experts.packed
+        before = experts(x, offs)
+        experts.down_proj.mul_(2.0)  # in place, as an optimizer step
+        torch.testing.assert_close(experts(x, offs), 2 * before, rtol=1e-5, atol=1e-5)
+        assert not is_current(handle, experts.gate_up_proj, experts.down_proj)
+        assert experts.pack() and is_current(experts.packed, experts.gate_up_proj, experts.down_proj)
+        torch.testing.assert_close(experts(x, offs), 2 * before, rtol=1e-5, atol=1e-5)
+        assert not experts.pack(False) and experts.packed == -1
+        assert experts.pack()
+    handle = experts.packed
+    del experts
+    gc.collect()
+    assert handle not in packed_experts._packs
 
 
 def test_moe_equals_dense_per_token_reference():

@@ -48,6 +48,7 @@ from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, token_logprobs
 from dsv3.infer.speculative import mtp_logits, verify
 from dsv3.model.attention import MLA
+from dsv3.model.moe import GroupedExperts
 
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
 
@@ -157,7 +158,7 @@ class Engine:
         self.max_batch_size, self.max_seq_len, self.prefill_chunk = max_batch_size, max_seq_len, prefill_chunk
         # decode runs the same model compiled (dynamic shapes: one graph for every batch and context
         # size); prefill stays eager (few, large forwards of varying shapes)
-        self.compiled, self.freeze = compile, freeze  # freeze: see _fast
+        self.compiled, self.freeze = compile, freeze  # freeze (pack the weights): see _fast
         self._decode_forward = torch.compile(model, dynamic=True) if compile else model
         self._draft_logits = torch.compile(mtp_logits, dynamic=True) if compile else mtp_logits
         self._warm = False
@@ -176,6 +177,8 @@ class Engine:
         for m in model.modules():
             if isinstance(m, MLA):
                 m.prepare_absorbed(self.dtype)
+            elif isinstance(m, GroupedExperts):
+                m.pack(freeze)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._requests: dict[str, _Request] = {}
@@ -242,9 +245,11 @@ class Engine:
         are in benchmarks/README.md), and constant expressions of weights fold away. The packed
         copies are made at compile time, so the weights must not change afterwards (serving
         never does; freeze=False for a model updated in place), and they add the dense Linears'
-        bytes once more (routed experts, embeddings and FP8-resident weights are inputs of ops
-        Inductor does not pack). Dynamo keys graphs by the module they were traced from, so
-        engines of different models in one process each get their own."""
+        bytes once more. The routed experts are inputs of an op Inductor does not pack: the
+        engine packs them itself at construction, compiled or not (GroupedExperts.pack,
+        model/packed_experts.py), and they too add their bytes once more; embeddings and
+        FP8-resident weights stay as they are. Dynamo keys graphs by the module they were traced
+        from, so engines of different models in one process each get their own."""
         if not self.compiled:
             return fn(*args, **kwargs)
         if self._warm:
@@ -419,7 +424,7 @@ class Engine:
             sampled = [reqs[i] for i in done]
             batch = self._sampling(sampled)
             logits = out.logits[done, 0]  # [D, V]
-            tokens = batch.sample(batch.probs(logits))
+            tokens = batch.next_tokens(logits)
             for i, t, lp in zip(done, tokens.tolist(), self._logprobs(sampled, logits, tokens)):
                 outputs.append(self._emit(reqs[i], [t], [lp]))
         if self.mtp:  # MTP over the same positions, to fill its cache layer and draft where the prompt ends
@@ -452,7 +457,7 @@ class Engine:
         c["decode_sequence_forwards"] += len(reqs)
         batch = self._sampling(reqs)
         if not self.mtp:
-            tokens = batch.sample(batch.probs(out.logits[:, 0]))
+            tokens = batch.next_tokens(out.logits[:, 0])
             for r, t, lp in zip(reqs, tokens.tolist(), self._logprobs(reqs, out.logits[:, 0], tokens)):
                 r.num_cached += 1
                 c["decode_tokens"] += 1

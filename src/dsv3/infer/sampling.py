@@ -197,12 +197,7 @@ class SamplingBatch:
     def probs(self, logits: torch.Tensor, also_seen: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] -> the distribution each row samples from [B, V] (float32 or wider).
         also_seen [B]: one more token per row to count as seen (a draft being verified)."""
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        seen = self.seen
-        if seen is not None and also_seen is not None:
-            seen = seen.clone().scatter_(1, also_seen[:, None], True)
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, self.penalty)
+        logits = self._penalized(logits, also_seen)
         one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
         if self.all_greedy:
             return one_hot
@@ -220,6 +215,21 @@ class SamplingBatch:
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
         """probs [B, V] -> token ids [B] (argmax for greedy rows)."""
         return probs.argmax(dim=-1) if self.all_greedy else sample_from(probs, self.uniform())
+
+    def next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> token ids [B]: sample(probs(logits)), where an all-greedy batch
+        takes the argmax of the (penalized) logits without building its one-hot rows."""
+        if not self.all_greedy:
+            return self.sample(self.probs(logits))
+        return (logits if self.seen is None else self._penalized(logits)).argmax(dim=-1)
+
+    def _penalized(self, logits: torch.Tensor, also_seen: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] in float32 (or wider), with the repetition penalty of the rows that have one."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        seen = self.seen
+        if seen is not None and also_seen is not None:
+            seen = seen.clone().scatter_(1, also_seen[:, None], True)
+        return logits if seen is None else apply_repetition_penalty(logits, seen, self.penalty)
 
 
 def sample_next(

@@ -36,6 +36,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.device import compute_dtype
+from dsv3.model.packed_experts import can_pack, is_current, pack_experts, packed_expert_mlp
 
 
 class MLP(nn.Module):
@@ -118,13 +119,24 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
+    packed: int = -1  # handle of the packed copies of the weights (`pack`), -1: none
+
+    def pack(self, enabled: bool = True) -> bool:
+        """For inference on a CPU: run the experts on copies of the weights packed for oneDNN
+        (model/packed_experts.py), made now (enabled=False drops them); True if packed (this
+        build and dtype can). Once the weights change, the experts run unpacked until packed again."""
+        enabled = enabled and can_pack(self.down_proj)
+        self.packed = pack_experts(self, self.gate_up_proj, self.down_proj) if enabled else -1
+        return enabled
+
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         if dtype not in GROUPED_MM_DTYPES:  # e.g. float64 for exactness tests
             return self.forward_reference(x, offs)
         x, gate_up_proj, down_proj = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         if not torch.is_grad_enabled():  # inference: one opaque op, no graph break in a compiled step
-            return expert_mlp(x, gate_up_proj, down_proj, offs)
+            packed = self.packed if dtype == self.down_proj.dtype else -1
+            return expert_mlp(x, gate_up_proj, down_proj, offs, packed)
         gate_up = _grouped_mm(x, gate_up_proj.transpose(-2, -1), offs)  # [M, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
         return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs)  # [M, H]
@@ -151,13 +163,16 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 @torch.library.custom_op("dsv3::expert_mlp", mutates_args=())
 def expert_mlp(
-    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offs: torch.Tensor
+    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offs: torch.Tensor, packed: int
 ) -> torch.Tensor:
     """Inference: every expert's SwiGLU on its rows of x [M, H] (sorted by expert, offs [E]). With
-    fewer rows than experts (decoding) only the chosen experts run, one GEMM pair each on views of
-    their weights (llama.cpp's mul_mat_id: nothing else is read); otherwise two grouped GEMMs. A
-    torch.library op: torch.compile calls it as one node (grouped_mm would break the graph); no
-    autograd (training takes the `_grouped_mm` path)."""
+    packed >= 0, on the packed copies of the weights that handle names (`GroupedExperts.pack`).
+    Otherwise, with fewer rows than experts (decoding) only the chosen experts run, one GEMM pair
+    each on views of their weights (llama.cpp's mul_mat_id: nothing else is read), and with more,
+    two grouped GEMMs. A torch.library op: torch.compile calls it as one node (grouped_mm would
+    break the graph); no autograd (training takes the `_grouped_mm` path)."""
+    if packed >= 0 and is_current(packed, gate_up_proj, down_proj):
+        return packed_expert_mlp(x, offs, packed, down_proj.shape[1])
     if x.shape[0] >= offs.shape[0]:
         gate, up = F.grouped_mm(x, gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [M, I] each
         return F.grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offs)  # [M, H]
@@ -171,7 +186,7 @@ def expert_mlp(
 
 
 @expert_mlp.register_fake
-def _(x, gate_up_proj, down_proj, offs):
+def _(x, gate_up_proj, down_proj, offs, packed):
     return x.new_empty(x.shape[0], down_proj.shape[1])
 
 
