@@ -18,7 +18,7 @@ Models: the tiny preset from a training run (--tiny, default runs/demo, what `ma
 and the small preset with random weights (built here, with the tiny run's tokenizer). llama.cpp:
 --llama-bin or $LLAMA_CPP_BIN, the folder with llama-batched-bench (benchmarks/README.md says
 how to build it). Results go to benchmarks/results/decode_vs_llamacpp.json (F32) and
-decode_vs_llamacpp_bf16.json.
+decode_vs_llamacpp_bf16.json, rewritten after every repeat.
 
     python benchmarks/decode_vs_llamacpp.py --llama-bin ../llama.cpp/build/bin --compile [--dtype bf16]
 """
@@ -169,6 +169,68 @@ def prepare_models(
     return models
 
 
+def report(samples: dict[tuple, dict[str, list]], args, models: dict, repeats_done: int) -> Path:
+    """Medians and paired ratios of the repeats so far: print the table, write the results file
+    (after every repeat, so an interrupted run keeps what it measured)."""
+    rows = []
+    for cell, by_side in samples.items():
+        name, threads, context, streams = cell
+        dsv3_tps = statistics.median(s[0] for s in by_side["dsv3"])
+        llama_tps = statistics.median(s[0] for s in by_side["llama"])
+        paired = statistics.median(d[0] / ll[0] for d, ll in zip(by_side["dsv3"], by_side["llama"]))
+        rows.append(
+            {
+                "model": name,
+                "threads": threads,
+                "context": context,
+                "streams": streams,
+                "dsv3_tokens_per_s": round(dsv3_tps, 1),
+                "llama_cpp_tokens_per_s": round(llama_tps, 1),
+                "ratio_dsv3_over_llama_cpp": round(paired, 3),
+                "dsv3_peak_rss_mb": round(statistics.median(s[1] for s in by_side["dsv3"])),
+                "llama_cpp_peak_rss_mb": round(statistics.median(s[1] for s in by_side["llama"])),
+                "dsv3_samples": [round(s[0], 1) for s in by_side["dsv3"]],
+                "llama_cpp_samples": [round(s[0], 1) for s in by_side["llama"]],
+            }
+        )
+    single = {
+        (r["model"], r["threads"], r["context"]): r["llama_cpp_tokens_per_s"]
+        for r in rows
+        if r["streams"] == 1
+    }
+    for row in rows:
+        key = (row["model"], row["threads"], row["context"])
+        row["ratio_dsv3_over_llama_cpp_single_stream"] = round(row["dsv3_tokens_per_s"] / single[key], 3)
+    print(
+        f"\n{'model':6s} {'thr':>3s} {'ctx':>4s} {'strm':>4s} {'dsv3 tok/s':>10s} {'llama tok/s':>11s} "
+        f"{'ratio':>6s} {'vs llama 1-strm':>15s} {'dsv3 MB':>8s} {'llama MB':>8s}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:6s} {r['threads']:3d} {r['context']:4d} {r['streams']:4d} {r['dsv3_tokens_per_s']:10.1f} "
+            f"{r['llama_cpp_tokens_per_s']:11.1f} {r['ratio_dsv3_over_llama_cpp']:6.3f} "
+            f"{r['ratio_dsv3_over_llama_cpp_single_stream']:15.3f} {r['dsv3_peak_rss_mb']:8d} {r['llama_cpp_peak_rss_mb']:8d}"
+        )
+    path = save_result(
+        "decode_vs_llamacpp" + ("" if args.dtype == "f32" else f"_{args.dtype}"),
+        {
+            "llama_cpp": {
+                "bin": str(args.llama_bin),
+                "build": args.llama_label,
+                "tool": f"llama-batched-bench, -ctk {args.dtype} -ctv {args.dtype}",
+            },
+            "weights": f"{args.dtype.upper()} on both sides (GGUF written by dsv3 convert --to gguf)",
+            "dsv3_decode_step": "compiled (Engine(compile=True))" if args.compile else "eager",
+            "tiny_checkpoint": str(models.get("tiny", ("",))[0]),
+            "small_checkpoint": "preset small, random weights (torch.manual_seed(0))",
+            "gen_tokens_per_stream": args.gen,
+            "repeats": repeats_done,
+            "rows": rows,
+        },
+    )
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -230,62 +292,7 @@ def main() -> None:
                 f"dsv3 {d[0]:8.1f} tok/s ({d[1]:6.0f} MB)  llama.cpp {ll[0]:8.1f} tok/s ({ll[1]:6.0f} MB)",
                 flush=True,
             )
-    rows = []
-    for cell, by_side in samples.items():
-        name, threads, context, streams = cell
-        dsv3_tps = statistics.median(s[0] for s in by_side["dsv3"])
-        llama_tps = statistics.median(s[0] for s in by_side["llama"])
-        paired = statistics.median(d[0] / ll[0] for d, ll in zip(by_side["dsv3"], by_side["llama"]))
-        rows.append(
-            {
-                "model": name,
-                "threads": threads,
-                "context": context,
-                "streams": streams,
-                "dsv3_tokens_per_s": round(dsv3_tps, 1),
-                "llama_cpp_tokens_per_s": round(llama_tps, 1),
-                "ratio_dsv3_over_llama_cpp": round(paired, 3),
-                "dsv3_peak_rss_mb": round(statistics.median(s[1] for s in by_side["dsv3"])),
-                "llama_cpp_peak_rss_mb": round(statistics.median(s[1] for s in by_side["llama"])),
-                "dsv3_samples": [round(s[0], 1) for s in by_side["dsv3"]],
-                "llama_cpp_samples": [round(s[0], 1) for s in by_side["llama"]],
-            }
-        )
-    single = {
-        (r["model"], r["threads"], r["context"]): r["llama_cpp_tokens_per_s"]
-        for r in rows
-        if r["streams"] == 1
-    }
-    for row in rows:
-        key = (row["model"], row["threads"], row["context"])
-        row["ratio_dsv3_over_llama_cpp_single_stream"] = round(row["dsv3_tokens_per_s"] / single[key], 3)
-    print(
-        f"\n{'model':6s} {'thr':>3s} {'ctx':>4s} {'strm':>4s} {'dsv3 tok/s':>10s} {'llama tok/s':>11s} "
-        f"{'ratio':>6s} {'vs llama 1-strm':>15s} {'dsv3 MB':>8s} {'llama MB':>8s}"
-    )
-    for r in rows:
-        print(
-            f"{r['model']:6s} {r['threads']:3d} {r['context']:4d} {r['streams']:4d} {r['dsv3_tokens_per_s']:10.1f} "
-            f"{r['llama_cpp_tokens_per_s']:11.1f} {r['ratio_dsv3_over_llama_cpp']:6.3f} "
-            f"{r['ratio_dsv3_over_llama_cpp_single_stream']:15.3f} {r['dsv3_peak_rss_mb']:8d} {r['llama_cpp_peak_rss_mb']:8d}"
-        )
-    path = save_result(
-        "decode_vs_llamacpp" + ("" if args.dtype == "f32" else f"_{args.dtype}"),
-        {
-            "llama_cpp": {
-                "bin": str(args.llama_bin),
-                "build": args.llama_label,
-                "tool": f"llama-batched-bench, -ctk {args.dtype} -ctv {args.dtype}",
-            },
-            "weights": f"{args.dtype.upper()} on both sides (GGUF written by dsv3 convert --to gguf)",
-            "dsv3_decode_step": "compiled (Engine(compile=True))" if args.compile else "eager",
-            "tiny_checkpoint": str(models.get("tiny", ("",))[0]),
-            "small_checkpoint": "preset small, random weights (torch.manual_seed(0))",
-            "gen_tokens_per_stream": args.gen,
-            "repeats": args.repeats,
-            "rows": rows,
-        },
-    )
+        path = report(samples, args, models, repeats_done=r + 1)
     print(f"\nwrote {path}")
 
 

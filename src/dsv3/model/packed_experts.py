@@ -4,15 +4,16 @@ Decoding multiplies a few rows by each chosen expert's weights: a GEMM whose cos
 the weight. aten's CPU GEMM (MKL) is poor at that size. It reads the weight again for each
 further row, and on AMD CPUs MKL runs its generic code. oneDNN's linear on a weight reordered
 once into its blocked layout ("packed", what Inductor's freezing does to every nn.Linear) reads
-it once for a few rows. One core of an AMD EPYC, a 32768 x 512 FP32 weight, ms for 1 / 2 / 16
-rows: aten 4.7-5.1 / 9.2 / 12-20, packed oneDNN 2.9 / 2.9 / 4.9.
+it once for a few rows. One core of an AMD EPYC, a 32768 x 512 FP32 weight not in cache, ms
+for 1 / 2 / 16 rows: aten 4.7 / 9.4 / 17.5, packed oneDNN 2.2 / 2.7 / 5.1
+(benchmarks/small_m_gemm.py).
 
 The routed experts are inputs of the `expert_mlp` op, which Inductor does not pack, so
 `pack_experts` packs each expert's two weights (gate and up stacked, as stored; down) once, and
-`packed_expert_mlp` runs the experts that have rows on them, one oneDNN linear pair each. On the
-small preset's experts (7 layers, 32 experts, 6 per token) that is ~1.1-1.45x faster than aten
-in FP32 and ~2x in BF16 (a CPU with AVX512-BF16), from 1 to 16 decode rows
-(benchmarks/README.md). Prefill takes the same path.
+`packed_expert_mlp` runs the experts that have rows on them, one oneDNN linear pair each. A
+decode step's routed experts of the small preset (7 layers, 32 experts, 6 per token) then run
+1.3-1.7x faster in FP32 and 1.4-1.6x faster in BF16 (a CPU with AVX512-BF16), from 1 to 16
+tokens (same script). Prefill takes the same path.
 
 The packed copies sit beside the weights (the state dict and training use those) and are freed
 with the module that owns them. They are a snapshot: `is_current` tells whether the weights are

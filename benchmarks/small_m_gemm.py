@@ -1,0 +1,146 @@
+"""Decode-sized GEMMs: aten (MKL) against oneDNN on a packed weight, FP32 and BF16.
+
+Decoding multiplies 1 to a few dozen rows by each weight, so its speed is how fast a GEMM streams
+a weight it reads once. This times `F.linear` (aten: MKL for FP32, oneDNN on the plain weight for
+BF16) against `torch.ops.mkldnn._linear_pointwise` on the weight reordered once into oneDNN's
+blocked layout (what Inductor's freezing does to nn.Linear weights and GroupedExperts.pack to
+the routed experts), on the shapes of the small preset's head (32768 x 512) and one routed expert
+(gate and up stacked, 512 x 512), at 1, 2, 4 and 16 rows, one thread. Each call reads a weight
+not in cache (a ring of copies larger than the L3); medians of interleaved calls; GB/s is weight
+bytes over time. Then the same question for what decoding runs: the small preset's routed
+experts (7 MoE layers of 32 experts, 6 per row, random routing) through `expert_mlp`, unpacked
+(aten) against packed (`GroupedExperts.pack`). Results go to benchmarks/results/small_m_gemm.json.
+
+    python benchmarks/small_m_gemm.py [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsv3 import ModelConfig
+from dsv3.model.moe import GroupedExperts
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save_result  # noqa: E402
+
+SHAPES = {"head 32768x512": (32768, 512), "expert 512x512": (512, 512)}
+ROWS = (1, 2, 4, 16)
+RING_BYTES = 256 << 20  # copies of the weight cycled through, so none is in cache when read
+
+
+def measure(n: int, k: int, dtype: torch.dtype, rows: int, repeats: int) -> dict[str, float]:
+    """Median microseconds per call of aten's linear and oneDNN's packed linear."""
+    copies = max(2, RING_BYTES // (n * k * dtype.itemsize))
+    plain = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in plain]
+    x = torch.randn(rows, k).to(dtype)
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    torch.testing.assert_close(
+        pointwise(x, packed[0], None, "none", [], "").float(),
+        F.linear(x, plain[0]).float(),
+        rtol=2e-2,
+        atol=2e-2,
+    )
+    times: dict[str, list[float]] = {"aten": [], "onednn_packed": []}
+    for i in range(repeats + 3):
+        for name, call in (
+            ("aten", lambda w=plain[i % copies]: F.linear(x, w)),
+            ("onednn_packed", lambda w=packed[i % copies]: pointwise(x, w, None, "none", [], "")),
+        ):
+            started = time.perf_counter()
+            call()
+            if i >= 3:  # the first calls warm up the kernels
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
+def measure_experts(dtype: torch.dtype, tokens: int, repeats: int) -> dict[str, float]:
+    """Median ms of one decode step's routed experts of the small preset, unpacked and packed."""
+    cfg = ModelConfig.from_preset("small")
+    layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    E, H, k = cfg.n_routed_experts, cfg.hidden_size, cfg.num_experts_per_tok
+    experts = [GroupedExperts(E, H, cfg.moe_intermediate_size) for _ in range(layers)]
+    packed = [GroupedExperts(E, H, cfg.moe_intermediate_size) for _ in range(layers)]
+    for plain, pack in zip(experts, packed):
+        for w in (plain.gate_up_proj, plain.down_proj):
+            torch.nn.init.normal_(w, std=0.02)
+        pack.load_state_dict(plain.state_dict())
+        plain.to(dtype)
+        pack.to(dtype).pack()
+    chosen = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)]).flatten()
+    offs = torch.bincount(chosen, minlength=E).cumsum(0).to(torch.int32)
+    x = torch.randn(tokens * k, H).to(dtype)
+    times: dict[str, list[float]] = {"aten": [], "onednn_packed": []}
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            for name, layer_set in (("aten", experts), ("onednn_packed", packed)):
+                started = time.perf_counter()
+                for layer in layer_set:
+                    layer(x, offs)
+                if i >= 3:
+                    times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    if not torch.backends.mkldnn.is_available():
+        sys.exit("error: this torch build has no oneDNN (mkldnn); nothing to compare")
+    torch.set_num_threads(1)
+    dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+    print(f"{machine()['cpu']}, torch {torch.__version__}, 1 thread")
+    print(
+        f"{'weight':16s} {'dtype':9s} {'rows':>4s} {'aten us':>9s} {'packed us':>9s} {'aten GB/s':>9s} {'packed GB/s':>11s} {'speedup':>7s}"
+    )
+    rows = []
+    for shape, (n, k) in SHAPES.items():
+        for dtype in dtypes:
+            for m in ROWS:
+                us = measure(n, k, dtype, m, args.repeats)
+                gb = n * k * dtype.itemsize / 1e3
+                row = {
+                    "weight": shape,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "rows": m,
+                    "aten_us": round(us["aten"], 1),
+                    "onednn_packed_us": round(us["onednn_packed"], 1),
+                    "speedup": round(us["aten"] / us["onednn_packed"], 2),
+                }
+                rows.append(row)
+                print(
+                    f"{shape:16s} {row['dtype']:9s} {m:4d} {us['aten']:9.0f} {us['onednn_packed']:9.0f} "
+                    f"{gb / us['aten']:9.1f} {gb / us['onednn_packed']:11.1f} {row['speedup']:6.2f}x"
+                )
+    print(f"\nsmall preset's routed experts, one decode step ({machine()['cpu']}, 1 thread)")
+    print(f"{'dtype':9s} {'tokens':>6s} {'aten ms':>8s} {'packed ms':>9s} {'speedup':>7s}")
+    expert_rows = []
+    for dtype in dtypes:
+        for tokens in ROWS:
+            ms = measure_experts(dtype, tokens, args.repeats)
+            row = {
+                "dtype": str(dtype).removeprefix("torch."),
+                "tokens": tokens,
+                "aten_ms": round(ms["aten"], 2),
+                "onednn_packed_ms": round(ms["onednn_packed"], 2),
+                "speedup": round(ms["aten"] / ms["onednn_packed"], 2),
+            }
+            expert_rows.append(row)
+            print(
+                f"{row['dtype']:9s} {tokens:6d} {ms['aten']:8.2f} {ms['onednn_packed']:9.2f} {row['speedup']:6.2f}x"
+            )
+    payload = {"threads": 1, "repeats": args.repeats, "rows": rows, "small_preset_experts": expert_rows}
+    print(f"\nwrote {save_result('small_m_gemm', payload)}")
+
+
+if __name__ == "__main__":
+    main()
