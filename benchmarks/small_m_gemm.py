@@ -20,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,8 +37,31 @@ ROWS = (1, 2, 4, 16)
 RING_BYTES = 256 << 20  # copies of the weight cycled through, so none is in cache when read
 
 
+def interleaved_medians(calls: dict[str, Callable[[int], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call(i), the calls taking turns, after 3 rounds that warm up."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(repeats + 3):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call(i)
+            if i >= 3:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def speed_row(keys: dict, seconds: dict[str, float], unit: str, scale: float) -> dict:
+    """A results row: `keys`, then aten's and the packed time in `unit` and the speedup."""
+    aten, packed = seconds["aten"], seconds["onednn_packed"]
+    return {
+        **keys,
+        f"aten_{unit}": round(aten * scale, 2),
+        f"onednn_packed_{unit}": round(packed * scale, 2),
+        "speedup": round(aten / packed, 2),
+    }
+
+
 def measure(n: int, k: int, dtype: torch.dtype, rows: int, repeats: int) -> dict[str, float]:
-    """Median microseconds per call of aten's linear and oneDNN's packed linear."""
+    """Median seconds per call of aten's linear and oneDNN's packed linear."""
     copies = max(2, RING_BYTES // (n * k * dtype.itemsize))
     plain = [torch.randn(n, k).to(dtype) for _ in range(copies)]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in plain]
@@ -49,21 +73,15 @@ def measure(n: int, k: int, dtype: torch.dtype, rows: int, repeats: int) -> dict
         rtol=2e-2,
         atol=2e-2,
     )
-    times: dict[str, list[float]] = {"aten": [], "onednn_packed": []}
-    for i in range(repeats + 3):
-        for name, call in (
-            ("aten", lambda w=plain[i % copies]: F.linear(x, w)),
-            ("onednn_packed", lambda w=packed[i % copies]: pointwise(x, w, None, "none", [], "")),
-        ):
-            started = time.perf_counter()
-            call()
-            if i >= 3:  # the first calls warm up the kernels
-                times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+    calls = {
+        "aten": lambda i: F.linear(x, plain[i % copies]),
+        "onednn_packed": lambda i: pointwise(x, packed[i % copies], None, "none", [], ""),
+    }
+    return interleaved_medians(calls, repeats)
 
 
 def measure_experts(dtype: torch.dtype, tokens: int, repeats: int) -> dict[str, float]:
-    """Median ms of one decode step's routed experts of the small preset, unpacked and packed."""
+    """Median seconds of one decode step's routed experts of the small preset, unpacked and packed."""
     cfg = ModelConfig.from_preset("small")
     layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
     E, H, k = cfg.n_routed_experts, cfg.hidden_size, cfg.num_experts_per_tok
@@ -78,16 +96,12 @@ def measure_experts(dtype: torch.dtype, tokens: int, repeats: int) -> dict[str, 
     chosen = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)]).flatten()
     offs = torch.bincount(chosen, minlength=E).cumsum(0).to(torch.int32)
     x = torch.randn(tokens * k, H).to(dtype)
-    times: dict[str, list[float]] = {"aten": [], "onednn_packed": []}
     with torch.no_grad():
-        for i in range(repeats + 3):
-            for name, layer_set in (("aten", experts), ("onednn_packed", packed)):
-                started = time.perf_counter()
-                for layer in layer_set:
-                    layer(x, offs)
-                if i >= 3:
-                    times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        calls = {
+            "aten": lambda i: [layer(x, offs) for layer in experts],
+            "onednn_packed": lambda i: [layer(x, offs) for layer in packed],
+        }
+        return interleaved_medians(calls, repeats)
 
 
 def main() -> None:
@@ -106,37 +120,31 @@ def main() -> None:
     for shape, (n, k) in SHAPES.items():
         for dtype in dtypes:
             for m in ROWS:
-                us = measure(n, k, dtype, m, args.repeats)
-                gb = n * k * dtype.itemsize / 1e3
-                row = {
-                    "weight": shape,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "rows": m,
-                    "aten_us": round(us["aten"], 1),
-                    "onednn_packed_us": round(us["onednn_packed"], 1),
-                    "speedup": round(us["aten"] / us["onednn_packed"], 2),
-                }
+                seconds = measure(n, k, dtype, m, args.repeats)
+                row = speed_row(
+                    {"weight": shape, "dtype": str(dtype).removeprefix("torch."), "rows": m},
+                    seconds,
+                    "us",
+                    1e6,
+                )
                 rows.append(row)
+                gb = n * k * dtype.itemsize / 1e9
                 print(
-                    f"{shape:16s} {row['dtype']:9s} {m:4d} {us['aten']:9.0f} {us['onednn_packed']:9.0f} "
-                    f"{gb / us['aten']:9.1f} {gb / us['onednn_packed']:11.1f} {row['speedup']:6.2f}x"
+                    f"{shape:16s} {row['dtype']:9s} {m:4d} {row['aten_us']:9.0f} {row['onednn_packed_us']:9.0f} "
+                    f"{gb / seconds['aten']:9.1f} {gb / seconds['onednn_packed']:11.1f} {row['speedup']:6.2f}x"
                 )
     print(f"\nsmall preset's routed experts, one decode step ({machine()['cpu']}, 1 thread)")
     print(f"{'dtype':9s} {'tokens':>6s} {'aten ms':>8s} {'packed ms':>9s} {'speedup':>7s}")
     expert_rows = []
     for dtype in dtypes:
         for tokens in ROWS:
-            ms = measure_experts(dtype, tokens, args.repeats)
-            row = {
-                "dtype": str(dtype).removeprefix("torch."),
-                "tokens": tokens,
-                "aten_ms": round(ms["aten"], 2),
-                "onednn_packed_ms": round(ms["onednn_packed"], 2),
-                "speedup": round(ms["aten"] / ms["onednn_packed"], 2),
-            }
+            seconds = measure_experts(dtype, tokens, args.repeats)
+            row = speed_row(
+                {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens}, seconds, "ms", 1e3
+            )
             expert_rows.append(row)
             print(
-                f"{row['dtype']:9s} {tokens:6d} {ms['aten']:8.2f} {ms['onednn_packed']:9.2f} {row['speedup']:6.2f}x"
+                f"{row['dtype']:9s} {tokens:6d} {row['aten_ms']:8.2f} {row['onednn_packed_ms']:9.2f} {row['speedup']:6.2f}x"
             )
     payload = {"threads": 1, "repeats": args.repeats, "rows": rows, "small_preset_experts": expert_rows}
     print(f"\nwrote {save_result('small_m_gemm', payload)}")
