@@ -122,7 +122,7 @@ def test_packed_experts_equal_the_loop(counts, dtype):
 @needs_packing
 def test_packed_experts_follow_weight_changes_and_free_with_their_module():
     """Packed copies are a snapshot: once the weights change in place (an optimizer step) the
-    experts compute with the new weights (unpacked) until packed again; pack(False) drops them,
+    experts compute with the new weights (unpacked) until packed again (which drops the stale copies); pack(False) drops them,
     and they go with their module."""
     experts, counts = _experts(), [0, 2, 0, 1, 0, 0, 3, 0]
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -135,6 +135,7 @@ def test_packed_experts_follow_weight_changes_and_free_with_their_module():
         torch.testing.assert_close(experts(x, offs), 2 * before, rtol=1e-5, atol=1e-5)
         assert not is_current(handle, experts.gate_up_proj, experts.down_proj)
         assert experts.pack() and is_current(experts.packed, experts.gate_up_proj, experts.down_proj)
+        assert handle not in packed_experts._packs  # packing again drops the stale copies
         torch.testing.assert_close(experts(x, offs), 2 * before, rtol=1e-5, atol=1e-5)
         assert not experts.pack(False) and experts.packed == -1
         assert experts.pack()

@@ -36,7 +36,14 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.device import compute_dtype
-from dsv3.model.packed_experts import can_pack, is_current, pack_experts, packed_expert_mlp
+from dsv3.model.packed_experts import (
+    can_pack,
+    is_current,
+    pack_experts,
+    packed_linear,
+    packed_weights,
+    release,
+)
 
 
 class MLP(nn.Module):
@@ -126,6 +133,7 @@ class GroupedExperts(nn.Module):
         (model/packed_experts.py), made now (enabled=False drops them); True if packed (this
         build and dtype can). Once the weights change, the experts run unpacked until packed again."""
         enabled = enabled and can_pack(self.down_proj)
+        release(self.packed)
         self.packed = pack_experts(self, self.gate_up_proj, self.down_proj) if enabled else -1
         return enabled
 
@@ -172,16 +180,18 @@ def expert_mlp(
     two grouped GEMMs. A torch.library op: torch.compile calls it as one node (grouped_mm would
     break the graph); no autograd (training takes the `_grouped_mm` path)."""
     if packed >= 0 and is_current(packed, gate_up_proj, down_proj):
-        return packed_expert_mlp(x, offs, packed, down_proj.shape[1])
-    if x.shape[0] >= offs.shape[0]:
+        weights, linear = packed_weights(packed), packed_linear
+    elif x.shape[0] >= offs.shape[0]:
         gate, up = F.grouped_mm(x, gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [M, I] each
         return F.grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offs)  # [M, H]
+    else:
+        weights, linear = zip(gate_up_proj.unbind(), down_proj.unbind()), F.linear
     out = x.new_empty(x.shape[0], down_proj.shape[1])
     ends = offs.tolist()
-    for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+    for (gate_up_w, down_w), start, end in zip(weights, [0, *ends[:-1]], ends):
         if end > start:
-            gate, up = F.linear(x[start:end], gate_up_proj[e]).chunk(2, dim=-1)
-            out[start:end] = F.linear(F.silu(gate) * up, down_proj[e])
+            gate, up = linear(x[start:end], gate_up_w).chunk(2, dim=-1)
+            out[start:end] = linear(F.silu(gate) * up, down_w)
     return out
 
 

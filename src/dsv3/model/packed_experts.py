@@ -10,7 +10,7 @@ for 1 / 2 / 16 rows: aten 4.7 / 9.4 / 17.5, packed oneDNN 2.2 / 2.7 / 5.1
 
 The routed experts are inputs of the `expert_mlp` op, which Inductor does not pack, so
 `pack_experts` packs each expert's two weights (gate and up stacked, as stored; down) once, and
-`packed_expert_mlp` runs the experts that have rows on them, one oneDNN linear pair each. A
+`expert_mlp` runs the experts that have rows on them with `packed_linear`, one pair each. A
 decode step's routed experts of the small preset (7 layers, 32 experts, 6 per token) then run
 1.3-1.7x faster in FP32 and 1.4-1.6x faster in BF16 (a CPU with AVX512-BF16), from 1 to 16
 tokens (same script). Prefill takes the same path.
@@ -30,9 +30,8 @@ import itertools
 import weakref
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["can_pack", "is_current", "pack_experts", "packed_expert_mlp"]
+__all__ = ["can_pack", "is_current", "pack_experts", "packed_linear", "packed_weights", "release"]
 
 ROWS_HINT = 16  # the row count oneDNN chooses its packed layout for (1 to 16 rows run alike)
 
@@ -53,7 +52,7 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 def pack_experts(owner: object, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> int:
     """Pack gate_up_proj [E, 2I, H] and down_proj [E, H, I] (nn.Linear layout per expert); the
-    handle for `packed_expert_mlp`, valid while `owner` lives."""
+    handle for `packed_weights`, valid while `owner` lives (or until `release`)."""
     reorder = torch.ops.mkldnn._reorder_linear_weight
     packed = [
         (reorder(gate_up.contiguous(), ROWS_HINT), reorder(down.contiguous(), ROWS_HINT))
@@ -74,14 +73,16 @@ def _stamp(*weights: torch.Tensor) -> tuple:
     return tuple((w.data_ptr(), w._version) for w in weights)
 
 
-def packed_expert_mlp(x: torch.Tensor, offs: torch.Tensor, handle: int, dim: int) -> torch.Tensor:
-    """x [M, H] sorted by expert, offs [E] cumulative ends -> [M, dim]: each expert with rows runs
-    SwiGLU on them with its packed weights."""
-    linear = torch.ops.mkldnn._linear_pointwise
-    out = x.new_empty(x.shape[0], dim)
-    ends = offs.tolist()
-    for (gate_up_w, down_w), start, end in zip(_packs[handle][1], [0, *ends[:-1]], ends):
-        if end > start:
-            gate, up = linear(x[start:end], gate_up_w, None, "none", [], "").chunk(2, dim=-1)
-            out[start:end] = linear(F.silu(gate) * up, down_w, None, "none", [], "")
-    return out
+def packed_weights(handle: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per expert, its packed (gate_up, down) weights, for `packed_linear`."""
+    return _packs[handle][1]
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for w a weight packed here."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def release(handle: int) -> None:
+    """Drop the packed copies `handle` holds now (else they go with their owner)."""
+    _packs.pop(handle, None)
