@@ -48,7 +48,7 @@ from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, token_logprobs
 from dsv3.infer.speculative import mtp_logits, verify
 from dsv3.model.attention import MLA
-from dsv3.model.moe import GroupedExperts
+from dsv3.model.moe import GroupedExperts, max_gathered_tokens
 
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
 
@@ -220,13 +220,16 @@ class Engine:
         """Compile the decode step now instead of in the first requests; afterwards compiled calls
         skip re-checking guards that cannot change. Dynamic shapes specialize a size of 1, so the
         warm-up decodes every kind of step a request can meet: batch 1 and 2, each with a context
-        of one cache block and of two (and MTP drafting and verifying, if on)."""
+        of one cache block and of two (and MTP drafting and verifying, if on), and the smallest
+        batch whose routed experts no longer run gathered (`MoE`), if the engine takes one."""
         if not self.compiled or self._warm:
             return
         new = min(3, self.max_seq_len - 1)  # tokens per warm-up request: a few decode steps
         longest = self.max_seq_len - new
         params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-        for batch in (1, 2):
+        gathered = max_gathered_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok)
+        ungathered = gathered // self.steps_per_decode + 1  # sequences
+        for batch in sorted({1, 2} | ({ungathered} if 2 < ungathered <= self.max_batch_size else set())):
             for context in sorted({min(2, longest), min(self.cache.block_size + 2, longest)}):
                 self.generate([[0] + [1] * (context - 1)] * batch, params)
         self._warm = True
@@ -245,8 +248,9 @@ class Engine:
         are in benchmarks/README.md), and constant expressions of weights fold away. The packed
         copies are made at compile time, so the weights must not change afterwards (serving
         never does; freeze=False for a model updated in place), and they add the dense Linears'
-        bytes once more. The routed experts are inputs of an op Inductor does not pack: the
-        engine packs them itself at construction, compiled or not (GroupedExperts.pack,
+        bytes once more. The routed experts of a step with few tokens run gathered, in code
+        Inductor generates (MoE in model/moe.py); with more, or uncompiled, they are inputs of an
+        op Inductor does not pack: the engine packs them itself at construction (GroupedExperts.pack,
         model/packed_experts.py), and they too add their bytes once more; embeddings and
         FP8-resident weights stay as they are. Dynamo keys graphs by the module they were traced
         from, so engines of different models in one process each get their own."""

@@ -13,7 +13,8 @@ The routed experts are inputs of the `expert_mlp` op, which Inductor does not pa
 `expert_mlp` runs the experts that have rows on them with `packed_linear`, one pair each. A
 decode step's routed experts of the small preset (7 layers, 32 experts, 6 per token) then run
 1.3-1.7x faster in FP32 and 1.4-1.6x faster in BF16 (a CPU with AVX512-BF16), from 1 to 16
-tokens (same script). Prefill takes the same path.
+tokens (same script). Prefill takes the same path, and so do compiled decode steps with more
+tokens than `MoE` gathers (fewer run gathered: moe.py).
 
 The packed copies sit beside the weights (the state dict and training use those) and are freed
 with the module that owns them. They are a snapshot: `is_current` tells whether the weights are
