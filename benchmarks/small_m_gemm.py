@@ -9,9 +9,12 @@ the routed experts), on the shapes of the small preset's head (32768 x 512) and 
 not in cache (a ring of copies larger than the L3); medians of interleaved calls; GB/s is weight
 bytes over time. Then the same question for what decoding runs: the small preset's routed
 experts (7 MoE layers of 32 experts, 6 per row, random routing) through `expert_mlp`, unpacked
-(aten) against packed (`GroupedExperts.pack`). Results go to benchmarks/results/small_m_gemm.json.
+(aten) against packed (`GroupedExperts.pack`), and gathered (`GroupedExperts.forward_gathered`
+compiled by Inductor, as a compiled decode step of few tokens runs them; it also does the
+weighted combine the other two leave out). Results go to benchmarks/results/small_m_gemm.json
+(small_m_gemm_experts.json with --experts-only).
 
-    python benchmarks/small_m_gemm.py [--repeats 30]
+    python benchmarks/small_m_gemm.py [--repeats 30] [--experts-only]
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ def measure(n: int, k: int, dtype: torch.dtype, rows: int, repeats: int) -> dict
 
 
 def measure_experts(dtype: torch.dtype, tokens: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one decode step's routed experts of the small preset, unpacked and packed."""
+    """Median seconds of one decode step's routed experts of the small preset: unpacked, packed,
+    and gathered (compiled)."""
     cfg = ModelConfig.from_preset("small")
     layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
     E, H, k = cfg.n_routed_experts, cfg.hidden_size, cfg.num_experts_per_tok
@@ -93,13 +97,24 @@ def measure_experts(dtype: torch.dtype, tokens: int, repeats: int) -> dict[str, 
         pack.load_state_dict(plain.state_dict())
         plain.to(dtype)
         pack.to(dtype).pack()
-    chosen = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)]).flatten()
-    offs = torch.bincount(chosen, minlength=E).cumsum(0).to(torch.int32)
-    x = torch.randn(tokens * k, H).to(dtype)
+    indices = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])  # [tokens, k]
+    order = indices.flatten().argsort(stable=True)
+    offs = torch.bincount(indices.flatten(), minlength=E).cumsum(0).to(torch.int32)
+    x_tokens = torch.randn(tokens, H).to(dtype)
+    x = x_tokens[order // k]  # [tokens * k, H] sorted by expert, as dispatch gives the op
+    gate_weights = torch.rand(tokens, k)
+    gathered = torch.compile(
+        lambda: [layer.forward_gathered(x_tokens, indices, gate_weights) for layer in experts], dynamic=False
+    )
     with torch.no_grad():
+        y = torch.zeros(tokens * k, H)
+        y[order] = experts[0](x, offs).float()
+        combined = (y.view(tokens, k, H) * gate_weights.unsqueeze(-1)).sum(1)
+        torch.testing.assert_close(gathered()[0], combined, rtol=2e-2, atol=2e-3)
         calls = {
             "aten": lambda i: [layer(x, offs) for layer in experts],
             "onednn_packed": lambda i: [layer(x, offs) for layer in packed],
+            "gathered": lambda i: gathered(),
         }
         return interleaved_medians(calls, repeats)
 
@@ -107,6 +122,7 @@ def measure_experts(dtype: torch.dtype, tokens: int, repeats: int) -> dict[str, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--experts-only", action="store_true", help="only the routed experts of a decode step")
     args = p.parse_args()
     if not torch.backends.mkldnn.is_available():
         sys.exit("error: this torch build has no oneDNN (mkldnn); nothing to compare")
@@ -117,7 +133,7 @@ def main() -> None:
         f"{'weight':16s} {'dtype':9s} {'rows':>4s} {'aten us':>9s} {'packed us':>9s} {'aten GB/s':>9s} {'packed GB/s':>11s} {'speedup':>7s}"
     )
     rows = []
-    for shape, (n, k) in SHAPES.items():
+    for shape, (n, k) in {} if args.experts_only else SHAPES.items():
         for dtype in dtypes:
             for m in ROWS:
                 seconds = measure(n, k, dtype, m, args.repeats)
@@ -134,7 +150,9 @@ def main() -> None:
                     f"{gb / seconds['aten']:9.1f} {gb / seconds['onednn_packed']:11.1f} {row['speedup']:6.2f}x"
                 )
     print(f"\nsmall preset's routed experts, one decode step ({machine()['cpu']}, 1 thread)")
-    print(f"{'dtype':9s} {'tokens':>6s} {'aten ms':>8s} {'packed ms':>9s} {'speedup':>7s}")
+    print(
+        f"{'dtype':9s} {'tokens':>6s} {'aten ms':>8s} {'packed ms':>9s} {'speedup':>7s} {'gathered ms':>11s}"
+    )
     expert_rows = []
     for dtype in dtypes:
         for tokens in ROWS:
@@ -142,12 +160,15 @@ def main() -> None:
             row = speed_row(
                 {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens}, seconds, "ms", 1e3
             )
+            row["gathered_ms"] = round(seconds["gathered"] * 1e3, 2)
             expert_rows.append(row)
             print(
-                f"{row['dtype']:9s} {tokens:6d} {row['aten_ms']:8.2f} {row['onednn_packed_ms']:9.2f} {row['speedup']:6.2f}x"
+                f"{row['dtype']:9s} {tokens:6d} {row['aten_ms']:8.2f} {row['onednn_packed_ms']:9.2f} "
+                f"{row['speedup']:6.2f}x {row['gathered_ms']:11.2f}"
             )
     payload = {"threads": 1, "repeats": args.repeats, "rows": rows, "small_preset_experts": expert_rows}
-    print(f"\nwrote {save_result('small_m_gemm', payload)}")
+    name = "small_m_gemm_experts" if args.experts_only else "small_m_gemm"
+    print(f"\nwrote {save_result(name, payload)}")
 
 
 if __name__ == "__main__":
