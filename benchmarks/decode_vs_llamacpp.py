@@ -212,7 +212,7 @@ def report(samples: dict[tuple, dict[str, list]], args, models: dict, repeats_do
             f"{r['ratio_dsv3_over_llama_cpp_single_stream']:15.3f} {r['dsv3_peak_rss_mb']:8d} {r['llama_cpp_peak_rss_mb']:8d}"
         )
     path = save_result(
-        "decode_vs_llamacpp" + ("" if args.dtype == "f32" else f"_{args.dtype}"),
+        args.name or "decode_vs_llamacpp" + ("" if args.dtype == "f32" else f"_{args.dtype}"),
         {
             "llama_cpp": {
                 "bin": str(args.llama_bin),
@@ -250,6 +250,10 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=32, help="decode steps timed per measurement")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="weights and cache, both sides")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--name",
+        help="results file name in benchmarks/results/ (default: decode_vs_llamacpp[_bf16]), for a subset run",
+    )
     p.add_argument(
         "--compile", action="store_true", help="dsv3 with its compiled decode step (Engine(compile=True))"
     )

@@ -5,12 +5,20 @@ import torch
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.infer.cache import LatentCache
+from dsv3.model import linear as linear_module
+from dsv3.model import moe as moe_module
 from dsv3.model.attention import AttentionCache
 from fixtures import SMALL_MLA as SMALL
 
 
+@pytest.mark.parametrize("inline", [False, True])
 @pytest.mark.parametrize("q_lora_rank", [32, None])
-def test_absorbed_decode_equals_training_path_token_by_token(q_lora_rank):
+def test_absorbed_decode_equals_training_path_token_by_token(monkeypatch, q_lora_rank, inline):
+    """Also with the branches a compiled decode step takes (inline: the Linears, the attention over
+    the cache and the routed experts as broadcast products and sums), run eagerly here."""
+    if inline:
+        monkeypatch.setattr(linear_module, "compiled_inference", lambda: True)
+        monkeypatch.setattr(moe_module, "compiled_inference", lambda: True)
     cfg = ModelConfig.from_dict({**SMALL, "q_lora_rank": q_lora_rank})
     model = Transformer(cfg).double().eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 12))

@@ -9,7 +9,7 @@ import torch
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.infer.engine import Engine, SamplingParams
-from dsv3.infer.sampling import SamplingBatch, sample_from
+from dsv3.infer.sampling import SamplingBatch, apply_repetition_penalty, sample_from
 from dsv3.infer.speculative import verify
 from fixtures import ENGINE
 
@@ -128,6 +128,27 @@ def test_speculative_acceptance_preserves_the_distribution():
     assert accepted.double().mean().item() == pytest.approx(torch.minimum(p0, q).sum().item(), abs=0.01)
     wrong = torch.where(accepted, draft, sample_from(p0.expand(N, V), batch.uniform()))
     assert _chi2(torch.bincount(wrong, minlength=V).double(), p0) > 10 * CHI2_999[5]
+
+
+def test_an_all_greedy_verify_takes_the_tokens_of_the_general_rule():
+    """An all-greedy batch skips the one-hot rows and the residual (two argmaxes); its tokens are
+    those the general rule gives the same greedy rows inside a batch with a sampled row, with a
+    repetition penalty that counts the draft as seen for the bonus token; drafts accepted and not."""
+    torch.manual_seed(0)
+    B, V = 6, 50
+    logits = torch.randn(B, 2, V)
+    seen = [torch.rand(V) < 0.3 for _ in range(B)]
+    draft = apply_repetition_penalty(logits[:, 0], torch.stack(seen), torch.full((B,), 1.7)).argmax(-1)
+    draft[::2] = (draft[::2] + 1) % V  # rows 0, 2, 4 are rejected
+    greedy = [SamplingParams(temperature=0, repetition_penalty=1.7)] * B
+    gens = [torch.Generator().manual_seed(i) for i in range(B + 1)]
+    fast = verify(SamplingBatch(greedy, gens[:B], seen, "cpu"), logits, draft, None)
+    mixed = SamplingBatch([*greedy, SamplingParams(temperature=1.0)], gens, [*seen, None], "cpu")
+    q = torch.nn.functional.one_hot(torch.cat((draft, draft[:1])), V).float()
+    general = verify(mixed, torch.cat((logits, logits[:1])), torch.cat((draft, draft[:1])), q)
+    assert not mixed.all_greedy and fast[2].tolist() == [False, True] * 3
+    for got, want in zip(fast, general):
+        assert torch.equal(got, want[:B])
 
 
 def test_engine_mtp_sampling_follows_the_model_distribution():

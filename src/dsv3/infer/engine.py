@@ -48,6 +48,7 @@ from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, token_logprobs
 from dsv3.infer.speculative import mtp_logits, verify
 from dsv3.model.attention import MLA
+from dsv3.model.linear import INLINE_MAX_ROWS
 from dsv3.model.moe import GroupedExperts, max_gathered_tokens
 
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
@@ -221,15 +222,19 @@ class Engine:
         skip re-checking guards that cannot change. Dynamic shapes specialize a size of 1, so the
         warm-up decodes every kind of step a request can meet: batch 1 and 2, each with a context
         of one cache block and of two (and MTP drafting and verifying, if on), and the smallest
-        batch whose routed experts no longer run gathered (`MoE`), if the engine takes one."""
+        batches whose Linears no longer run as fused loops (model/linear.py) and whose routed
+        experts no longer run gathered (`MoE`), if the engine takes them."""
         if not self.compiled or self._warm:
             return
         new = min(3, self.max_seq_len - 1)  # tokens per warm-up request: a few decode steps
         longest = self.max_seq_len - new
         params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-        gathered = max_gathered_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok)
-        ungathered = gathered // self.steps_per_decode + 1  # sequences
-        for batch in sorted({1, 2} | ({ungathered} if 2 < ungathered <= self.max_batch_size else set())):
+        limits = (
+            INLINE_MAX_ROWS,
+            max_gathered_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok),
+        )
+        past = {rows // self.steps_per_decode + 1 for rows in limits}  # sequences
+        for batch in sorted({1, 2} | {b for b in past if b <= self.max_batch_size}):
             for context in sorted({min(2, longest), min(self.cache.block_size + 2, longest)}):
                 self.generate([[0] + [1] * (context - 1)] * batch, params)
         self._warm = True
@@ -248,8 +253,10 @@ class Engine:
         are in benchmarks/README.md), and constant expressions of weights fold away. The packed
         copies are made at compile time, so the weights must not change afterwards (serving
         never does; freeze=False for a model updated in place), and they add the dense Linears'
-        bytes once more. The routed experts of a step with few tokens run gathered, in code
-        Inductor generates (MoE in model/moe.py); with more, or uncompiled, they are inputs of an
+        bytes once more. A step of at most INLINE_MAX_ROWS tokens reads the packed copies only
+        for the output head: its other Linears and its attention run as loops Inductor generates
+        and fuses (model/linear.py). The routed experts of a step with few tokens run gathered, in
+        such loops too (MoE in model/moe.py); with more, or uncompiled, they are inputs of an
         op Inductor does not pack: the engine packs them itself at construction (GroupedExperts.pack,
         model/packed_experts.py), and they too add their bytes once more; embeddings and
         FP8-resident weights stay as they are. Dynamo keys graphs by the module they were traced
@@ -468,14 +475,16 @@ class Engine:
                 outputs.append(self._emit(r, [t], [lp]))
             return
         draft = torch.tensor([r.draft for r in reqs], device=self.device)
-        q = torch.stack(
-            [
-                r.draft_q
-                if r.draft_q is not None
-                else torch.nn.functional.one_hot(draft[i], self.cfg.vocab_size).float()
-                for i, r in enumerate(reqs)
-            ]
-        )
+        q = None
+        if not batch.all_greedy:
+            q = torch.stack(
+                [
+                    r.draft_q
+                    if r.draft_q is not None
+                    else torch.nn.functional.one_hot(draft[i], self.cfg.vocab_size).float()
+                    for i, r in enumerate(reqs)
+                ]
+            )
         first, bonus, accepted = verify(batch, out.logits, draft, q)
         c["mtp_drafted"] += len(reqs)
         c["mtp_accepted"] += int(accepted.sum())

@@ -216,12 +216,13 @@ class SamplingBatch:
         """probs [B, V] -> token ids [B] (argmax for greedy rows)."""
         return probs.argmax(dim=-1) if self.all_greedy else sample_from(probs, self.uniform())
 
-    def next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> token ids [B]: sample(probs(logits)), where an all-greedy batch
-        takes the argmax of the (penalized) logits without building its one-hot rows."""
+    def next_tokens(self, logits: torch.Tensor, also_seen: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] -> token ids [B]: sample(probs(logits, also_seen)), where an all-greedy
+        batch takes the argmax of the (penalized) logits without building its one-hot rows, in
+        FP32 (torch's argmax over BF16 is not vectorized: 121 vs 25 us for 32768 logits on a CPU core)."""
         if not self.all_greedy:
-            return self.sample(self.probs(logits))
-        return (logits if self.seen is None else self._penalized(logits)).argmax(dim=-1)
+            return self.sample(self.probs(logits, also_seen))
+        return self._penalized(logits, also_seen).argmax(dim=-1)
 
     def _penalized(self, logits: torch.Tensor, also_seen: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] in float32 (or wider), with the repetition penalty of the rows that have one."""

@@ -53,12 +53,16 @@ def mtp_logits(
     return model.lm_head(module.shared_head.norm(h))
 
 
-def verify(batch: SamplingBatch, logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor):
+def verify(batch: SamplingBatch, logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None):
     """Speculative acceptance of one draft token per row.
 
     logits [B, 2, V]: the main model's outputs at [t_n, d]; draft [B]; q [B, V] the draft's
-    distribution (one-hot for greedy rows). Returns (t_{n+1} [B], t_{n+2} [B], accepted [B] bool);
-    t_{n+2} is meaningful only where accepted."""
+    distribution (one-hot for greedy rows; None if every row is greedy). Returns (t_{n+1} [B],
+    t_{n+2} [B], accepted [B] bool); t_{n+2} is meaningful only where accepted. An all-greedy
+    batch takes two argmaxes, the same tokens without the one-hot rows and the residual."""
+    if batch.all_greedy:
+        first = batch.next_tokens(logits[:, 0])
+        return first, batch.next_tokens(logits[:, 1], also_seen=draft), first == draft
     rows = torch.arange(draft.shape[0], device=draft.device)
     p0 = batch.probs(logits[:, 0])  # [B, V]
     ratio = p0[rows, draft] / q[rows, draft]  # q(d) > 0: d was drawn from q

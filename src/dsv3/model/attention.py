@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model.linear import Linear, inline_rows
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
 
@@ -67,17 +68,17 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         h, bias = cfg.hidden_size, cfg.attention_bias
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.n_heads * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(h, self.n_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
+        self.o_proj = Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
 
     def forward(
         self,
@@ -163,6 +164,8 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         S = c_kv.shape[1]
         w_uk, w_uv = self._absorbed_w or self.absorbed_weights()
+        if inline_rows(T):
+            return self._absorbed_inline(q_nope, q_pe, c_kv, k_pe, start_pos, w_uk, w_uv)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, r]
         # c_kv [B, S, r] as the row-major left operand: the cache is streamed once, in order
         scores = torch.bmm(c_kv, q_lat.reshape(B, T * H, -1).transpose(1, 2))  # [B, S, T*H]
@@ -173,6 +176,23 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1).to(c_kv.dtype).transpose(1, 2)  # [B, T, H, S]
         out_lat = torch.bmm(probs.reshape(B, T * H, S), c_kv).view(B, T, H, -1)  # [B, T, H, r]
         return torch.einsum("bthc,hdc->bthd", out_lat, w_uv.to(out_lat.dtype))  # [B, T, H, dv]
+
+    def _absorbed_inline(self, q_nope, q_pe, c_kv, k_pe, start_pos, w_uk, w_uv) -> torch.Tensor:
+        """`_absorbed` for a compiled decode step, its products written as broadcast products and
+        FP32 sums that Inductor turns into loops fused with the cache reads and the softmax
+        (model/linear.py explains why; at a few queries each batched GEMM call cost more than
+        its arithmetic)."""
+        B, T, H, _ = q_nope.shape
+        S = c_kv.shape[1]
+        dtype, acc = q_nope.dtype, torch.promote_types(q_nope.dtype, torch.float32)
+        q_lat = (q_nope.to(acc)[..., None] * w_uk.to(acc)).sum(-2).to(dtype)  # [B, T, H, r]
+        scores = (c_kv.to(acc)[:, None, None] * q_lat.to(acc)[:, :, :, None]).sum(-1)  # [B, T, H, S]
+        scores = scores + (k_pe.to(acc)[:, None, None] * q_pe.to(acc)[:, :, :, None]).sum(-1)
+        scores = scores.transpose(1, 2) * self.softmax_scale  # [B, H, T, S]
+        scores = scores.masked_fill(~_causal_mask(T, S, start_pos, scores.device), float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype).transpose(1, 2)  # [B, T, H, S]
+        out_lat = (probs.to(acc)[..., None] * c_kv.to(acc)[:, None, None]).sum(-2).to(dtype)  # [B, T, H, r]
+        return (out_lat.to(acc)[:, :, :, None] * w_uv.to(acc)).sum(-1).to(dtype)  # [B, T, H, dv]
 
 
 def _causal_mask(T: int, S: int, start_pos: int | torch.Tensor, device) -> torch.Tensor:

@@ -25,7 +25,7 @@ implementing the `Dispatcher` protocol.
 
 Inference takes two other roads. A compiled step with few tokens skips dispatch and combine:
 each token reads its chosen experts by index (`GroupedExperts.forward_gathered`, which Inductor
-turns into one fused gather-and-reduce loop). Otherwise the experts run as one opaque op
+turns into one fused gather-and-reduce loop, as it does the dense Linears: model/linear.py). Otherwise the experts run as one opaque op
 (`expert_mlp`) on copies of their weights packed for oneDNN (model/packed_experts.py).
 """
 
@@ -41,6 +41,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.device import compute_dtype
+from dsv3.model.linear import Linear, compiled_inference, linear
 from dsv3.model.packed_experts import (
     can_pack,
     is_current,
@@ -56,9 +57,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, inter_dim, bias=False)
+        self.up_proj = Linear(dim, inter_dim, bias=False)
+        self.down_proj = Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -89,7 +90,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> RouterOutput:
         dtype = torch.promote_types(x.dtype, torch.float32)  # FP32, or FP64 in exactness tests
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.to(dtype), self.weight.to(dtype))  # [N, E]
+            logits = linear(x.to(dtype), self.weight.to(dtype))  # [N, E]
         scores = self.method.score(logits)  # [N, E]
         choice = scores + self.e_score_correction_bias if self.method.selection_bias else scores
         indices = self.method.select(choice, self.top_k)  # [N, K]
@@ -325,8 +326,7 @@ class MoE(nn.Module):
         """Whether the routed experts run gathered (`GroupedExperts.forward_gathered`): inference in
         a compiled step, all experts here, and few (token, expert) pairs."""
         return (
-            torch.compiler.is_compiling()
-            and not torch.is_grad_enabled()
+            compiled_inference()
             and isinstance(self.dispatcher, LocalDispatcher)
             and isinstance(self.experts, GroupedExperts)
             and n_tokens <= max_gathered_tokens(self.n_routed_experts, self.top_k)
