@@ -338,6 +338,14 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
     compiled_in_warmup = len(graphs)
     got = [o.token_ids for o in engine.generate(prompts[:1], params)]  # batch 1
     got += [o.token_ids for o in engine.generate(prompts[1:], params)]  # batch 3, then 2, then 1
+    # sampled, and greedy with a repetition penalty: with MTP not the greedy step's compiled call
+    others = [
+        SamplingParams(max_tokens=4, seed=1),
+        SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.3),
+    ]
+    for sp in others:
+        engine.generate(prompts[:1], sp)
+        engine.generate(prompts[1:], sp)
     assert compiled_in_warmup > 0 and len(graphs) == compiled_in_warmup
     assert got == expected
 

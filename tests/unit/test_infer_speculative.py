@@ -10,7 +10,7 @@ import torch
 from dsv3 import ModelConfig, Transformer
 from dsv3.infer.engine import Engine, SamplingParams
 from dsv3.infer.sampling import SamplingBatch, apply_repetition_penalty, sample_from
-from dsv3.infer.speculative import verify
+from dsv3.infer.speculative import greedy_step, verify
 from fixtures import ENGINE
 
 TRAINED = Path(__file__).parents[2] / "runs" / "demo" / "hf"  # written by `make run`; skipped without it
@@ -55,13 +55,21 @@ def test_greedy_mtp_output_identical_to_plain_greedy_random_model(vocab_size):
     assert s["cache_blocks_used"] == 0
 
 
-def test_drafts_equal_the_training_path_mtp_prediction():
+@pytest.mark.parametrize("one_call", [False, True])
+def test_drafts_equal_the_training_path_mtp_prediction(one_call):
     """After every step each running request's draft (and its distribution) is what MTP module 1
-    computes in training over the whole sequence: h_i + Emb(t_{i+1}) -> t_{i+2}."""
+    computes in training over the whole sequence: h_i + Emb(t_{i+1}) -> t_{i+2}. one_call: the
+    steps a compiled engine takes for greedy batches, verify and draft in one function
+    (speculative.greedy_step), run eagerly."""
     model = _model(32)
     engine = Engine(model, max_batch_size=4, block_size=4, mtp=True)
     prompts = _prompts(32, 3, 11, 6)
-    for p, temp in zip(prompts, (0, 1.0, 0)):
+    temperatures = (0, 0, 0) if one_call else (0, 1.0, 0)
+    one_calls = []
+    if one_call:
+        engine.compiled = True  # the compiled engine's branches; its functions stay eager
+        engine._greedy_step = lambda *args: one_calls.append(1) or greedy_step(*args)
+    for p, temp in zip(prompts, temperatures):
         engine.add_request(p, SamplingParams(max_tokens=12, temperature=temp, seed=1, ignore_eos=True))
     checked = 0
     with torch.no_grad():
@@ -79,6 +87,7 @@ def test_drafts_equal_the_training_path_mtp_prediction():
                     torch.testing.assert_close(r.draft_q, logits.softmax(-1), rtol=0, atol=1e-10)
                 checked += 1
     assert checked > 20
+    assert len(one_calls) == (engine._counters["decode_forward_passes"] if one_call else 0)
 
 
 @pytest.mark.skipif(not (TRAINED / "config.json").is_file(), reason="needs the trained tiny model")

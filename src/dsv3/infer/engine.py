@@ -23,7 +23,8 @@ continues where it stopped (same tokens for greedy decoding, and seeded sampling
 its own generator).
 
 With mtp=True every decode forward verifies one MTP draft per sequence (speculative.py), so a
-step emits one or two tokens per sequence; stats() reports the acceptance rate.
+step emits one or two tokens per sequence; stats() reports the acceptance rate. A compiled
+engine verifies and drafts a batch of greedy requests in one call (speculative.greedy_step).
 
 Log-probabilities (SamplingParams.logprobs / prompt_logprobs) are log_softmax of the raw logits
 of the forward that produced each token (sampling.token_logprobs): a sampled token's from the
@@ -42,11 +43,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from torch.fx.experimental import _config as shape_config
 
 from dsv3.infer.cache import PagedLatentCache
 from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, token_logprobs
-from dsv3.infer.speculative import mtp_logits, verify
+from dsv3.infer.speculative import greedy_step, mtp_logits, verify
 from dsv3.model.attention import MLA
 from dsv3.model.linear import INLINE_MAX_ROWS
 from dsv3.model.moe import GroupedExperts, max_gathered_tokens
@@ -54,6 +56,9 @@ from dsv3.model.moe import GroupedExperts, max_gathered_tokens
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
 
 CACHE_DTYPES = ("auto", "bf16", "fp8")
+# Inductor's choice for the GEMMs of a compiled step: its own C++ GEMM template as well as the
+# library call, the faster one measured at compile time (see `Engine._fast`)
+GEMM_TEMPLATES = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 HEAD_ROWS = 512  # prompt positions whose logits are computed at a time (bounds [rows, vocab] memory)
 
 
@@ -162,6 +167,7 @@ class Engine:
         self.compiled, self.freeze = compile, freeze  # freeze (pack the weights): see _fast
         self._decode_forward = torch.compile(model, dynamic=True) if compile else model
         self._draft_logits = torch.compile(mtp_logits, dynamic=True) if compile else mtp_logits
+        self._greedy_step = torch.compile(greedy_step, dynamic=True) if compile else greedy_step
         self._warm = False
         emb = model.embed_tokens.weight
         self.device, self.dtype = emb.device, emb.dtype
@@ -221,14 +227,16 @@ class Engine:
         """Compile the decode step now instead of in the first requests; afterwards compiled calls
         skip re-checking guards that cannot change. Dynamic shapes specialize a size of 1, so the
         warm-up decodes every kind of step a request can meet: batch 1 and 2, each with a context
-        of one cache block and of two (and MTP drafting and verifying, if on), and the smallest
+        of one cache block and of two (and, with MTP, greedy and sampled steps), and the smallest
         batches whose Linears no longer run as fused loops (model/linear.py) and whose routed
         experts no longer run gathered (`MoE`), if the engine takes them."""
         if not self.compiled or self._warm:
             return
         new = min(3, self.max_seq_len - 1)  # tokens per warm-up request: a few decode steps
         longest = self.max_seq_len - new
-        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+        # with MTP, greedy and sampled steps are different compiled calls (speculative.greedy_step)
+        kinds = [greedy] + ([SamplingParams(max_tokens=new, ignore_eos=True, seed=0)] if self.mtp else [])
         limits = (
             INLINE_MAX_ROWS,
             max_gathered_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok),
@@ -236,7 +244,8 @@ class Engine:
         past = {rows // self.steps_per_decode + 1 for rows in limits}  # sequences
         for batch in sorted({1, 2} | {b for b in past if b <= self.max_batch_size}):
             for context in sorted({min(2, longest), min(self.cache.block_size + 2, longest)}):
-                self.generate([[0] + [1] * (context - 1)] * batch, params)
+                for params in kinds:
+                    self.generate([[0] + [1] * (context - 1)] * batch, params)
         self._warm = True
 
     def _fast(self, fn, *args, **kwargs):
@@ -260,7 +269,15 @@ class Engine:
         op Inductor does not pack: the engine packs them itself at construction (GroupedExperts.pack,
         model/packed_experts.py), and they too add their bytes once more; embeddings and
         FP8-resident weights stay as they are. Dynamo keys graphs by the module they were traced
-        from, so engines of different models in one process each get their own."""
+        from, so engines of different models in one process each get their own.
+
+        Compiles also let Inductor time its own C++ GEMM template (max-autotune, CPP backend)
+        against the library call for each GEMM of the graph and keep the faster (the packed F32
+        8192 x 256 head on one core of an AMD EPYC, library vs template: 1 row 179 vs 171 us,
+        2 rows 404 vs 139, 4 rows 647 vs 280); the timings are cached on disk with the compiled
+        graphs. They also turn off Dynamo's duck shaping, which gives sizes equal at trace time one
+        symbol: a cache read of 2 blocks in a 2-token step would then be fixed at 2 blocks by the
+        step's own size checks (a fresh compile mid-request when the sequence grows)."""
         if not self.compiled:
             return fn(*args, **kwargs)
         if self._warm:
@@ -270,7 +287,10 @@ class Engine:
             except RuntimeError as e:
                 if "Recompilation triggered" not in str(e):
                     raise
-        with torch._inductor.config.patch(freezing=self.freeze):
+        with (
+            torch._inductor.config.patch(freezing=self.freeze, **GEMM_TEMPLATES),
+            shape_config.patch(use_duck_shape=False),
+        ):
             return fn(*args, **kwargs)
 
     # ------------------------------------------------------------------ requests
@@ -451,22 +471,28 @@ class Engine:
                 self._draft([reqs[i] for i in ready], logits[ready])
 
     def _decode(self, reqs: list[_Request], outputs: list[RequestOutput]) -> None:
-        """One batched forward: each sequence's pending token (and its draft) at its own position."""
+        """One batched forward: each sequence's pending token (and its draft) at its own position.
+        A compiled MTP engine runs a batch of greedy requests without repetition penalty as one
+        call that also drafts (speculative.greedy_step)."""
         T = self.steps_per_decode
         view = self.cache.view([r.id for r in reqs], [r.num_cached for r in reqs], T)
-        fed = [[r.tokens[-1]] + ([r.draft] if self.mtp else []) for r in reqs]
-        out = self._fast(
-            self._decode_forward,
-            torch.tensor(fed, device=self.device),
-            cache=view,
-            start_pos=view.start_pos,
-            absorb=True,
+        fed = torch.tensor(
+            [[r.tokens[-1]] + ([r.draft] if self.mtp else []) for r in reqs], device=self.device
         )
+        batch = self._sampling(reqs)
         c = self._counters
         c["forward_passes"] += 1
         c["decode_forward_passes"] += 1
         c["decode_sequence_forwards"] += len(reqs)
-        batch = self._sampling(reqs)
+        if self.mtp and self.compiled and batch.all_greedy and batch.seen is None:
+            logits, first, bonus, accepted, drafts = self._fast(
+                self._greedy_step, self.model, fed, view, view.start_pos
+            )
+            self._verified(reqs, logits, first, bonus, accepted, outputs)
+            for r, d in zip(reqs, drafts.tolist()):
+                r.draft, r.draft_q = d, None
+            return
+        out = self._fast(self._decode_forward, fed, cache=view, start_pos=view.start_pos, absorb=True)
         if not self.mtp:
             tokens = batch.next_tokens(out.logits[:, 0])
             for r, t, lp in zip(reqs, tokens.tolist(), self._logprobs(reqs, out.logits[:, 0], tokens)):
@@ -474,7 +500,7 @@ class Engine:
                 c["decode_tokens"] += 1
                 outputs.append(self._emit(r, [t], [lp]))
             return
-        draft = torch.tensor([r.draft for r in reqs], device=self.device)
+        draft = fed[:, 1]
         q = None
         if not batch.all_greedy:
             q = torch.stack(
@@ -486,14 +512,7 @@ class Engine:
                 ]
             )
         first, bonus, accepted = verify(batch, out.logits, draft, q)
-        c["mtp_drafted"] += len(reqs)
-        c["mtp_accepted"] += int(accepted.sum())
-        lp1 = self._logprobs(reqs, out.logits[:, 0], first)
-        lp2 = self._logprobs(reqs, out.logits[:, 1], bonus)  # used where the draft was accepted
-        for r, t1, t2, acc, l1, l2 in zip(reqs, first.tolist(), bonus.tolist(), accepted.tolist(), lp1, lp2):
-            r.num_cached += 1 + acc  # a rejected draft's slot is rolled back by the length alone
-            c["decode_tokens"] += 1 + acc
-            outputs.append(self._emit(r, [t1, t2] if acc else [t1], [l1, l2]))
+        self._verified(reqs, out.logits, first, bonus, accepted, outputs)
         live = [i for i, r in enumerate(reqs) if r.finish_reason is None]
         if live:  # MTP over positions n, n+1 (the second is padding where the draft was rejected)
             next_ids = torch.stack((first, torch.where(accepted, bonus, first)), dim=1)
@@ -508,6 +527,18 @@ class Engine:
                 accepted.long(),
             )
             self._draft([reqs[i] for i in live], logits[live])
+
+    def _verified(self, reqs, logits, first, bonus, accepted, outputs) -> None:
+        """Emit each sequence's verified tokens: t_{n+1}, and t_{n+2} where its draft was accepted."""
+        c = self._counters
+        c["mtp_drafted"] += len(reqs)
+        c["mtp_accepted"] += int(accepted.sum())
+        lp1 = self._logprobs(reqs, logits[:, 0], first)
+        lp2 = self._logprobs(reqs, logits[:, 1], bonus)  # used where the draft was accepted
+        for r, t1, t2, acc, l1, l2 in zip(reqs, first.tolist(), bonus.tolist(), accepted.tolist(), lp1, lp2):
+            r.num_cached += 1 + acc  # a rejected draft's slot is rolled back by the length alone
+            c["decode_tokens"] += 1 + acc
+            outputs.append(self._emit(r, [t1, t2] if acc else [t1], [l1, l2]))
 
     def _draft(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         """Sample each request's next draft from the MTP logits [B, V] with its own parameters."""

@@ -20,13 +20,20 @@ is pending (sampled, not fed yet), and d is a draft for t_{n+1}. One step:
      inputs (h_n, t_{n+1}) and (h_{n+1}, t_{n+2}) and its output at the last accepted position
      is the next draft. The prefill runs it over the whole prompt the same way.
 As in training, the MTP block's RoPE position is that of the embedded token (i + 1).
+
+A greedy step needs nothing from outside between the verify and the draft, so `greedy_step` runs
+both in one function, which a compiled engine compiles as one graph: the MTP input at position
+n is (h_n, t_{n+1}) whether or not d was accepted (accepted means d == t_{n+1}), so both positions
+are drafted from at once and the accepted one is picked inside the graph. On a CPU a compiled
+call has a fixed cost (~0.5 ms of Python and guard dispatch) of the order of a small model's
+whole step; one call per step instead of two is what lets MTP pay off there.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsv3.infer.sampling import SamplingBatch, sample_from
+from dsv3.infer.sampling import SamplingBatch, greedy_tokens, sample_from
 
 
 def mtp_logits(
@@ -51,6 +58,21 @@ def mtp_logits(
     )
     h = h[:, -1] if pick is None else h[torch.arange(B, device=h.device), pick]  # [B, H]
     return model.lm_head(module.shared_head.norm(h))
+
+
+def greedy_step(model, fed: torch.Tensor, cache, start_pos) -> tuple[torch.Tensor, ...]:
+    """One MTP decode step of greedy rows without a repetition penalty: verify and draft.
+
+    fed [B, 2]: each row's [t_n, d]. Returns (logits [B, 2, V] of the verify, t_{n+1} [B],
+    t_{n+2} [B] (meaningful where accepted), accepted [B] bool, the next draft [B]): the tokens of
+    `verify` and of greedy drafting from `mtp_logits`."""
+    out = model(fed, cache=cache, start_pos=start_pos, absorb=True)
+    best = greedy_tokens(out.logits)  # [B, 2]
+    first, bonus = best[:, 0], best[:, 1]
+    accepted = first == fed[:, 1]
+    next_ids = torch.stack((first, torch.where(accepted, bonus, first)), dim=1)  # [B, 2]
+    draft = greedy_tokens(mtp_logits(model, out.hidden, next_ids, cache, start_pos, True, accepted.long()))
+    return out.logits, first, bonus, accepted, draft
 
 
 def verify(batch: SamplingBatch, logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None):
