@@ -42,7 +42,7 @@ def test_fp8_linear_cuda_matches_cpu_emulation() -> None:
     for device in ("cpu", "cuda"):
         module = Fp8Linear.from_linear(nn.Linear(512, 384, bias=False).to(device))
         module.weight.data.copy_(linear.weight.data)
-        xi = x.to(device).requires_grad_()
+        xi = x.to(device).detach().requires_grad_()
         y = module(xi)
         y.backward(dy.to(device))
         results.append([t.float().cpu() for t in (y, xi.grad, module.weight.grad)])

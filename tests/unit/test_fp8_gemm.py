@@ -86,3 +86,19 @@ def test_fp32_scales_emulate_in_fp32() -> None:
     a, b = quantize(torch.randn(8, 256), ACT, "fp32"), quantize(torch.randn(8, 256), WEIGHT, "pow2")
     assert a.dequantize(torch.float32).dtype == torch.float32
     assert sqnr_db(fp8_gemm(a, b, backend="reference"), fp8_gemm(a, b)) > 120
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["weight", "dgrad"])
+@pytest.mark.parametrize("k", [256, 384, 1024])
+def test_cuda_weight_scales_are_laid_out_as_cublas_reads_them(k, transposed) -> None:
+    """torch's blockwise 128x128 scaled_mm takes B = [K, N]'s scales as [K/128 padded to 4, N/128]
+    with strides (1, padded); the H200 run of tests/gpu rejected every other layout, and Dgrad's B
+    (the weight transposed: its scale a strided view) with no padding to add."""
+    from dsv3.fp8.gemm import _k_major_blocks
+
+    w = torch.randn(k, 384) if transposed else torch.randn(384, k)
+    b = quantize(w, WEIGHT).t() if transposed else quantize(w, WEIGHT)  # B = [N = 384, K = k]
+    scales = _k_major_blocks(b)
+    padded = -(-k // 128 // 4) * 4
+    assert scales.shape == (padded, 3) and scales.stride() == (1, padded)
+    assert torch.equal(scales[: k // 128], b.scale.float().t())  # block (n, k) at [k, n]

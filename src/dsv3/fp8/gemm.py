@@ -132,7 +132,7 @@ def gemm_cuda(a: Fp8Tensor, b: Fp8Tensor) -> Tensor:
             b.data.contiguous().t(),  # column-major [K, N]
             scale_a=_outer_major(a),
             scale_recipe_a=recipes[a.block],
-            scale_b=_outer_major(b),
+            scale_b=_outer_major(b) if b.block[0] == 1 else _k_major_blocks(b),
             scale_recipe_b=recipes[b.block],
             output_dtype=torch.bfloat16,
         )
@@ -174,6 +174,13 @@ def _truncate(x: Tensor, exp: Tensor, frac_bits: int) -> Tensor:
 def _outer_major(t: Fp8Tensor) -> Tensor:
     """cuBLAS wants blockwise scales in FP32, stored outer-dimension major."""
     return t.scale.float().t().contiguous().t()
+
+
+def _k_major_blocks(b: Fp8Tensor) -> Tensor:
+    """128x128 scales of B = [K, N] as cuBLAS reads them: [K/128 padded to a multiple of 4,
+    N/128] in FP32, K-major (torch checks that shape and strides (1, padded K/128))."""
+    scale = b.scale.float()  # [N/128, K/128]
+    return torch.nn.functional.pad(scale, (0, -scale.shape[1] % 4)).contiguous().t()
 
 
 _warned: set[str] = set()

@@ -15,6 +15,7 @@ exception, with every rank.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class World:
                 dist.init_process_group(
                     backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
                 )
+            atexit.register(_leave)  # NCCL warns (and may leak) when a group outlives the program
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         return cls(dist.get_rank(), dist.get_world_size(), device)
