@@ -1,7 +1,8 @@
 """Does MTP self-speculative decoding pay off? Greedy decoding at batch 1 with and without `--mtp`
 on the trained tiny model, the same prompts, interleaved, with identical outputs required.
 
-    python benchmarks/mtp_speed.py [--checkpoint runs/demo] [--compile] [--tokens 128] [--repeats 5]
+    python benchmarks/mtp_speed.py [--checkpoint runs/demo] [--compile] [--dtype float32] [--tokens 128]
+                                   [--repeats 5] [--name mtp_speed]
 
 Each repeat decodes every prompt once without and once with MTP (alternating which goes first) in
 one process per variant-pair, after a warm-up; wall-clock tokens/s of the whole generation (prefill
@@ -40,13 +41,15 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--name", default="mtp_speed", help="results/<name>.json")
     args = p.parse_args()
     from dsv3.infer.cli import load
     from dsv3.infer.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
     engines = {
-        name: load(args.checkpoint, dtype="float32", mtp=mtp, compile=args.compile, max_batch_size=1)
+        name: load(args.checkpoint, dtype=args.dtype, mtp=mtp, compile=args.compile, max_batch_size=1)
         for name, mtp in (("plain", False), ("mtp", True))
     }
     tok = engines["plain"][1]
@@ -72,6 +75,7 @@ def main() -> None:
     result = {
         "checkpoint": args.checkpoint,
         "compiled": args.compile,
+        "dtype": str(engines["plain"][0].dtype).removeprefix("torch."),
         "threads": args.threads,
         "tokens_per_prompt": args.tokens,
         "prompts": len(work),
@@ -88,7 +92,7 @@ def main() -> None:
         f"= {ratio:.2f}x; acceptance {result['mtp_acceptance_rate']:.0%}, "
         f"{result['tokens_per_forward']:.2f} tokens/forward; identical output: {identical}"
     )
-    print(f"results: {save_result('mtp_speed', result)}")
+    print(f"results: {save_result(args.name, result)}")
     if not identical:
         sys.exit("error: MTP changed the greedy output")
 

@@ -13,8 +13,11 @@ shapes and computes in BF16 only where that is measurably faster:
     choice.describe()     # "bfloat16 (measured: bf16 612 GFLOP/s, fp32 104 GFLOP/s)"
     choice.peak_tflops    # the chosen dtype's measured rate: the roof for MFU
 
-Measurements are cached in `<cache_dir>/device.json`, keyed by CPU model, torch version, thread
-count and device, so a machine pays for them once (about a second). A forced dtype is obeyed,
+Training times its GEMMs as they run there (`measure_gemms`: thousands of rows, weights in cache);
+inference (`measure_decode_gemms`) times decode's: a few rows against weights streamed from memory,
+packed for oneDNN as the engine packs them, where BF16's half bytes can win even though aten's
+in-cache BF16 GEMV loses. Measurements are cached in `<cache_dir>/device.json`, keyed by CPU model,
+torch version, thread count, device and measurement, so a machine pays for them once (a second or two). A forced dtype is obeyed,
 with a warning when it was measured slower than the other. On CUDA, BF16 is always chosen (tensor
 cores); its rate is measured for MFU all the same.
 """
@@ -97,6 +100,59 @@ def measure_gemms(
     return sum(2 * m * k * n for m, k, n in shapes) / best / 1e12
 
 
+STREAM_BYTES = 64 << 20  # FP32 weights a decode measurement cycles through: more than a CPU's caches
+
+
+def measure_decode_gemms(
+    shapes: Sequence[tuple[int, int, int]],
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int = 3,
+    budget_s: float = 0.5,
+) -> float:
+    """TFLOP/s of decode's GEMMs, (M, K, N) with M a few rows, as the inference engine runs them.
+
+    Decoding reads every weight once per step, from memory (a model's weights exceed the caches),
+    and on a CPU the engine runs its Linears and experts on weights packed for oneDNN (Inductor's
+    freezing, model/packed_experts.py). `measure_gemms` times neither: it reuses one weight per
+    shape, in cache, through aten's unpacked GEMM, whose BF16 GEMV can be slower than its FP32 one
+    where oneDNN's packed BF16 GEMV is faster (a 2-core AMD EPYC with AVX512-BF16: the tiny
+    model's decode shapes measured there fp32 17 vs bf16 7 GFLOP/s, while its compiled decode ran
+    724 tok/s in BF16 against 529 in FP32). So here each shape cycles through copies of its
+    weight, as many as make STREAM_BYTES of FP32 for every dtype (BF16 streams half the bytes,
+    as its decode does), packed where this build's oneDNN packs `dtype`."""
+    if device.type != "cpu":
+        return measure_gemms(shapes, dtype, device, repeats, budget_s)
+    from dsv3.model.packed_experts import can_pack, packed_linear
+
+    copies = max(1, -(-STREAM_BYTES // (4 * sum(k * n for _, k, n in shapes))))
+    first = torch.randn(1, 1).to(dtype)
+    pack = can_pack(first)
+    operands = []
+    for m, k, n in shapes:
+        a, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+        weights = [
+            torch.ops.mkldnn._reorder_linear_weight(w.clone(), m) if pack else w.clone()
+            for _ in range(copies)
+        ]
+        operands.append((a, weights))
+    linear = packed_linear if pack else torch.nn.functional.linear
+
+    def run(shape_operands) -> None:
+        for a, weights in shape_operands:
+            for w in weights:
+                linear(a, w)
+
+    done, elapsed = 0.0, 0.0
+    for item, (m, k, n) in zip(operands, shapes):  # warm-up, stopping early on a naive kernel
+        elapsed += _timed(lambda: run([item]))  # noqa: B023 - called right here
+        done += 2 * m * k * n * copies
+        if elapsed > budget_s:
+            return done / elapsed / 1e12
+    best = min(_timed(lambda: run(operands)) for _ in range(repeats))
+    return copies * sum(2 * m * k * n for m, k, n in shapes) / best / 1e12
+
+
 def gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of the main GEMMs of one forward of `cfg` over `tokens` tokens (M capped at 4096
     to keep the measurement short): the attention projections, a dense FFN and one routed
@@ -167,10 +223,10 @@ def choose_dtype(
         raise ConfigError(f"dtype={requested!r}: must be one of {list(DTYPE_CHOICES)}")
     device = torch.device(device)
     cache = Path(cache_dir or default_cache_dir()) / "device.json"
-    key = f"{machine_key(device)}|{sorted(shapes)}"
+    measure = measure or measure_gemms
+    key = f"{machine_key(device)}|{measure.__name__}|{sorted(shapes)}"
     saved = _read_cache(cache)
     cached = key in saved
-    measure = measure or measure_gemms
     rates = saved[key] if cached else {name: measure(shapes, dt, device) for name, dt in DTYPES.items()}
     if not cached:
         _write_cache(cache, {**saved, key: rates})

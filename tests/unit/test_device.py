@@ -63,6 +63,39 @@ def test_mfu_above_100_percent_says_the_peak_was_mismeasured():
     assert "peak mis-measured" in device.format_mfu(5.7)
 
 
+def test_decode_measurement_is_cached_apart_from_the_dense_one(tmp_path):
+    """Inference asks with measure_decode_gemms: the same shapes timed in cache by measure_gemms
+    (or by an older dsv3) must not answer for it."""
+    calls = []
+    dense = device.choose_dtype(
+        "auto", SHAPES, "cpu", tmp_path, fake({"float32": 0.2, "bfloat16": 0.1}, calls)
+    )
+
+    def measure_decode_gemms(shapes, dtype, dev):  # the name is what keys the cache
+        calls.append(dtype)
+        return {torch.float32: 0.1, torch.bfloat16: 0.2}[dtype]
+
+    decode = device.choose_dtype("auto", SHAPES, "cpu", tmp_path, measure_decode_gemms)
+    assert (dense.name, decode.name) == ("float32", "bfloat16") and len(calls) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_measurement_streams_copies_of_the_weights(monkeypatch, dtype):
+    """Each shape cycles through enough weight copies to make STREAM_BYTES of FP32, packed where
+    oneDNN packs the dtype; the rate counts every copy's FLOPs."""
+    monkeypatch.setattr(device, "STREAM_BYTES", 1 << 20)
+    made = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_reorder_linear_weight", lambda w, m: made.append(w.shape) or reorder(w, m)
+    )
+    rate = device.measure_decode_gemms([(1, 256, 512)], dtype, torch.device("cpu"))
+    from dsv3.model.packed_experts import can_pack
+
+    assert rate > 0
+    assert len(made) == (2 if can_pack(torch.zeros(1, dtype=dtype)) else 0)  # 1 MiB / (256 x 512 x 4 B)
+
+
 def test_real_measurement_is_positive_and_short():
     rate = device.measure_gemms([(64, 64, 64)], torch.float32, torch.device("cpu"))
     assert rate > 0

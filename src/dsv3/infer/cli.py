@@ -94,7 +94,7 @@ def load(
     weights (dsv3.fp8.resident) keeps FP8 weights FP8, or names the dtype to dequantize them to.
     engine_class: an Engine subclass to build instead (disaggregated prefill/decode workers)."""
     from dsv3.config import ModelConfig
-    from dsv3.device import choose_dtype, gemm_shapes
+    from dsv3.device import choose_dtype, gemm_shapes, measure_decode_gemms
     from dsv3.hf import resolve_model_folder
     from dsv3.infer.chat import ChatTokenizer
     from dsv3.infer.engine import Engine
@@ -104,7 +104,8 @@ def load(
     tok = ChatTokenizer.from_folder(folder, cfg.vocab_size, tokenizer)
     torch_dtype = None  # weights="bf16"/"fp32" name the dtype themselves
     if not (weights in ("bf16", "fp32") and dtype == "auto"):
-        choice = choose_dtype(dtype, gemm_shapes(cfg, tokens=engine_kwargs.get("max_batch_size", 8)))
+        shapes = gemm_shapes(cfg, tokens=engine_kwargs.get("max_batch_size", 8))
+        choice = choose_dtype(dtype, shapes, measure=measure_decode_gemms)
         print(f"dtype: {choice.describe()}", file=sys.stderr, flush=True)
         if choice.warning():
             print(f"warning: {choice.warning()}", file=sys.stderr, flush=True)

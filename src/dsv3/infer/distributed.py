@@ -387,7 +387,7 @@ def start(args: argparse.Namespace, **engine_kwargs) -> RankSetup:
     group joined, the dtype measured on rank 0 and shared, the checkpoint loaded and the experts
     of this rank's slots kept (the training layout, or EPLB's with --redundant-experts)."""
     from dsv3.config import ModelConfig
-    from dsv3.device import choose_dtype, gemm_shapes
+    from dsv3.device import choose_dtype, gemm_shapes, measure_decode_gemms
     from dsv3.hf import load_pretrained, resolve_model_folder
     from dsv3.infer.chat import ChatTokenizer
     from dsv3.parallel.eplb_live import apply_expert_placement, initial_placement, moe_layers
@@ -401,7 +401,7 @@ def start(args: argparse.Namespace, **engine_kwargs) -> RankSetup:
     world = World.join(device)
     group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     shapes = gemm_shapes(cfg, tokens=engine_kwargs.get("max_batch_size", 8))
-    choice = world.on_rank0(choose_dtype, args.dtype, shapes)
+    choice = world.on_rank0(choose_dtype, args.dtype, shapes, device, None, measure_decode_gemms)
     if world.is_main:
         slots = cfg.n_routed_experts + args.redundant_experts
         print(

@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx.experimental import _config as shape_config
 
+from dsv3.infer.autotune import GEMM_TEMPLATES, cold_cache_timing
 from dsv3.infer.cache import PagedLatentCache
 from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, token_logprobs
@@ -56,9 +58,6 @@ from dsv3.model.moe import GroupedExperts, max_gathered_tokens
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
 
 CACHE_DTYPES = ("auto", "bf16", "fp8")
-# Inductor's choice for the GEMMs of a compiled step: its own C++ GEMM template as well as the
-# library call, the faster one measured at compile time (see `Engine._fast`)
-GEMM_TEMPLATES = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 HEAD_ROWS = 512  # prompt positions whose logits are computed at a time (bounds [rows, vocab] memory)
 
 
@@ -272,10 +271,9 @@ class Engine:
         from, so engines of different models in one process each get their own.
 
         Compiles also let Inductor time its own C++ GEMM template (max-autotune, CPP backend)
-        against the library call for each GEMM of the graph and keep the faster (the packed F32
-        8192 x 256 head on one core of an AMD EPYC, library vs template: 1 row 179 vs 171 us,
-        2 rows 404 vs 139, 4 rows 647 vs 280); the timings are cached on disk with the compiled
-        graphs. They also turn off Dynamo's duck shaping, which gives sizes equal at trace time one
+        against the library call for each GEMM of the graph and keep the faster, timed with the
+        weights out of cache as a decode step reads them (infer/autotune.py); the choices are
+        cached on disk with the compiled graphs. They also turn off Dynamo's duck shaping, which gives sizes equal at trace time one
         symbol: a cache read of 2 blocks in a 2-token step would then be fixed at 2 blocks by the
         step's own size checks (a fresh compile mid-request when the sequence grows)."""
         if not self.compiled:
@@ -290,7 +288,10 @@ class Engine:
         with (
             torch._inductor.config.patch(freezing=self.freeze, **GEMM_TEMPLATES),
             shape_config.patch(use_duck_shape=False),
+            cold_cache_timing(),
+            warnings.catch_warnings(),
         ):
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's autotuner
             return fn(*args, **kwargs)
 
     # ------------------------------------------------------------------ requests
