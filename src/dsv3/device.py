@@ -76,9 +76,7 @@ def measure_gemms(
     repeats: int = 3,
     budget_s: float = 0.5,
 ) -> float:
-    """TFLOP/s of the (M, K, N) GEMMs run back to back: best of `repeats` after a warm-up run that
-    builds oneDNN's kernels. The warm-up goes shape by shape and stops once it has taken budget_s:
-    a naive kernel is measured as slow by then (and building kernels is not what made it slow)."""
+    """TFLOP/s of the (M, K, N) GEMMs run back to back, each weight in cache (`_best_rate`)."""
     operands = [
         (torch.randn(m, k, device=device).to(dtype), torch.randn(n, k, device=device).to(dtype).t())
         for m, k, n in shapes
@@ -90,14 +88,23 @@ def measure_gemms(
             a @ b
         sync()
 
+    return _best_rate(gemm, operands, [2 * m * k * n for m, k, n in shapes], repeats, budget_s)
+
+
+def _best_rate(
+    run: Callable[[list], None], items: list, flops: list[int], repeats: int, budget_s: float
+) -> float:
+    """TFLOP/s of run(items): best of `repeats` after a warm-up that runs the items one by one
+    and stops once it has taken budget_s (a naive kernel is measured as slow by then, and
+    building kernels is not what made it slow)."""
     done, elapsed = 0.0, 0.0
-    for pair, (m, k, n) in zip(operands, shapes):
-        elapsed += _timed(lambda: gemm([pair]))  # noqa: B023 - called right here
-        done += 2 * m * k * n
+    for item, item_flops in zip(items, flops):
+        elapsed += _timed(lambda: run([item]))  # noqa: B023 - called right here
+        done += item_flops
         if elapsed > budget_s:
             return done / elapsed / 1e12
-    best = min(_timed(lambda: gemm(operands)) for _ in range(repeats))
-    return sum(2 * m * k * n for m, k, n in shapes) / best / 1e12
+    best = min(_timed(lambda: run(items)) for _ in range(repeats))
+    return sum(flops) / best / 1e12
 
 
 STREAM_BYTES = 64 << 20  # FP32 weights a decode measurement cycles through: more than a CPU's caches
@@ -126,8 +133,7 @@ def measure_decode_gemms(
     from dsv3.model.packed_experts import can_pack, packed_linear
 
     copies = max(1, -(-STREAM_BYTES // (4 * sum(k * n for _, k, n in shapes))))
-    first = torch.randn(1, 1).to(dtype)
-    pack = can_pack(first)
+    pack = can_pack(torch.empty(0, dtype=dtype))
     operands = []
     for m, k, n in shapes:
         a, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
@@ -143,14 +149,7 @@ def measure_decode_gemms(
             for w in weights:
                 linear(a, w)
 
-    done, elapsed = 0.0, 0.0
-    for item, (m, k, n) in zip(operands, shapes):  # warm-up, stopping early on a naive kernel
-        elapsed += _timed(lambda: run([item]))  # noqa: B023 - called right here
-        done += 2 * m * k * n * copies
-        if elapsed > budget_s:
-            return done / elapsed / 1e12
-    best = min(_timed(lambda: run(operands)) for _ in range(repeats))
-    return copies * sum(2 * m * k * n for m, k, n in shapes) / best / 1e12
+    return _best_rate(run, operands, [2 * m * k * n * copies for m, k, n in shapes], repeats, budget_s)
 
 
 def gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int]]:
