@@ -1,12 +1,12 @@
-"""Linears of a few rows in a compiled inference step run as fused loops (model/linear.py): the
-same products as F.linear, and what runs is read from the traced graphs."""
+"""`linear` (the router's product) of a few rows in a compiled inference step runs as a fused loop
+(model/linear.py): the same product as F.linear, and what runs is read from the traced graphs."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dsv3.model import linear as linear_module
-from dsv3.model.linear import INLINE_MAX_ROWS, Linear, linear
+from dsv3.model.linear import INLINE_MAX_ROWS, linear
 
 
 def _inline_everywhere(monkeypatch):
@@ -35,11 +35,15 @@ def test_the_inline_product_equals_f_linear(monkeypatch, bias):
         torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-6)
 
 
-def test_a_compiled_inference_step_inlines_the_linears_of_few_rows():
-    """Compiled without autograd, a Linear of at most INLINE_MAX_ROWS rows traces to a product
+def test_a_compiled_inference_step_inlines_linear_of_few_rows():
+    """Compiled without autograd, `linear` of at most INLINE_MAX_ROWS rows traces to a product
     and a sum; with more rows, or with autograd, to F.linear. All equal eager."""
     torch.manual_seed(0)
-    layer = Linear(32, 24, bias=True)
+    w, b = torch.randn(24, 32, requires_grad=True), torch.randn(24)
+
+    def layer(x):
+        return linear(x, w, b)
+
     graphs = []
 
     def recording_backend(gm, example_inputs):

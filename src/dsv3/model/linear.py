@@ -1,26 +1,30 @@
-"""Linear layers that decode a few tokens as loops Inductor writes, not as GEMM calls.
+"""Products of a few rows in a compiled decode step: which run as loops Inductor writes, which
+as GEMM calls.
 
-Decoding one token multiplies one row by every weight of the model: a GEMV per projection, a
-few hundred KB of weights each in a small model. On a CPU each such call to a GEMM library
-(oneDNN, MKL) costs a fixed 15-30 us whatever the size (one core of an AMD EPYC: a hot 256x256
-FP32 GEMV takes 8 us in aten, 19 us in oneDNN), and it is opaque to the compiler, which must
-write its input to memory before and read its output after. Written instead as a broadcast
+Decoding one token multiplies one row by every weight of the model. Written as a broadcast
 product and a sum over the input dimension,
 
     y[m, n] = sum_k x[m, k] * W[n, k]      (x[..., None, :] * W).sum(-1)
 
-the product becomes a loop that Inductor generates and fuses with its neighbours: the RMSNorm
-before, the SiLU-and-multiply or the residual add after, the weight streamed once per row at
-memory speed with no call in between. Products and sums are in FP32 (or wider): a BF16 x BF16
-product is exact there, as in a GEMM with FP32 accumulation; the result is rounded to the input
-dtype as a GEMM's would be.
+the product becomes a loop that Inductor generates and fuses with its neighbours, with no call
+in between. Such a loop is cheap to enter but slow to run: Inductor reduces each output with one
+vector accumulator and a horizontal sum, so it is bound by that chain, not by memory (a hot and
+a cold weight take the same time), and a second row costs as much again. The model's weights
+therefore run as GEMMs: frozen into the compiled graph, packed once, each timed by Inductor's
+autotuner between oneDNN and its own C++ template with the weight out of cache
+(infer/autotune.py). A chain of d x d BF16 Linears, one core of an AMD EPYC, us per Linear, loop
+vs GEMM, one row: d=128 13 vs 13, d=256 28 vs 17, d=512 66 vs 34, d=1024 204 vs 107; two rows
+d=512 73 vs 41. On the small preset's decode step (batch 1, BF16) that took 114-119 tok/s to
+138-144.
 
-A row re-reads the weight, so the loop is taken only for at most `INLINE_MAX_ROWS` rows, and
-only inside a compiled inference step (`compiled_inference`): eagerly the product would be
-materialized [rows, out, in], and training wants the GEMM. `Linear` is nn.Linear with that
-switch (same parameters and checkpoint names); `linear` is the function for weights held
-elsewhere (the router's). MoE (routed experts gathered by index) and MLA (attention over the
-latent cache) decide the same way with their own products.
+What still runs as such loops are products whose other operand is no model weight or a very
+small one: the router's [experts, hidden] FP32 weight (`linear`, fused with the scoring and the
+top-k), attention over the latent cache (model/attention.py) and the routed experts gathered by
+index (model/moe.py), for at most `INLINE_MAX_ROWS` rows and only inside a compiled inference
+step (`compiled_inference`): eagerly the product would be materialized [rows, out, in], and
+training wants the GEMM. Products and sums are in FP32 (or wider): a BF16 x BF16 product is
+exact there, as in a GEMM with FP32 accumulation; the result is rounded to the input dtype as a
+GEMM's would be.
 """
 
 from __future__ import annotations
@@ -29,9 +33,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-# rows (tokens) up to which a compiled inference step computes a Linear as a fused loop
+# rows (tokens) up to which a compiled inference step computes the products above as fused loops
 INLINE_MAX_ROWS = 2
 
 
@@ -55,10 +58,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same checkpoint names) computed by `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
