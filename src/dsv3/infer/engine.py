@@ -261,9 +261,10 @@ class Engine:
         are in benchmarks/README.md), and constant expressions of weights fold away. The packed
         copies are made at compile time, so the weights must not change afterwards (serving
         never does; freeze=False for a model updated in place), and they add the dense Linears'
-        bytes once more. A step of at most INLINE_MAX_ROWS tokens reads the packed copies only
-        for the output head: its other Linears and its attention run as loops Inductor generates
-        and fuses (model/linear.py). The routed experts of a step with few tokens run gathered, in
+        bytes once more. Every step runs its Linears on the packed copies, whatever its rows
+        (model/linear.py says why); a step of at most INLINE_MAX_ROWS tokens runs the router and
+        its attention over the latent cache as loops Inductor generates and fuses. The routed
+        experts of a step with few tokens run gathered, in
         such loops too (MoE in model/moe.py); with more, or uncompiled, they are inputs of an
         op Inductor does not pack: the engine packs them itself at construction (GroupedExperts.pack,
         model/packed_experts.py), and they too add their bytes once more; embeddings and

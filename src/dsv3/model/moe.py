@@ -25,7 +25,7 @@ implementing the `Dispatcher` protocol.
 
 Inference takes two other roads. A compiled step with few tokens skips dispatch and combine:
 each token reads its chosen experts by index (`GroupedExperts.forward_gathered`, which Inductor
-turns into one fused gather-and-reduce loop, as it does the dense Linears: model/linear.py). Otherwise the experts run as one opaque op
+turns into one fused gather-and-reduce loop: model/linear.py). Otherwise the experts run as one opaque op
 (`expert_mlp`) on copies of their weights packed for oneDNN (model/packed_experts.py).
 """
 
