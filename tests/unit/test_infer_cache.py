@@ -159,3 +159,31 @@ def test_cache_ratio_against_hf_dynamic_cache(tmp_path):
         * (cfg.qk_head_dim + cfg.v_head_dim)
         / (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     )
+
+
+def test_a_compiled_step_sees_the_pools_as_static_blocks():
+    """Under torch.compile with dynamic shapes, the pools a step reads and writes have constant
+    sizes (else every slot index is an integer division by a symbolic block size in the
+    attention's innermost loop), and writes through those views land in the cache's tensors."""
+    cfg = ModelConfig.from_dict(SMALL)
+    r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    cache = PagedLatentCache(cfg, num_blocks=3, block_size=4, dtype=torch.float32)
+    assert cache.ensure("a", 6) and cache.block_tables["a"] == [0, 1]
+    view = cache.view(["a"], [5], 1)
+    pools = []
+
+    def recording_backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if node.op == "placeholder" and "cache_blocks" in node.name:  # lifted from cache.blocks
+                pools.append(tuple(value.shape))
+        return gm.forward
+
+    c_kv, k_pe = torch.randn(1, 1, r), torch.randn(1, 1, dr)
+    kv, pe = torch.compile(lambda a, b: view.update(0, a, b), dynamic=True, backend=recording_backend)(
+        c_kv, k_pe
+    )
+    assert sorted(pools) == sorted([(4, 4, r), (4, 4, dr)])  # 3 blocks + the scratch block, all ints
+    assert all(type(size) is int for shape in pools for size in shape)
+    assert torch.equal(cache.kv[0][5], c_kv[0, 0]) and torch.equal(cache.pe[0][5], k_pe[0, 0])  # slot 1*4 + 1
+    assert kv.shape == (1, 8, r) and torch.equal(kv[0, 5], c_kv[0, 0]) and torch.equal(pe[0, 5], k_pe[0, 0])
