@@ -130,6 +130,8 @@ def test_chat_reset_and_exit(folder, engine, monkeypatch, capsys):
         (["--max-tokens", "0"], "max_tokens=0"),
         (["--max-tokens", "300"], "exceeds max_seq_len=256"),
         (["--tokenizer", "/no/such/tokenizer.json"], "does not exist"),
+        (["--draft-vocab", "64"], "--draft-vocab 64 is for --mtp's drafts"),
+        (["--mtp", "--draft-vocab", "0"], "draft_vocab=0: must be between 1 and vocab_size"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(folder, capsys, extra, message):

@@ -49,6 +49,8 @@ def test_greedy_mtp_output_identical_to_plain_greedy_random_model(vocab_size):
         prompts, params
     )
     assert [o.token_ids for o in chunked] == [o.token_ids for o in plain]  # the MTP layer's cache too
+    narrow = Engine(model, max_batch_size=3, block_size=4, mtp=True, draft_vocab=2).generate(prompts, params)
+    assert [o.token_ids for o in narrow] == [o.token_ids for o in plain]  # drafts among tokens 0, 1 only
     s = engine.stats()
     assert 0 < s["mtp_accepted"] < s["mtp_drafted"]  # both branches taken
     assert s["tokens_per_forward"] == pytest.approx(1 + s["mtp_acceptance_rate"], abs=0.05)
@@ -56,13 +58,14 @@ def test_greedy_mtp_output_identical_to_plain_greedy_random_model(vocab_size):
 
 
 @pytest.mark.parametrize("one_call", [False, True])
-def test_drafts_equal_the_training_path_mtp_prediction(one_call):
+@pytest.mark.parametrize("draft_vocab", [32, 10])
+def test_drafts_equal_the_training_path_mtp_prediction(one_call, draft_vocab):
     """After every step each running request's draft (and its distribution) is what MTP module 1
-    computes in training over the whole sequence: h_i + Emb(t_{i+1}) -> t_{i+2}. one_call: the
-    steps a compiled engine takes for greedy batches, verify and draft in one function
-    (speculative.greedy_step), run eagerly."""
+    computes in training over the whole sequence: h_i + Emb(t_{i+1}) -> t_{i+2}, among the
+    `draft_vocab` lowest token ids. one_call: the steps a compiled engine takes for greedy
+    batches, verify and draft in one function (speculative.greedy_step), run eagerly."""
     model = _model(32)
-    engine = Engine(model, max_batch_size=4, block_size=4, mtp=True)
+    engine = Engine(model, max_batch_size=4, block_size=4, mtp=True, draft_vocab=draft_vocab)
     prompts = _prompts(32, 3, 11, 6)
     temperatures = (0, 0, 0) if one_call else (0, 1.0, 0)
     one_calls = []
@@ -81,6 +84,7 @@ def test_drafts_equal_the_training_path_mtp_prediction(one_call):
                 cos, sin = model.rope(1, n)
                 hm, _ = model.mtp[0](h, model.embed_tokens(torch.tensor([tokens[1 : n + 1]])), cos, sin)
                 logits = model.lm_head(model.mtp[0].shared_head.norm(hm[:, -1]))[0]
+                logits[draft_vocab:] = float("-inf")
                 if r.params.greedy:
                     assert r.draft == int(logits.argmax())
                 else:
@@ -181,6 +185,20 @@ def test_engine_mtp_sampling_follows_the_model_distribution():
     assert _chi2(torch.bincount(tokens[:, 2], minlength=V).double(), marg3) < CHI2_999[7]
     s = engine.stats()
     assert 0.05 < s["mtp_acceptance_rate"] < 0.95
+
+
+def test_the_draft_vocabulary_is_checked_and_defaults_to_a_share_of_the_vocabulary():
+    model = _model(32)
+    Engine(model, mtp=True)
+    assert model.mtp[0].draft_head.shape[0] == 4  # DRAFT_VOCAB_SHARE of 32
+    assert model.mtp[0].draft_head.data_ptr() == model.lm_head.weight.data_ptr()  # its first rows, no copy
+    Engine(model, mtp=True, draft_vocab=32)
+    assert model.mtp[0].draft_head is None  # the whole head
+    for bad in (0, 33, 2.5):
+        with pytest.raises(ValueError, match=r"draft_vocab=.*between 1 and vocab_size=32"):
+            Engine(model, mtp=True, draft_vocab=bad)
+    with pytest.raises(ValueError, match=r"draft_vocab=4: must be None without mtp=True"):
+        Engine(model, draft_vocab=4)
 
 
 def test_bf16_model_with_fp8_cache_and_mtp_sampling_runs_clean(monkeypatch):

@@ -172,20 +172,20 @@ class PagedLatentCache:
         start_pos[b].. . read=False (a prefill from position 0) attends to the new tokens only.
         lengths[b] <= num_new: how many of row b's tokens are real (a padded batch of prompt
         chunks); the padding's latents go to a scratch block no sequence owns."""
-        device = self.kv[0].device
+        device, bs = self.kv[0].device, self.block_size
         tables = [self.block_tables[s] for s in seq_ids]
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # [B, blocks]
+        # the slots in Python: a few integers per step, cheaper than a dozen small tensor ops
+        write_idx = [
+            (self.num_blocks if lengths is not None and j >= lengths[b] else table[p // bs]) * bs + p % bs
+            for b, (table, start) in enumerate(zip(tables, start_pos))
+            for j, p in enumerate(range(start, start + num_new))
+        ]  # [B * T]
+        read_blocks = None
+        if read:  # reads go by whole blocks (contiguous chunks); positions past a sequence's end are masked
+            width = -(-(max(start_pos) + num_new) // bs)  # blocks read per sequence
+            read_blocks = torch.tensor([(t + [0] * width)[:width] for t in tables], device=device)
         start = torch.tensor(start_pos, device=device)  # [B]
-        bs = self.block_size
-        new_pos = start[:, None] + torch.arange(num_new, device=device)  # [B, T]
-        write_idx = table.gather(1, (new_pos // bs).clamp(max=width - 1)) * bs + new_pos % bs  # [B, T]
-        if lengths is not None:
-            pad = torch.arange(num_new, device=device) >= torch.tensor(lengths, device=device)[:, None]
-            write_idx = torch.where(pad, self.num_blocks * bs + new_pos % bs, write_idx)
-        # reads go by whole blocks (contiguous chunks); positions past a sequence's end are masked
-        read_blocks = table[:, : -(-(max(start_pos) + num_new) // bs)] if read else None  # [B, S / bs]
-        return CacheView(self, write_idx.flatten(), read_blocks, start)
+        return CacheView(self, torch.tensor(write_idx, device=device), read_blocks, start)
 
 
 class CacheView(AttentionCache):

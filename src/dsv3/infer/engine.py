@@ -25,6 +25,8 @@ its own generator).
 With mtp=True every decode forward verifies one MTP draft per sequence (speculative.py), so a
 step emits one or two tokens per sequence; stats() reports the acceptance rate. A compiled
 engine verifies and drafts a batch of greedy requests in one call (speculative.greedy_step).
+Drafts are chosen among the `draft_vocab` most frequent tokens (default DRAFT_VOCAB_SHARE of the
+vocabulary; speculative.py says why); the output does not depend on it.
 
 Log-probabilities (SamplingParams.logprobs / prompt_logprobs) are log_softmax of the raw logits
 of the forward that produced each token (sampling.token_logprobs): a sampled token's from the
@@ -50,7 +52,7 @@ from dsv3.infer.autotune import GEMM_TEMPLATES, cold_cache_timing
 from dsv3.infer.cache import PagedLatentCache
 from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, token_logprobs
-from dsv3.infer.speculative import greedy_step, mtp_logits, verify
+from dsv3.infer.speculative import greedy_step, mtp_logits, restrict_drafts, verify
 from dsv3.model.attention import MLA
 from dsv3.model.linear import INLINE_MAX_ROWS
 from dsv3.model.moe import GroupedExperts, max_gathered_tokens
@@ -58,6 +60,7 @@ from dsv3.model.moe import GroupedExperts, max_gathered_tokens
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
 
 CACHE_DTYPES = ("auto", "bf16", "fp8")
+DRAFT_VOCAB_SHARE = 0.125  # of the vocabulary MTP drafts among by default (speculative.restrict_drafts)
 HEAD_ROWS = 512  # prompt positions whose logits are computed at a time (bounds [rows, vocab] memory)
 
 
@@ -110,6 +113,7 @@ class Engine:
         num_blocks: int | None = None,
         cache_dtype: str = "auto",
         mtp: bool = False,
+        draft_vocab: int | None = None,
         decode=None,
         eos_token_id: int | None = None,
         prefill_chunk: int | None = None,
@@ -143,6 +147,13 @@ class Engine:
             eos_token_id,
             f"in [0, vocab_size={cfg.vocab_size})",
         )
+        _need(
+            draft_vocab is None or (isinstance(draft_vocab, int) and 1 <= draft_vocab <= cfg.vocab_size),
+            "draft_vocab",
+            draft_vocab,
+            f"between 1 and vocab_size={cfg.vocab_size} (None: {DRAFT_VOCAB_SHARE:.0%} of the vocabulary)",
+        )
+        _need(mtp or draft_vocab is None, "draft_vocab", draft_vocab, "None without mtp=True (MTP drafts)")
         self.steps_per_decode = 2 if mtp else 1  # tokens fed per sequence per decode forward
         blocks_per_seq = math.ceil((max_seq_len + self.steps_per_decode - 1) / block_size)
         num_blocks = max_batch_size * blocks_per_seq if num_blocks is None else num_blocks
@@ -180,6 +191,8 @@ class Engine:
             num_layers=cfg.num_hidden_layers + (1 if mtp else 0),
             device=self.device,
         )
+        if mtp:
+            restrict_drafts(model, draft_vocab or math.ceil(DRAFT_VOCAB_SHARE * cfg.vocab_size))
         for m in model.modules():
             if isinstance(m, MLA):
                 m.prepare_absorbed(self.dtype)
@@ -274,9 +287,15 @@ class Engine:
         Compiles also let Inductor time its own C++ GEMM template (max-autotune, CPP backend)
         against the library call for each GEMM of the graph and keep the faster, timed with the
         weights out of cache as a decode step reads them (infer/autotune.py); the choices are
-        cached on disk with the compiled graphs. They also turn off Dynamo's duck shaping, which gives sizes equal at trace time one
-        symbol: a cache read of 2 blocks in a 2-token step would then be fixed at 2 blocks by the
-        step's own size checks (a fresh compile mid-request when the sequence grows)."""
+        cached on disk with the compiled graphs. They also turn off Dynamo's duck shaping, which
+        gives sizes equal at trace time one symbol: a cache read of 2 blocks in a 2-token step would
+        then be fixed at 2 blocks by the step's own size checks (a fresh compile mid-request when
+        the sequence grows). And they make the model's float constants (norm epsilons, the
+        softmax scale, the routed scaling factor) constants of the graph: left symbolic, each is
+        an input wrapped in a tensor on every call (25 per step on the tiny preset; its forward
+        0.77 -> 0.65 ms on one core). The code that calls a graph's kernels is C++ (Inductor's
+        `cpp_wrapper`), not Python that takes ~0.1-0.4 ms per call to allocate and dispatch
+        (tiny, one core, a whole engine step: 0.83 -> 0.70 ms; with MTP 1.87 -> 1.64 ms)."""
         if not self.compiled:
             return fn(*args, **kwargs)
         if self._warm:
@@ -287,8 +306,9 @@ class Engine:
                 if "Recompilation triggered" not in str(e):
                     raise
         with (
-            torch._inductor.config.patch(freezing=self.freeze, **GEMM_TEMPLATES),
+            torch._inductor.config.patch(freezing=self.freeze, cpp_wrapper=True, **GEMM_TEMPLATES),
             shape_config.patch(use_duck_shape=False),
+            torch._dynamo.config.patch(specialize_float=True),
             cold_cache_timing(),
             warnings.catch_warnings(),
         ):

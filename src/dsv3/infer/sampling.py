@@ -27,6 +27,7 @@ vLLM reports by default): the model's own probability of the text, whatever the 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -188,17 +189,34 @@ class SamplingBatch:
         device,
     ):
         self.params, self.generators, self.device = params, generators, device
-        self.greedy = torch.tensor([p.greedy for p in params], device=device)
-        self.all_greedy = bool(self.greedy.all())
-        self.temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
-        self.top_k = torch.tensor([p.top_k for p in params], device=device)
-        self.top_p = torch.tensor([float(p.top_p) for p in params], device=device)
-        self.penalty = torch.tensor([float(p.repetition_penalty) for p in params], device=device)
+        self.all_greedy = all(p.greedy for p in params)
         self.seen = None
         if any(s is not None for s in seen):
             V = next(s for s in seen if s is not None).shape[0]
             empty = torch.zeros(V, dtype=torch.bool, device=device)
             self.seen = torch.stack([empty if s is None else s for s in seen])  # [B, V]
+
+    # the parameters as tensors [B], made when first used: a greedy batch without repetition
+    # penalty (most decode steps) needs none of them
+    @functools.cached_property
+    def greedy(self) -> torch.Tensor:
+        return torch.tensor([p.greedy for p in self.params], device=self.device)
+
+    @functools.cached_property
+    def temperature(self) -> torch.Tensor:
+        return torch.tensor([1.0 if p.greedy else p.temperature for p in self.params], device=self.device)
+
+    @functools.cached_property
+    def top_k(self) -> torch.Tensor:
+        return torch.tensor([p.top_k for p in self.params], device=self.device)
+
+    @functools.cached_property
+    def top_p(self) -> torch.Tensor:
+        return torch.tensor([float(p.top_p) for p in self.params], device=self.device)
+
+    @functools.cached_property
+    def penalty(self) -> torch.Tensor:
+        return torch.tensor([float(p.repetition_penalty) for p in self.params], device=self.device)
 
     def probs(self, logits: torch.Tensor, also_seen: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] -> the distribution each row samples from [B, V] (float32 or wider).

@@ -27,11 +27,21 @@ n is (h_n, t_{n+1}) whether or not d was accepted (accepted means d == t_{n+1}),
 are drafted from at once and the accepted one is picked inside the graph. On a CPU a compiled
 call has a fixed cost (~0.5 ms of Python and guard dispatch) of the order of a small model's
 whole step; one call per step instead of two is what lets MTP pay off there.
+
+The draft vocabulary. Decoding one sequence on a CPU is bound by reading the weights, and a
+step with MTP reads the vocabulary head twice: the verify's logits, then the draft's, which
+depend on the verify. The head is a large share of a small model (tiny: 4 of ~10 MB read per
+token in BF16). A draft need not be exact, only likely, so MTP drafts among the K most frequent
+tokens only (`restrict_drafts`; FR-Spec, Zhao et al. 2025), reading K rows of the head instead
+of V. A BPE tokenizer numbers its tokens in merge order, most frequent first, so those are ids
+0..K-1: a view of lm_head's first rows, nothing copied. The verify still reads the whole head,
+so the output is the same; only acceptance can change.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dsv3.infer.sampling import SamplingBatch, greedy_tokens, sample_from
 
@@ -57,7 +67,17 @@ def mtp_logits(
         hidden, model.embed_tokens(next_ids), cos, sin, cache=cache, start_pos=start_pos, absorb=absorb
     )
     h = h[:, -1] if pick is None else h[torch.arange(B, device=h.device), pick]  # [B, H]
-    return model.lm_head(module.shared_head.norm(h))
+    h = module.shared_head.norm(h)
+    if module.draft_head is None:
+        return model.lm_head(h)
+    logits = F.linear(h, module.draft_head)  # [B, K]: the draft vocabulary, ids 0..K-1
+    return F.pad(logits, (0, model.lm_head.weight.shape[0] - logits.shape[-1]), value=float("-inf"))  # [B, V]
+
+
+def restrict_drafts(model, size: int | None) -> None:
+    """Let MTP draft among the `size` lowest token ids only (None: the whole vocabulary)."""
+    V = model.lm_head.weight.shape[0]
+    model.mtp[0].draft_head = None if size is None or size >= V else model.lm_head.weight.detach()[:size]
 
 
 def greedy_step(model, fed: torch.Tensor, cache, start_pos) -> tuple[torch.Tensor, ...]:

@@ -41,6 +41,10 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
+    # at inference, the rows of lm_head MTP drafts among (dsv3.infer.speculative.restrict_drafts);
+    # None: all of them
+    draft_head: torch.Tensor | None = None
+
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, with_aux: bool = False, **kw):
         """h_prev, emb_next [B, T', H] -> (h [B, T', H] before shared_head.norm, balance loss)."""
         x = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
