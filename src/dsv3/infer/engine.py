@@ -151,7 +151,7 @@ class Engine:
             draft_vocab is None or (isinstance(draft_vocab, int) and 1 <= draft_vocab <= cfg.vocab_size),
             "draft_vocab",
             draft_vocab,
-            f"between 1 and vocab_size={cfg.vocab_size} (None: {DRAFT_VOCAB_SHARE:.0%} of the vocabulary)",
+            f"between 1 and vocab_size={cfg.vocab_size} (default: {DRAFT_VOCAB_SHARE:.1%} of the vocabulary)",
         )
         _need(mtp or draft_vocab is None, "draft_vocab", draft_vocab, "None without mtp=True (MTP drafts)")
         self.steps_per_decode = 2 if mtp else 1  # tokens fed per sequence per decode forward

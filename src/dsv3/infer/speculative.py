@@ -74,10 +74,10 @@ def mtp_logits(
     return F.pad(logits, (0, model.lm_head.weight.shape[0] - logits.shape[-1]), value=float("-inf"))  # [B, V]
 
 
-def restrict_drafts(model, size: int | None) -> None:
-    """Let MTP draft among the `size` lowest token ids only (None: the whole vocabulary)."""
-    V = model.lm_head.weight.shape[0]
-    model.mtp[0].draft_head = None if size is None or size >= V else model.lm_head.weight.detach()[:size]
+def restrict_drafts(model, size: int) -> None:
+    """Let MTP draft among the `size` lowest token ids only (all of them: the whole head)."""
+    weight = model.lm_head.weight.detach()
+    model.mtp[0].draft_head = None if size >= weight.shape[0] else weight[:size]
 
 
 def greedy_step(model, fed: torch.Tensor, cache, start_pos) -> tuple[torch.Tensor, ...]:
