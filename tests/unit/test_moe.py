@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv3 import ModelConfig
-from dsv3.model import packed_experts
+from dsv3.model import packed_experts, panel_gemm
 from dsv3.model.moe import (
     Dispatcher,
     GroupedExperts,
@@ -96,13 +96,21 @@ def _experts(dtype=torch.float32) -> GroupedExperts:
 
 
 @needs_packing
+@pytest.mark.parametrize("kernel", ["panel", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0, 7, 2, 4], [0, 1, 0, 0, 2, 0, 1, 0], [0] * 8])
-def test_packed_experts_equal_the_loop(counts, dtype):
-    """GroupedExperts.pack: the inference op runs on oneDNN-packed copies of the weights, for
-    many rows and for few, eagerly and compiled (the handle is an int the graph carries)."""
-    if dtype == torch.bfloat16 and not can_pack(torch.empty(0, dtype=dtype)):
-        pytest.skip("oneDNN has no BF16 kernels on this CPU")
+def test_packed_experts_equal_the_loop(counts, dtype, kernel, monkeypatch):
+    """GroupedExperts.pack: the inference op runs on packed copies of the weights, for many rows
+    and for few, eagerly and compiled (the handle is an int the graph carries): all the experts in
+    one call of the panel kernel, or one oneDNN call per expert with rows and weight where the
+    panel kernel cannot be built."""
+    if kernel == "panel" and not panel_gemm.can_pack(torch.empty(0, 2, dtype=dtype)):
+        pytest.skip("the panel kernel cannot be built here")
+    if kernel == "onednn":
+        monkeypatch.setattr(panel_gemm, "can_pack", lambda weight: False)
+        if dtype == torch.bfloat16 and not can_pack(torch.empty(0, dtype=dtype)):
+            pytest.skip("oneDNN has no BF16 kernels on this CPU")
+    torch.compiler.reset()  # each case compiles the same forward: stay under the recompile limit
     experts = _experts(dtype)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     x = torch.randn(sum(counts), 32).to(dtype)
@@ -111,10 +119,15 @@ def test_packed_experts_equal_the_loop(counts, dtype):
         ref = experts.float().forward_reference(x.float(), offs)
         experts.to(dtype)
         assert experts.pack()
-        calls = torch.ops.mkldnn._linear_pointwise.default
         with torch.profiler.profile() as prof:
             packed = experts(x, offs)
-        assert sum(e.name == calls.name() for e in prof.events()) == 2 * sum(c > 0 for c in counts)
+        calls = [e.name for e in prof.events()]
+        if kernel == "panel":
+            assert calls.count("dsv3_panel::expert_mlp") == 1
+        else:
+            assert calls.count(torch.ops.mkldnn._linear_pointwise.default.name()) == 2 * sum(
+                c > 0 for c in counts
+            )
         torch.testing.assert_close(packed.float(), ref, **tol)
         compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x, offs).float(), ref, **tol)

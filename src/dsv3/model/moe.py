@@ -44,11 +44,12 @@ from dsv3.device import compute_dtype
 from dsv3.model.linear import compiled_inference, linear
 from dsv3.model.packed_experts import (
     can_pack,
+    expert_loop,
     is_current,
     pack_experts,
-    packed_linear,
-    packed_weights,
     release,
+    run_packed,
+    runs_packed,
 )
 
 
@@ -209,25 +210,17 @@ def expert_mlp(
     x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offs: torch.Tensor, packed: int
 ) -> torch.Tensor:
     """Inference: every expert's SwiGLU on its rows of x [M, H] (sorted by expert, offs [E]). With
-    packed >= 0, on the packed copies of the weights that handle names (`GroupedExperts.pack`).
-    Otherwise, with fewer rows than experts (decoding) only the chosen experts run, one GEMM pair
+    packed >= 0, on the packed copies that handle names (`GroupedExperts.pack`, model/packed_experts.py)
+    for as many rows as they are the faster way. Otherwise, with fewer rows than experts (decoding) only the chosen experts run, one GEMM pair
     each on views of their weights (llama.cpp's mul_mat_id: nothing else is read), and with more,
     two grouped GEMMs. A torch.library op: torch.compile calls it as one node (grouped_mm would
     break the graph); no autograd (training takes the `_grouped_mm` path)."""
-    if packed >= 0 and is_current(packed, gate_up_proj, down_proj):
-        weights, linear = packed_weights(packed), packed_linear
-    elif x.shape[0] >= offs.shape[0]:
+    if packed >= 0 and is_current(packed, gate_up_proj, down_proj) and runs_packed(packed, x.shape[0]):
+        return run_packed(packed, x, offs)
+    if x.shape[0] >= offs.shape[0]:
         gate, up = F.grouped_mm(x, gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [M, I] each
         return F.grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offs)  # [M, H]
-    else:
-        weights, linear = zip(gate_up_proj.unbind(), down_proj.unbind()), F.linear
-    out = x.new_empty(x.shape[0], down_proj.shape[1])
-    ends = offs.tolist()
-    for (gate_up_w, down_w), start, end in zip(weights, [0, *ends[:-1]], ends):
-        if end > start:
-            gate, up = linear(x[start:end], gate_up_w).chunk(2, dim=-1)
-            out[start:end] = linear(F.silu(gate) * up, down_w)
-    return out
+    return expert_loop(x, offs, zip(gate_up_proj, down_proj), F.linear, down_proj.shape[1])
 
 
 @expert_mlp.register_fake

@@ -1,0 +1,257 @@
+// GEMMs of a few rows on weights packed in 16-column panels, and the routed experts built on them.
+// What each function computes, and why, is told in panel_gemm.py, which builds this file.
+//
+// A weight W [N, K] is packed as ceil(N/16) panels of 16 output columns, each panel contiguous:
+//   BF16: [K/2][16][2]  (lane j holds W[16p + j, 2k] and W[16p + j, 2k + 1])
+//   FP32: [K][16]
+// so one 64-byte load gives 16 columns' next inputs, and a row's products accumulate in 16 FP32
+// lanes with no horizontal sum. A tile keeps R rows x NP panels of accumulators in registers and
+// reads each weight byte once for its R rows.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t LANES = 16;  // output columns of a panel
+constexpr int MAX_ROWS = 4;    // rows of a tile
+constexpr int MAX_PANELS = 4;  // panels of a tile
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+template <typename V>
+inline V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+inline float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// y[r, 16p + j] = sum_k x[r, k] W[16p + j, k]; BF16: x as K/2 pairs of BF16 (uint32), kk = K/2
+template <int R, int NP>
+inline void tile_bf16(const uint32_t* x, int64_t ldx, const uint32_t* w, int64_t kk, float* y, int64_t ldy) {
+  const int64_t panel = kk * LANES;
+#if defined(__AVX512BF16__)
+  __m512 acc[R][NP];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kk; ++k) {
+    __m512i wv[NP];
+    for (int p = 0; p < NP; ++p) wv[p] = _mm512_loadu_si512(w + p * panel + k * LANES);
+    for (int r = 0; r < R; ++r) {
+      __m512bh xr = (__m512bh)_mm512_set1_epi32(x[r * ldx + k]);
+      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], xr, (__m512bh)wv[p]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < NP; ++p) _mm512_storeu_ps(y + r * ldy + p * LANES, acc[r][p]);
+#else  // a BF16 value is the top half of an FP32 one: widen by shifting, multiply in FP32
+  f32x16 acc[R][NP] = {};
+  for (int64_t k = 0; k < kk; ++k) {
+    f32x16 even[NP], odd[NP];
+    for (int p = 0; p < NP; ++p) {
+      u32x16 pairs = load<u32x16>(w + p * panel + k * LANES);
+      even[p] = (f32x16)(pairs << 16);
+      odd[p] = (f32x16)(pairs & 0xFFFF0000u);
+    }
+    for (int r = 0; r < R; ++r) {
+      uint32_t xr = x[r * ldx + k];
+      float xe = bits_to_float(xr << 16), xo = bits_to_float(xr & 0xFFFF0000u);
+      for (int p = 0; p < NP; ++p) acc[r][p] += xe * even[p] + xo * odd[p];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < NP; ++p) std::memcpy(y + r * ldy + p * LANES, &acc[r][p], sizeof(f32x16));
+#endif
+}
+
+template <int R, int NP>
+inline void tile_f32(const float* x, int64_t ldx, const float* w, int64_t kk, float* y, int64_t ldy) {
+  const int64_t panel = kk * LANES;
+  f32x16 acc[R][NP] = {};
+  for (int64_t k = 0; k < kk; ++k) {
+    f32x16 wv[NP];
+    for (int p = 0; p < NP; ++p) wv[p] = load<f32x16>(w + p * panel + k * LANES);
+    for (int r = 0; r < R; ++r) {
+      float xr = x[r * ldx + k];
+      for (int p = 0; p < NP; ++p) acc[r][p] += xr * wv[p];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < NP; ++p) std::memcpy(y + r * ldy + p * LANES, &acc[r][p], sizeof(f32x16));
+}
+
+template <int NP, typename T>
+void tile(int rows, const T* x, int64_t ldx, const T* w, int64_t kk, float* y, int64_t ldy) {
+#define DSV3_TILE(R)                                                   \
+  case R:                                                              \
+    if constexpr (std::is_same_v<T, uint32_t>)                         \
+      tile_bf16<R, NP>(x, ldx, w, kk, y, ldy);                         \
+    else                                                               \
+      tile_f32<R, NP>(x, ldx, w, kk, y, ldy);                          \
+    return;
+  switch (rows) { DSV3_TILE(1) DSV3_TILE(2) DSV3_TILE(3) DSV3_TILE(4) }
+#undef DSV3_TILE
+}
+
+// y [rows, 16 * panels] (FP32, row stride ldy) over panels [p0, p1) of the packed w: each group of
+// MAX_PANELS panels is read from memory once, for the first MAX_ROWS rows (then from cache)
+template <typename T>
+void gemm_panels(const T* x, int64_t ldx, int64_t rows, const T* w, int64_t kk, int64_t p0, int64_t p1, float* y,
+                 int64_t ldy) {
+  const int64_t panel = kk * LANES;
+  for (int64_t p = p0; p < p1; p += MAX_PANELS) {
+    const int64_t np = std::min<int64_t>(MAX_PANELS, p1 - p);
+    for (int64_t m = 0; m < rows; m += MAX_ROWS) {
+      const int r = (int)std::min<int64_t>(MAX_ROWS, rows - m);
+      const T* xm = x + m * ldx;
+      const T* wp = w + p * panel;
+      float* ym = y + m * ldy + p * LANES;
+      switch (np) {
+        case 1: tile<1>(r, xm, ldx, wp, kk, ym, ldy); break;
+        case 2: tile<2>(r, xm, ldx, wp, kk, ym, ldy); break;
+        case 3: tile<3>(r, xm, ldx, wp, kk, ym, ldy); break;
+        default: tile<4>(r, xm, ldx, wp, kk, ym, ldy); break;
+      }
+    }
+  }
+}
+
+// Rows [m0, m0 + rows) of x [M, K] times panels [p0, p1) of one packed weight, K-wise `kk` steps
+void gemm_block(const at::Tensor& x, int64_t m0, int64_t rows, const void* w, int64_t kk, int64_t p0, int64_t p1,
+                float* y, int64_t ldy) {
+  if (x.scalar_type() == at::kBFloat16) {
+    const int64_t ldx = x.stride(0) / 2;
+    gemm_panels<uint32_t>(static_cast<const uint32_t*>(x.const_data_ptr()) + m0 * ldx, ldx, rows,
+                          static_cast<const uint32_t*>(w), kk, p0, p1, y + m0 * ldy, ldy);
+  } else {
+    const int64_t ldx = x.stride(0);
+    gemm_panels<float>(x.const_data_ptr<float>() + m0 * ldx, ldx, rows, static_cast<const float*>(w), kk, p0, p1,
+                       y + m0 * ldy, ldy);
+  }
+}
+
+// K-wise steps of a packed weight [..., panels, kk, 16(, 2)]
+int64_t steps(const at::Tensor& packed) { return packed.size(packed.dim() - (packed.scalar_type() == at::kBFloat16 ? 3 : 2)); }
+
+void check(const at::Tensor& x, const at::Tensor& packed, const char* what) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, what, ": x must be float32 or bfloat16, not ", x.scalar_type());
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type(), what, ": packed weight dtype ", packed.scalar_type(),
+              " != x dtype ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % (bf16 ? 2 : 1) == 0, what,
+              ": x must be 2-D with contiguous rows (of an even stride for bfloat16)");
+  TORCH_CHECK(packed.is_contiguous() && packed.dim() == (bf16 ? 4 : 3) &&
+                  packed.size(-1) == (bf16 ? 2 : LANES) && (!bf16 || packed.size(-2) == LANES),
+              what, ": packed weight of shape ", packed.sizes(), " is not packed by panel_gemm.pack");
+  TORCH_CHECK(steps(packed) * (bf16 ? 2 : 1) == x.size(1), what, ": x has ", x.size(1),
+              " columns, the packed weight ", steps(packed) * (bf16 ? 2 : 1), " inputs");
+}
+
+}  // namespace
+
+// x [M, K] @ W.T for W [N, K] packed -> [M, N] in x's dtype
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  check(x, packed, "panel_linear");
+  const int64_t panels = packed.size(0), kk = steps(packed), ldy = panels * LANES, rows = x.size(0);
+  TORCH_CHECK(0 < n && n <= ldy && ldy - n < LANES, "panel_linear: n=", n, " does not fit ", panels, " panels");
+  at::Tensor y = at::empty({rows, ldy}, x.options().dtype(at::kFloat));
+  float* out = y.data_ptr<float>();
+  const void* w = packed.const_data_ptr();
+  const int64_t groups = (panels + MAX_PANELS - 1) / MAX_PANELS;
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    gemm_block(x, 0, rows, w, kk, g0 * MAX_PANELS, std::min(g1 * MAX_PANELS, panels), out, ldy);
+  });
+  return y.narrow(1, 0, n).to(x.scalar_type());
+}
+
+// The routed experts' SwiGLU on rows of x [M, H] sorted by expert (offs [E] int32 cumulative
+// ends): gate_up [E, panels of 2I, ...] and down [E, panels of H, ...] packed -> [M, H]
+at::Tensor panel_expert_mlp(const at::Tensor& x, const at::Tensor& offs, const at::Tensor& gate_up,
+                            const at::Tensor& down, int64_t inter) {
+  TORCH_CHECK(offs.scalar_type() == at::kInt && offs.dim() == 1 && offs.size(0) == gate_up.size(0) &&
+                  offs.size(0) == down.size(0),
+              "panel_expert_mlp: offs must be int32 [E], E = the packed experts");
+  TORCH_CHECK(gate_up.size(1) * LANES >= 2 * inter && 2 * inter > (gate_up.size(1) - 1) * LANES,
+              "panel_expert_mlp: gate_up does not hold 2 x ", inter, " outputs");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t M = x.size(0), H = x.size(1), experts = offs.size(0);
+  const int64_t gu_panels = gate_up.size(1), dn_panels = down.size(1);
+  TORCH_CHECK(dn_panels * LANES >= H && dn_panels * LANES - H < LANES,
+              "panel_expert_mlp: down does not have ", H, " outputs");
+  const int64_t gu_ld = gu_panels * LANES, dn_ld = dn_panels * LANES;
+  at::Tensor gu_out = at::empty({M, gu_ld}, x.options().dtype(at::kFloat));
+  at::Tensor h = at::empty({M, inter}, x.options());
+  at::Tensor y = at::empty({M, dn_ld}, x.options().dtype(at::kFloat));
+  at::Tensor gate_up_x = x.contiguous();
+  check(gate_up_x, gate_up.select(0, 0), "panel_expert_mlp gate_up");
+  check(h, down.select(0, 0), "panel_expert_mlp down");
+
+  const int32_t* ends = offs.const_data_ptr<int32_t>();
+  struct Task { int64_t expert, start, rows, p0, p1; };
+  auto tasks = [&](int64_t panels) {
+    std::vector<Task> out;
+    for (int64_t e = 0, start = 0; e < experts; start = ends[e], ++e)
+      if (ends[e] > start)
+        for (int64_t p = 0; p < panels; p += MAX_PANELS)
+          out.push_back({e, start, ends[e] - start, p, std::min(p + MAX_PANELS, panels)});
+    TORCH_CHECK(ends[experts - 1] == M, "panel_expert_mlp: offs ends at ", ends[experts - 1], ", x has ", M, " rows");
+    return out;
+  };
+  auto run = [&](const std::vector<Task>& todo, const at::Tensor& in, const at::Tensor& w, at::Tensor& out) {
+    const char* base = static_cast<const char*>(w.const_data_ptr());
+    const int64_t per_expert = w.stride(0) * w.element_size(), kk = steps(w), ld = out.size(1);
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, (int64_t)todo.size(), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const Task& task = todo[t];
+        gemm_block(in, task.start, task.rows, base + task.expert * per_expert, kk, task.p0, task.p1, o, ld);
+      }
+    });
+  };
+  run(tasks(gu_panels), gate_up_x, gate_up, gu_out);
+  // h = silu(gate) * up, rounded as the eager path rounds (each BF16 op's result)
+  const float* g = gu_out.const_data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t i = 0; i < inter; ++i) {
+        float gate = g[m * gu_ld + i], up = g[m * gu_ld + inter + i];
+        if (bf16) {
+          gate = c10::BFloat16(gate);
+          up = c10::BFloat16(up);
+          h.data_ptr<c10::BFloat16>()[m * inter + i] = c10::BFloat16(float(c10::BFloat16(gate / (1.0f + std::exp(-gate)))) * up);
+        } else {
+          h.data_ptr<float>()[m * inter + i] = gate / (1.0f + std::exp(-gate)) * up;
+        }
+      }
+  });
+  run(tasks(dn_panels), h, down, y);
+  return y.narrow(1, 0, H).to(x.scalar_type());
+}
+
+TORCH_LIBRARY(dsv3_panel, m) {
+  m.def("linear(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("expert_mlp(Tensor x, Tensor offs, Tensor gate_up, Tensor down, int inter) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsv3_panel, CPU, m) {
+  m.impl("linear", &panel_linear);
+  m.impl("expert_mlp", &panel_expert_mlp);
+}
