@@ -1,15 +1,16 @@
-"""Decode-sized GEMMs: aten (MKL) against oneDNN on a packed weight, FP32 and BF16.
+"""Decode-sized GEMMs: aten (MKL), oneDNN on a packed weight and dsv3's panel kernel, FP32 and BF16.
 
 Decoding multiplies 1 to a few dozen rows by each weight, so its speed is how fast a GEMM streams
 a weight it reads once. This times `F.linear` (aten: MKL for FP32, oneDNN on the plain weight for
-BF16) against `torch.ops.mkldnn._linear_pointwise` on the weight reordered once into oneDNN's
-blocked layout (what Inductor's freezing does to nn.Linear weights and GroupedExperts.pack to
-the routed experts), on the shapes of the small preset's head (32768 x 512) and one routed expert
+BF16), `torch.ops.mkldnn._linear_pointwise` on the weight reordered once into oneDNN's blocked
+layout (what Inductor's freezing does to nn.Linear weights) and the panel kernel on its panels
+(model/panel_gemm.py: a compiled decode step's packed Linears and the routed experts), on the shapes of the small preset's head (32768 x 512) and one routed expert
 (gate and up stacked, 512 x 512), at 1, 2, 4 and 16 rows, one thread. Each call reads a weight
 not in cache (a ring of copies larger than the L3); medians of interleaved calls; GB/s is weight
 bytes over time. Then the same question for what decoding runs: the small preset's routed
 experts (7 MoE layers of 32 experts, 6 per row, random routing) through `expert_mlp`, unpacked
-(aten) against packed (`GroupedExperts.pack`), and gathered (`GroupedExperts.forward_gathered`
+(aten), on oneDNN-packed weights (one call per expert and weight), on the panel kernel (all the
+experts of a layer in one call: `GroupedExperts.pack`), and gathered (`GroupedExperts.forward_gathered`
 compiled by Inductor, as a compiled decode step of few tokens runs them; it also does the
 weighted combine the other two leave out). Results go to benchmarks/results/small_m_gemm.json
 (small_m_gemm_experts.json with --experts-only).
@@ -30,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import ModelConfig
+from dsv3.model import panel_gemm
 from dsv3.model.moe import GroupedExperts
+from dsv3.model.packed_experts import expert_loop, packed_linear
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save_result  # noqa: E402
@@ -53,13 +56,12 @@ def interleaved_medians(calls: dict[str, Callable[[int], object]], repeats: int)
 
 
 def speed_row(keys: dict, seconds: dict[str, float], unit: str, scale: float) -> dict:
-    """A results row: `keys`, then aten's and the packed time in `unit` and the speedup."""
-    aten, packed = seconds["aten"], seconds["onednn_packed"]
+    """A results row: `keys`, then each kernel's time in `unit`, and the panel kernel's speedup
+    over oneDNN's packed weight."""
     return {
         **keys,
-        f"aten_{unit}": round(aten * scale, 2),
-        f"onednn_packed_{unit}": round(packed * scale, 2),
-        "speedup": round(aten / packed, 2),
+        **{f"{name}_{unit}": round(t * scale, 2) for name, t in seconds.items()},
+        "panel_vs_onednn": round(seconds["onednn_packed"] / seconds["panel"], 2),
     }
 
 
@@ -68,24 +70,22 @@ def measure(n: int, k: int, dtype: torch.dtype, rows: int, repeats: int) -> dict
     copies = max(2, RING_BYTES // (n * k * dtype.itemsize))
     plain = [torch.randn(n, k).to(dtype) for _ in range(copies)]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in plain]
+    panels = [panel_gemm.pack(w) for w in plain]
     x = torch.randn(rows, k).to(dtype)
     pointwise = torch.ops.mkldnn._linear_pointwise
-    torch.testing.assert_close(
-        pointwise(x, packed[0], None, "none", [], "").float(),
-        F.linear(x, plain[0]).float(),
-        rtol=2e-2,
-        atol=2e-2,
-    )
+    for got in (pointwise(x, packed[0], None, "none", [], ""), panel_gemm.linear(x, panels[0], n)):
+        torch.testing.assert_close(got.float(), F.linear(x, plain[0]).float(), rtol=2e-2, atol=2e-2)
     calls = {
         "aten": lambda i: F.linear(x, plain[i % copies]),
         "onednn_packed": lambda i: pointwise(x, packed[i % copies], None, "none", [], ""),
+        "panel": lambda i: panel_gemm.linear(x, panels[i % copies], n),
     }
     return interleaved_medians(calls, repeats)
 
 
 def measure_experts(dtype: torch.dtype, tokens: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one decode step's routed experts of the small preset: unpacked, packed,
-    and gathered (compiled)."""
+    """Median seconds of one decode step's routed experts of the small preset: unpacked, on
+    oneDNN-packed weights, on the panel kernel, and gathered (compiled)."""
     cfg = ModelConfig.from_preset("small")
     layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
     E, H, k = cfg.n_routed_experts, cfg.hidden_size, cfg.num_experts_per_tok
@@ -96,7 +96,15 @@ def measure_experts(dtype: torch.dtype, tokens: int, repeats: int) -> dict[str, 
             torch.nn.init.normal_(w, std=0.02)
         pack.load_state_dict(plain.state_dict())
         plain.to(dtype)
-        pack.to(dtype).pack()
+        assert pack.to(dtype).pack()
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    onednn = [
+        [
+            (reorder(g.contiguous(), 16), reorder(d.contiguous(), 16))
+            for g, d in zip(e.gate_up_proj, e.down_proj)
+        ]
+        for e in experts
+    ]
     indices = torch.stack([torch.randperm(E)[:k] for _ in range(tokens)])  # [tokens, k]
     order = indices.flatten().argsort(stable=True)
     offs = torch.bincount(indices.flatten(), minlength=E).cumsum(0).to(torch.int32)
@@ -113,7 +121,8 @@ def measure_experts(dtype: torch.dtype, tokens: int, repeats: int) -> dict[str, 
         torch.testing.assert_close(gathered()[0], combined, rtol=2e-2, atol=2e-3)
         calls = {
             "aten": lambda i: [layer(x, offs) for layer in experts],
-            "onednn_packed": lambda i: [layer(x, offs) for layer in packed],
+            "onednn_packed": lambda i: [expert_loop(x, offs, w, packed_linear, H) for w in onednn],
+            "panel": lambda i: [layer(x, offs) for layer in packed],
             "gathered": lambda i: gathered(),
         }
         return interleaved_medians(calls, repeats)
@@ -126,11 +135,13 @@ def main() -> None:
     args = p.parse_args()
     if not torch.backends.mkldnn.is_available():
         sys.exit("error: this torch build has no oneDNN (mkldnn); nothing to compare")
+    if not panel_gemm.available():
+        sys.exit("error: the panel kernel cannot be built here (see the warning above)")
     torch.set_num_threads(1)
     dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
     print(f"{machine()['cpu']}, torch {torch.__version__}, 1 thread")
     print(
-        f"{'weight':16s} {'dtype':9s} {'rows':>4s} {'aten us':>9s} {'packed us':>9s} {'aten GB/s':>9s} {'packed GB/s':>11s} {'speedup':>7s}"
+        f"{'weight':16s} {'dtype':9s} {'rows':>4s}   GB/s: {'aten':>6s} {'oneDNN':>7s} {'panel':>6s}  panel/oneDNN"
     )
     rows = []
     for shape, (n, k) in {} if args.experts_only else SHAPES.items():
@@ -145,13 +156,11 @@ def main() -> None:
                 )
                 rows.append(row)
                 gb = n * k * dtype.itemsize / 1e9
-                print(
-                    f"{shape:16s} {row['dtype']:9s} {m:4d} {row['aten_us']:9.0f} {row['onednn_packed_us']:9.0f} "
-                    f"{gb / seconds['aten']:9.1f} {gb / seconds['onednn_packed']:11.1f} {row['speedup']:6.2f}x"
-                )
+                rates = " ".join(f"{gb / seconds[name]:6.1f}" for name in ("aten", "onednn_packed", "panel"))
+                print(f"{shape:16s} {row['dtype']:9s} {m:4d}         {rates}  {row['panel_vs_onednn']:6.2f}x")
     print(f"\nsmall preset's routed experts, one decode step ({machine()['cpu']}, 1 thread)")
     print(
-        f"{'dtype':9s} {'tokens':>6s} {'aten ms':>8s} {'packed ms':>9s} {'speedup':>7s} {'gathered ms':>11s}"
+        f"{'dtype':9s} {'tokens':>6s}   ms: {'aten':>6s} {'oneDNN':>7s} {'panel':>6s} {'gathered':>8s}  panel/oneDNN"
     )
     expert_rows = []
     for dtype in dtypes:
@@ -160,11 +169,10 @@ def main() -> None:
             row = speed_row(
                 {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens}, seconds, "ms", 1e3
             )
-            row["gathered_ms"] = round(seconds["gathered"] * 1e3, 2)
             expert_rows.append(row)
+            times = " ".join(f"{seconds[name] * 1e3:6.2f}" for name in ("aten", "onednn_packed", "panel"))
             print(
-                f"{row['dtype']:9s} {tokens:6d} {row['aten_ms']:8.2f} {row['onednn_packed_ms']:9.2f} "
-                f"{row['speedup']:6.2f}x {row['gathered_ms']:11.2f}"
+                f"{row['dtype']:9s} {tokens:6d}       {times} {row['gathered_ms']:8.2f}  {row['panel_vs_onednn']:6.2f}x"
             )
     payload = {"threads": 1, "repeats": args.repeats, "rows": rows, "small_preset_experts": expert_rows}
     name = "small_m_gemm_experts" if args.experts_only else "small_m_gemm"

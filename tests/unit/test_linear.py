@@ -1,12 +1,14 @@
-"""`linear` (the router's product) of a few rows in a compiled inference step runs as a fused loop
-(model/linear.py): the same product as F.linear, and what runs is read from the traced graphs."""
+"""`linear` (the router's product) of a few rows in a compiled inference step runs as a fused loop,
+and the model's packed `Linear`s of a few more rows on the panel kernel (model/linear.py): the
+same product as F.linear, and what runs is read from the traced graphs."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dsv3.model import linear as linear_module
-from dsv3.model.linear import INLINE_MAX_ROWS, linear
+from dsv3.model import panel_gemm
+from dsv3.model.linear import INLINE_MAX_ROWS, PANEL_ROWS, Linear, linear, pack_linears
 
 
 def _inline_everywhere(monkeypatch):
@@ -59,3 +61,66 @@ def test_a_compiled_inference_step_inlines_linear_of_few_rows():
         ran = set().union(*graphs)
         assert any("linear" in t for t in ran) == (rows > INLINE_MAX_ROWS or grad), (rows, grad, ran)
         torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+
+
+needs_panels = pytest.mark.skipif(
+    not panel_gemm.can_pack(torch.empty(0, 2)), reason="the panel kernel cannot be built here"
+)
+
+
+def test_linear_is_an_nn_linear_with_the_same_state_dict():
+    """The model's Linear keeps nn.Linear's parameters and state dict: its packed copy is not saved."""
+    torch.manual_seed(0)
+    layer, plain = Linear(32, 24, bias=True), torch.nn.Linear(32, 24, bias=True)
+    plain.load_state_dict(layer.state_dict())
+    pack_linears(layer)
+    assert layer.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer(x), plain(x))  # eager: F.linear, packed or not
+
+
+@needs_panels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_compiled_inference_step_runs_packed_linears_of_a_few_rows_on_the_panel_kernel(dtype, bias):
+    """Packed, a Linear of PANEL_ROWS rows in a compiled inference step is one panel-kernel call,
+    equal to F.linear; one row (Inductor's own GEMM is faster there), more rows, autograd, or an
+    unpacked Linear trace to F.linear."""
+    torch.manual_seed(0)
+    layer = Linear(64, 40, bias=bias).to(dtype)
+    assert pack_linears(torch.nn.Sequential(layer)) == 1 and layer.panels is not None
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return gm.forward
+
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1e-2)
+    cases = [
+        (1, False),
+        (PANEL_ROWS[0], False),
+        (PANEL_ROWS[-1], False),
+        (PANEL_ROWS[-1] + 1, False),
+        (4, True),
+    ]
+    for rows, grad in cases:
+        x = torch.randn(rows // 2, 2, 64).to(dtype) if rows % 2 == 0 else torch.randn(rows, 64).to(dtype)
+        torch._dynamo.reset()
+        graphs.clear()
+        with torch.set_grad_enabled(grad):
+            got = torch.compile(layer, dynamic=True, backend=recording_backend)(x)
+            ref = F.linear(x, layer.weight, layer.bias)
+        panel = any("dsv3_panel.linear" in t for t in set().union(*graphs))
+        assert panel == (PANEL_ROWS[0] <= rows <= PANEL_ROWS[1] and not grad), (rows, grad, graphs)
+        assert got.shape == ref.shape and got.dtype == dtype
+        torch.testing.assert_close(got.detach(), ref.detach(), **tol)
+    pack_linears(layer, enabled=False)
+    assert layer.panels is None
+
+
+def test_pack_linears_leaves_what_the_panel_kernel_does_not_run(monkeypatch):
+    model = torch.nn.Sequential(Linear(8, 8), torch.nn.Linear(8, 8), Linear(8, 8).double())
+    monkeypatch.setattr(panel_gemm, "can_pack", lambda w: w.dtype == torch.float32)
+    monkeypatch.setattr(panel_gemm, "pack", lambda w: w.detach().clone())
+    assert pack_linears(model) == 1  # not the plain nn.Linear, not the float64 one
+    assert model[0].panels is not None and model[2].panels is None

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from dsv3.device import compute_dtype
 from dsv3.fp8.gemm import emulation_dtype, fp8_gemm, resolve_backend
 from dsv3.fp8.quant import ACT, ACT_T, WEIGHT, Fp8Tensor, ScaleFormat, fake_quantize_segments, quantize
+from dsv3.model.linear import Linear
 
 KEEP_HIGH_PRECISION = ("embed_tokens", "lm_head", "gate", "eh_proj")
 DEFAULT_FMT: ScaleFormat = "pow2"
@@ -222,7 +223,7 @@ def convert_to_fp8(
             path = f"{parent_name}.{name}" if parent_name else name
             if name in keep or path in keep:
                 continue
-            if type(child) is nn.Linear:
+            if type(child) in (nn.Linear, Linear):
                 setattr(parent, name, Fp8Linear.from_linear(child, backend, fmt))
             elif isinstance(child, GroupedExperts):
                 setattr(parent, name, Fp8GroupedExperts.from_float(child, backend, fmt))

@@ -58,6 +58,7 @@ from dsv3.device import compute_dtype
 from dsv3.errors import ConfigError
 from dsv3.fp8.quant import TILE, WEIGHT, Fp8Tensor, quantize
 from dsv3.hf import is_fp8_weight
+from dsv3.model.linear import Linear
 
 SCALE_FORMATS = ("pow2", "fp32")
 DEFAULT_FMT = "pow2"
@@ -234,7 +235,7 @@ def to_fp8_resident(model: nn.Module, fmt: str = DEFAULT_FMT, keep: Iterable[str
     for path, module in _convertible(model, "", keep):
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
-        if type(module) is nn.Linear and is_fp8_weight(f".{path}.weight"):
+        if type(module) in (nn.Linear, Linear) and is_fp8_weight(f".{path}.weight"):
             setattr(parent, name, Fp8ResidentLinear.from_linear(module, fmt))
         elif isinstance(module, GroupedExperts) and is_fp8_weight(f".{path}.0.down_proj.weight"):
             setattr(parent, name, Fp8ResidentExperts.from_experts(module, fmt))

@@ -54,7 +54,7 @@ from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, token_logprobs
 from dsv3.infer.speculative import greedy_step, mtp_logits, restrict_drafts, verify
 from dsv3.model.attention import MLA
-from dsv3.model.linear import INLINE_MAX_ROWS
+from dsv3.model.linear import INLINE_MAX_ROWS, PANEL_ROWS, pack_linears
 from dsv3.model.moe import GroupedExperts, max_gathered_tokens
 
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
@@ -198,6 +198,7 @@ class Engine:
                 m.prepare_absorbed(self.dtype)
             elif isinstance(m, GroupedExperts):
                 m.pack(freeze)
+        self._panels = pack_linears(model, freeze and compile) > 0  # the Linears of few-row compiled steps
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._requests: dict[str, _Request] = {}
@@ -240,7 +241,7 @@ class Engine:
         skip re-checking guards that cannot change. Dynamic shapes specialize a size of 1, so the
         warm-up decodes every kind of step a request can meet: batch 1 and 2, each with a context
         of one cache block and of two (and, with MTP, greedy and sampled steps), and the smallest
-        batches whose Linears no longer run as fused loops (model/linear.py) and whose routed
+        batches whose Linears no longer run as fused loops or on the panel kernel (model/linear.py) and whose routed
         experts no longer run gathered (`MoE`), if the engine takes them."""
         if not self.compiled or self._warm:
             return
@@ -252,6 +253,7 @@ class Engine:
         limits = (
             INLINE_MAX_ROWS,
             max_gathered_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok),
+            *([PANEL_ROWS[-1]] if self._panels else []),
         )
         past = {rows // self.steps_per_decode + 1 for rows in limits}  # sequences
         for batch in sorted({1, 2} | {b for b in past if b <= self.max_batch_size}):

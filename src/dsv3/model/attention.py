@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.linear import inline_rows
+from dsv3.model.linear import Linear, inline_rows
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope
 
@@ -68,17 +68,17 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         h, bias = cfg.hidden_size, cfg.attention_bias
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.n_heads * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(h, self.n_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
+        self.o_proj = Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
 
     def forward(
         self,

@@ -17,6 +17,14 @@ vs GEMM, one row: d=128 13 vs 13, d=256 28 vs 17, d=512 66 vs 34, d=1024 204 vs 
 d=512 73 vs 41. On the small preset's decode step (batch 1, BF16) that took 114-119 tok/s to
 138-144.
 
+A compiled step of a few more rows (PANEL_ROWS, e.g. 16 sequences decoding) is where Inductor's
+GEMMs stream worst: its template, compiled for any row count, read a small-preset weight at
+2-4 GB/s with 16 rows. There the model's `Linear`s, once packed by the engine (`pack_linears`),
+run on dsv3's panel kernel (model/panel_gemm.py), which reads each weight once for all its rows
+at close to memory speed. At one row Inductor's GEMM, specialized for it, is the faster one; at
+two (MTP's verify at batch 1) the kernel call and the fusions it prevents cost more than it
+saves, and at four the two tie.
+
 What still runs as such loops are products whose other operand is no model weight or a very
 small one: the router's [experts, hidden] FP32 weight (`linear`, fused with the scoring and the
 top-k), attention over the latent cache (model/attention.py) and the routed experts gathered by
@@ -33,9 +41,17 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from dsv3.model import panel_gemm
 
 # rows (tokens) up to which a compiled inference step computes the products above as fused loops
 INLINE_MAX_ROWS = 2
+# fewest and most rows for which a compiled inference step runs a packed `Linear` on the panel
+# kernel (see `Linear`). Decode steps, one core of an AMD EPYC, BF16, panel vs Inductor's GEMMs:
+# small preset 16 sequences 26.3 vs 31.9 ms, 4 sequences 12.3 vs 12.3 ms; tiny with MTP at batch 1
+# (2 rows) 1.62 vs 1.17 ms
+PANEL_ROWS = (5, 16)
 
 
 def compiled_inference() -> bool:
@@ -58,3 +74,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """The model's nn.Linear (same parameters, same state dict). Once packed (`pack_linears`), a
+    compiled inference step of at most PANEL_MAX_ROWS rows runs it on the panel kernel
+    (model/panel_gemm.py), which reads the weight once at close to memory speed; everything else
+    (training, eager inference, more rows) is F.linear."""
+
+    panels: torch.Tensor | None  # the weight packed by panel_gemm.pack, a snapshot
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a buffer, not a plain attribute: a compiled step takes it as it takes the weight (a plain
+        # tensor attribute costs a guard of its own on every call), and the state dict leaves it out
+        self.register_buffer("panels", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = math.prod(x.shape[:-1])
+        if self.panels is None or not compiled_inference() or not PANEL_ROWS[0] <= rows <= PANEL_ROWS[1]:
+            return F.linear(x, self.weight, self.bias)
+        y = panel_gemm.linear(x.reshape(rows, x.shape[-1]), self.panels, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module, enabled: bool = True) -> int:
+    """Pack (or with enabled=False, drop the packed copies of) every `Linear` of `model` whose
+    weight the panel kernel runs; the number packed. The copies are a snapshot, as a frozen
+    compiled graph's weights are: pack again after the weights change."""
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.panels = (
+                panel_gemm.pack(module.weight) if enabled and panel_gemm.can_pack(module.weight) else None
+            )
+            packed += module.panels is not None
+    return packed

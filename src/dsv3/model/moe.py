@@ -41,7 +41,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.device import compute_dtype
-from dsv3.model.linear import compiled_inference, linear
+from dsv3.model.linear import Linear, compiled_inference, linear
 from dsv3.model.packed_experts import (
     can_pack,
     expert_loop,
@@ -58,9 +58,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, inter_dim, bias=False)
+        self.up_proj = Linear(dim, inter_dim, bias=False)
+        self.down_proj = Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

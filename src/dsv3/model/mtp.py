@@ -20,6 +20,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.block import Block
+from dsv3.model.linear import Linear
 from dsv3.model.norm import RMSNorm
 
 
@@ -38,7 +39,7 @@ class MTPModule(Block):
         super().__init__(cfg, layer_idx)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
     # at inference, the rows of lm_head MTP drafts among (dsv3.infer.speculative.restrict_drafts);

@@ -111,40 +111,63 @@ void tile(int rows, const T* x, int64_t ldx, const T* w, int64_t kk, float* y, i
 #undef DSV3_TILE
 }
 
-// y [rows, 16 * panels] (FP32, row stride ldy) over panels [p0, p1) of the packed w: each group of
-// MAX_PANELS panels is read from memory once, for the first MAX_ROWS rows (then from cache)
+// Where a GEMM's result goes: row-major [rows, n] with row stride ld, FP32 or BF16 (rounded to
+// nearest even, as torch rounds)
+struct Out {
+  void* data;
+  int64_t ld, n;
+  bool bf16;
+
+  // rows [m, m + r) of columns [16 p, 16 (p + np)) from a tile's buffer [r][MAX_PANELS * 16]
+  void store(int64_t m, int r, int64_t p, int64_t np, const float* buf) const {
+    const int64_t c0 = p * LANES, cols = std::min(np * LANES, n - c0);
+    for (int rr = 0; rr < r; ++rr) {
+      const float* src = buf + rr * MAX_PANELS * LANES;
+      if (bf16) {
+        c10::BFloat16* dst = static_cast<c10::BFloat16*>(data) + (m + rr) * ld + c0;
+        for (int64_t c = 0; c < cols; ++c) dst[c] = c10::BFloat16(src[c]);
+      } else {
+        std::memcpy(static_cast<float*>(data) + (m + rr) * ld + c0, src, cols * sizeof(float));
+      }
+    }
+  }
+};
+
+// out rows [0, rows) over panels [p0, p1) of the packed w: each group of MAX_PANELS panels is read
+// from memory once, for the first MAX_ROWS rows (then from cache)
 template <typename T>
-void gemm_panels(const T* x, int64_t ldx, int64_t rows, const T* w, int64_t kk, int64_t p0, int64_t p1, float* y,
-                 int64_t ldy) {
+void gemm_panels(const T* x, int64_t ldx, int64_t rows, const T* w, int64_t kk, int64_t p0, int64_t p1, const Out& out,
+                 int64_t m0) {
   const int64_t panel = kk * LANES;
+  float buf[MAX_ROWS * MAX_PANELS * LANES];
   for (int64_t p = p0; p < p1; p += MAX_PANELS) {
     const int64_t np = std::min<int64_t>(MAX_PANELS, p1 - p);
     for (int64_t m = 0; m < rows; m += MAX_ROWS) {
       const int r = (int)std::min<int64_t>(MAX_ROWS, rows - m);
       const T* xm = x + m * ldx;
       const T* wp = w + p * panel;
-      float* ym = y + m * ldy + p * LANES;
       switch (np) {
-        case 1: tile<1>(r, xm, ldx, wp, kk, ym, ldy); break;
-        case 2: tile<2>(r, xm, ldx, wp, kk, ym, ldy); break;
-        case 3: tile<3>(r, xm, ldx, wp, kk, ym, ldy); break;
-        default: tile<4>(r, xm, ldx, wp, kk, ym, ldy); break;
+        case 1: tile<1>(r, xm, ldx, wp, kk, buf, MAX_PANELS * LANES); break;
+        case 2: tile<2>(r, xm, ldx, wp, kk, buf, MAX_PANELS * LANES); break;
+        case 3: tile<3>(r, xm, ldx, wp, kk, buf, MAX_PANELS * LANES); break;
+        default: tile<4>(r, xm, ldx, wp, kk, buf, MAX_PANELS * LANES); break;
       }
+      out.store(m0 + m, r, p, np, buf);
     }
   }
 }
 
-// Rows [m0, m0 + rows) of x [M, K] times panels [p0, p1) of one packed weight, K-wise `kk` steps
+// Rows [m0, m0 + rows) of x [M, K] times panels [p0, p1) of one packed weight (kk K-wise steps)
 void gemm_block(const at::Tensor& x, int64_t m0, int64_t rows, const void* w, int64_t kk, int64_t p0, int64_t p1,
-                float* y, int64_t ldy) {
+                const Out& out) {
   if (x.scalar_type() == at::kBFloat16) {
     const int64_t ldx = x.stride(0) / 2;
     gemm_panels<uint32_t>(static_cast<const uint32_t*>(x.const_data_ptr()) + m0 * ldx, ldx, rows,
-                          static_cast<const uint32_t*>(w), kk, p0, p1, y + m0 * ldy, ldy);
+                          static_cast<const uint32_t*>(w), kk, p0, p1, out, m0);
   } else {
     const int64_t ldx = x.stride(0);
-    gemm_panels<float>(x.const_data_ptr<float>() + m0 * ldx, ldx, rows, static_cast<const float*>(w), kk, p0, p1,
-                       y + m0 * ldy, ldy);
+    gemm_panels<float>(x.const_data_ptr<float>() + m0 * ldx, ldx, rows, static_cast<const float*>(w), kk, p0, p1, out,
+                       m0);
   }
 }
 
@@ -168,18 +191,19 @@ void check(const at::Tensor& x, const at::Tensor& packed, const char* what) {
 }  // namespace
 
 // x [M, K] @ W.T for W [N, K] packed -> [M, N] in x's dtype
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+at::Tensor panel_linear(const at::Tensor& input, const at::Tensor& packed, int64_t n) {
+  const at::Tensor x = input.contiguous();
   check(x, packed, "panel_linear");
   const int64_t panels = packed.size(0), kk = steps(packed), ldy = panels * LANES, rows = x.size(0);
   TORCH_CHECK(0 < n && n <= ldy && ldy - n < LANES, "panel_linear: n=", n, " does not fit ", panels, " panels");
-  at::Tensor y = at::empty({rows, ldy}, x.options().dtype(at::kFloat));
-  float* out = y.data_ptr<float>();
+  at::Tensor y = at::empty({rows, n}, x.options());
+  const Out out{y.data_ptr(), n, n, x.scalar_type() == at::kBFloat16};
   const void* w = packed.const_data_ptr();
   const int64_t groups = (panels + MAX_PANELS - 1) / MAX_PANELS;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    gemm_block(x, 0, rows, w, kk, g0 * MAX_PANELS, std::min(g1 * MAX_PANELS, panels), out, ldy);
+    gemm_block(x, 0, rows, w, kk, g0 * MAX_PANELS, std::min(g1 * MAX_PANELS, panels), out);
   });
-  return y.narrow(1, 0, n).to(x.scalar_type());
+  return y;
 }
 
 // The routed experts' SwiGLU on rows of x [M, H] sorted by expert (offs [E] int32 cumulative
@@ -196,10 +220,10 @@ at::Tensor panel_expert_mlp(const at::Tensor& x, const at::Tensor& offs, const a
   const int64_t gu_panels = gate_up.size(1), dn_panels = down.size(1);
   TORCH_CHECK(dn_panels * LANES >= H && dn_panels * LANES - H < LANES,
               "panel_expert_mlp: down does not have ", H, " outputs");
-  const int64_t gu_ld = gu_panels * LANES, dn_ld = dn_panels * LANES;
-  at::Tensor gu_out = at::empty({M, gu_ld}, x.options().dtype(at::kFloat));
+  const int64_t gu_ld = 2 * inter;
+  at::Tensor gu_out = at::empty({M, gu_ld}, x.options().dtype(at::kFloat));  // gate | up, FP32
   at::Tensor h = at::empty({M, inter}, x.options());
-  at::Tensor y = at::empty({M, dn_ld}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({M, H}, x.options());
   at::Tensor gate_up_x = x.contiguous();
   check(gate_up_x, gate_up.select(0, 0), "panel_expert_mlp gate_up");
   check(h, down.select(0, 0), "panel_expert_mlp down");
@@ -215,20 +239,21 @@ at::Tensor panel_expert_mlp(const at::Tensor& x, const at::Tensor& offs, const a
     TORCH_CHECK(ends[experts - 1] == M, "panel_expert_mlp: offs ends at ", ends[experts - 1], ", x has ", M, " rows");
     return out;
   };
-  auto run = [&](const std::vector<Task>& todo, const at::Tensor& in, const at::Tensor& w, at::Tensor& out) {
+  auto run = [&](const std::vector<Task>& todo, const at::Tensor& in, const at::Tensor& w, at::Tensor& result) {
     const char* base = static_cast<const char*>(w.const_data_ptr());
-    const int64_t per_expert = w.stride(0) * w.element_size(), kk = steps(w), ld = out.size(1);
-    float* o = out.data_ptr<float>();
+    const int64_t per_expert = w.stride(0) * w.element_size(), kk = steps(w);
+    const Out out{result.data_ptr(), result.size(1), result.size(1), result.scalar_type() == at::kBFloat16};
     at::parallel_for(0, (int64_t)todo.size(), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const Task& task = todo[t];
-        gemm_block(in, task.start, task.rows, base + task.expert * per_expert, kk, task.p0, task.p1, o, ld);
+        gemm_block(in, task.start, task.rows, base + task.expert * per_expert, kk, task.p0, task.p1, out);
       }
     });
   };
   run(tasks(gu_panels), gate_up_x, gate_up, gu_out);
   // h = silu(gate) * up, rounded as the eager path rounds (each BF16 op's result)
   const float* g = gu_out.const_data_ptr<float>();
+  void* hp = h.data_ptr();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t i = 0; i < inter; ++i) {
@@ -236,14 +261,15 @@ at::Tensor panel_expert_mlp(const at::Tensor& x, const at::Tensor& offs, const a
         if (bf16) {
           gate = c10::BFloat16(gate);
           up = c10::BFloat16(up);
-          h.data_ptr<c10::BFloat16>()[m * inter + i] = c10::BFloat16(float(c10::BFloat16(gate / (1.0f + std::exp(-gate)))) * up);
+          const float silu = c10::BFloat16(gate / (1.0f + std::exp(-gate)));
+          static_cast<c10::BFloat16*>(hp)[m * inter + i] = c10::BFloat16(silu * up);
         } else {
-          h.data_ptr<float>()[m * inter + i] = gate / (1.0f + std::exp(-gate)) * up;
+          static_cast<float*>(hp)[m * inter + i] = gate / (1.0f + std::exp(-gate)) * up;
         }
       }
   });
   run(tasks(dn_panels), h, down, y);
-  return y.narrow(1, 0, H).to(x.scalar_type());
+  return y;
 }
 
 TORCH_LIBRARY(dsv3_panel, m) {

@@ -35,6 +35,7 @@ library path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import platform
@@ -61,11 +62,18 @@ def available() -> bool:
     flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
     key = hashlib.sha256(f"{cpu_model()}|{_cpu_flags()}|{torch.__version__}".encode()).hexdigest()[:12]
     folder = Path(default_cache_dir()) / "kernels" / f"panel_gemm_{key}"
+    name = f"dsv3_panel_gemm_{key}"
+    built = (folder / f"{name}.so").exists()  # then this loads it (ninja rebuilds if the source changed)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with progress("building the CPU panel-GEMM kernel (once per machine)", stream=sys.stderr):
+        building = (
+            contextlib.nullcontext()
+            if built
+            else progress(f"building the panel-GEMM kernel in {folder}", stream=sys.stderr)
+        )
+        with building:
             cpp_extension.load(
-                name=f"dsv3_panel_gemm_{key}",
+                name=name,
                 sources=[str(SOURCE)],
                 extra_cflags=flags,
                 build_directory=str(folder),
@@ -77,12 +85,15 @@ def available() -> bool:
         ImportError,
         subprocess.CalledProcessError,
     ) as e:  # no compiler or ninja, a failed build
-        warnings.warn(
-            f"dsv3: the CPU panel-GEMM kernel could not be built ({e}); oneDNN or aten runs instead",
-            stacklevel=2,
-        )
+        message = f"dsv3: the CPU panel-GEMM kernel could not be built ({e}); oneDNN or aten runs instead"
+        warnings.warn(message, stacklevel=2)
         return False
+    torch.library.register_fake("dsv3_panel::linear")(_linear_shape)
     return True
+
+
+def _linear_shape(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
 
 
 def _require() -> None:
@@ -113,7 +124,9 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """W [..., N, K] (nn.Linear layout) -> its panels [..., ceil(N/16), K/2, 16, 2] (BF16) or
-    [..., ceil(N/16), K, 16] (FP32), columns past N zero."""
+    [..., ceil(N/16), K, 16] (FP32), columns past N zero. Builds the kernel if need be (what runs
+    the packed weight), so `linear` and `expert_mlp` need not check."""
+    _require()
     *batch, n, k = weight.shape
     panels = -(-n // LANES)
     w = F.pad(weight.detach(), (0, 0, 0, panels * LANES - n)).view(*batch, panels, LANES, k)
@@ -124,7 +137,6 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """F.linear(x [M, K], W) for W [n, K] packed by `pack` -> [M, n] in x's dtype."""
-    _require()
     return torch.ops.dsv3_panel.linear(x, packed, n)
 
 
@@ -133,5 +145,4 @@ def expert_mlp(
 ) -> torch.Tensor:
     """Every expert's SwiGLU on its rows of x [M, H] (sorted by expert; offs [E] int32 cumulative
     ends), gate_up [E, 2I, H] and down [E, H, I] packed by `pack` -> [M, H] in x's dtype."""
-    _require()
     return torch.ops.dsv3_panel.expert_mlp(x, offs, gate_up, down, inter)

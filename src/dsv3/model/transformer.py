@@ -36,6 +36,7 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.attention import AttentionCache
 from dsv3.model.block import Block
+from dsv3.model.linear import Linear
 from dsv3.model.loss import IGNORE_INDEX, linear_cross_entropy
 from dsv3.model.moe import GroupedExperts, Router
 from dsv3.model.mtp import MTPModule
@@ -59,7 +60,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(
             MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)
         )
