@@ -133,6 +133,27 @@ def test_a_failed_build_warns_and_leaves_the_library_paths(monkeypatch):
     assert any("could not be built" in str(w.message) and "Ninja" in str(w.message) for w in caught)
 
 
+def test_a_stale_build_lock_is_removed_before_building(monkeypatch, tmp_path):
+    """A build killed midway leaves cpp_extension's lock file, which would make every later build
+    wait forever: one older than STALE_LOCK_S goes; a fresh one (a build under way) stays."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("DSV3_CACHE", str(tmp_path))
+    lock = panel_gemm.build_folder() / "lock"
+    lock.parent.mkdir(parents=True)
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.append(lock.exists()) or 1 / 0)
+    for age, kept in ((panel_gemm.STALE_LOCK_S + 60, False), (0, True)):
+        lock.touch()
+        os.utime(lock, (time.time() - age, time.time() - age))
+        with pytest.raises(ZeroDivisionError):  # not a build error: raised, not warned
+            panel_gemm.available.__wrapped__()
+        assert seen[-1] == kept
+
+
 def test_expert_weights_read_once_for_their_rows_match_f_linear_on_a_decode_shape():
     """The small preset's expert shapes (H 512, I 256) in BF16, 3 rows: as F.linear computes it."""
     torch.manual_seed(1)

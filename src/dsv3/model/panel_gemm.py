@@ -35,12 +35,12 @@ library path.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import platform
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -49,6 +49,13 @@ import torch.nn.functional as F
 
 LANES = 16  # output columns of a panel (panel_gemm.cpp)
 SOURCE = Path(__file__).with_suffix(".cpp")
+BUILD_ERRORS = (
+    OSError,
+    RuntimeError,
+    ImportError,
+    subprocess.CalledProcessError,
+)  # no compiler, no ninja, a failed build
+STALE_LOCK_S = 300  # a build lock older than this was left by a killed build
 
 
 @functools.cache
@@ -56,35 +63,29 @@ def available() -> bool:
     """Build (once per machine, then load from the cache) the kernel; False if it cannot be built."""
     from torch.utils import cpp_extension
 
-    from dsv3.device import cpu_model, default_cache_dir
-    from dsv3.progress import progress
-
     flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
-    key = hashlib.sha256(f"{cpu_model()}|{_cpu_flags()}|{torch.__version__}".encode()).hexdigest()[:12]
-    folder = Path(default_cache_dir()) / "kernels" / f"panel_gemm_{key}"
-    name = f"dsv3_panel_gemm_{key}"
+    folder = build_folder()
+    name = f"dsv3_{folder.name}"
     built = (folder / f"{name}.so").exists()  # then this loads it (ninja rebuilds if the source changed)
+    lock = folder / "lock"  # held by a build; one left by a build that was killed would block forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        building = (
-            contextlib.nullcontext()
-            if built
-            else progress(f"building the panel-GEMM kernel in {folder}", stream=sys.stderr)
-        )
-        with building:
-            cpp_extension.load(
-                name=name,
-                sources=[str(SOURCE)],
-                extra_cflags=flags,
-                build_directory=str(folder),
-                is_python_module=False,
+        if not built:
+            print(
+                f"building the panel-GEMM kernel for this CPU in {folder} (once, ~10 s) ...",
+                file=sys.stderr,
+                flush=True,
             )
-    except (
-        OSError,
-        RuntimeError,
-        ImportError,
-        subprocess.CalledProcessError,
-    ) as e:  # no compiler or ninja, a failed build
+        cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            build_directory=str(folder),
+            is_python_module=False,
+        )
+    except BUILD_ERRORS as e:
         message = f"dsv3: the CPU panel-GEMM kernel could not be built ({e}); oneDNN or aten runs instead"
         warnings.warn(message, stacklevel=2)
         return False
@@ -99,6 +100,15 @@ def _linear_shape(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor
 def _require() -> None:
     if not available():
         raise RuntimeError("the panel-GEMM kernel could not be built on this machine (see the warning above)")
+
+
+def build_folder() -> Path:
+    """Where the kernel is built and cached: under the dsv3 cache dir, one folder per CPU model,
+    CPU flags and torch version (a cache shared by machines never loads another CPU's build)."""
+    from dsv3.device import cpu_model, default_cache_dir
+
+    key = hashlib.sha256(f"{cpu_model()}|{_cpu_flags()}|{torch.__version__}".encode()).hexdigest()[:12]
+    return Path(default_cache_dir()) / "kernels" / f"panel_gemm_{key}"
 
 
 def _cpu_flags() -> str:
