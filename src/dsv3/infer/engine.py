@@ -241,7 +241,7 @@ class Engine:
         skip re-checking guards that cannot change. Dynamic shapes specialize a size of 1, so the
         warm-up decodes every kind of step a request can meet: batch 1 and 2, each with a context
         of one cache block and of two (and, with MTP, greedy and sampled steps), and the smallest
-        batches whose Linears no longer run as fused loops or on the panel kernel (model/linear.py) and whose routed
+        batches whose Linears start or stop running as fused loops or on the panel kernel (model/linear.py) and whose routed
         experts no longer run gathered (`MoE`), if the engine takes them."""
         if not self.compiled or self._warm:
             return
@@ -253,7 +253,7 @@ class Engine:
         limits = (
             INLINE_MAX_ROWS,
             max_gathered_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok),
-            *([PANEL_ROWS[-1]] if self._panels else []),
+            *([PANEL_ROWS[0] - 1, PANEL_ROWS[1]] if self._panels else []),
         )
         past = {rows // self.steps_per_decode + 1 for rows in limits}  # sequences
         for batch in sorted({1, 2} | {b for b in past if b <= self.max_batch_size}):
