@@ -78,7 +78,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 class Linear(nn.Linear):
     """The model's nn.Linear (same parameters, same state dict). Once packed (`pack_linears`), a
-    compiled inference step of at most PANEL_MAX_ROWS rows runs it on the panel kernel
+    compiled inference step of PANEL_ROWS rows runs it on the panel kernel
     (model/panel_gemm.py), which reads the weight once at close to memory speed; everything else
     (training, eager inference, more rows) is F.linear."""
 
