@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv3.model import panel_gemm
+from dsv3.model import cpu_kernels, panel_gemm
 from dsv3.model.moe import GroupedExperts
 
 pytestmark = pytest.mark.skipif(
@@ -129,7 +129,7 @@ def test_a_failed_build_warns_and_leaves_the_library_paths(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert panel_gemm.available.__wrapped__() is False
+        assert cpu_kernels.available.__wrapped__() is False
     assert any("could not be built" in str(w.message) and "Ninja" in str(w.message) for w in caught)
 
 
@@ -142,15 +142,15 @@ def test_a_stale_build_lock_is_removed_before_building(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     monkeypatch.setenv("DSV3_CACHE", str(tmp_path))
-    lock = panel_gemm.build_folder() / "lock"
+    lock = cpu_kernels.build_folder() / "lock"
     lock.parent.mkdir(parents=True)
     seen = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.append(lock.exists()) or 1 / 0)
-    for age, kept in ((panel_gemm.STALE_LOCK_S + 60, False), (0, True)):
+    for age, kept in ((cpu_kernels.STALE_LOCK_S + 60, False), (0, True)):
         lock.touch()
         os.utime(lock, (time.time() - age, time.time() - age))
         with pytest.raises(ZeroDivisionError):  # not a build error: raised, not warned
-            panel_gemm.available.__wrapped__()
+            cpu_kernels.available.__wrapped__()
         assert seen[-1] == kept
 
 

@@ -14,7 +14,9 @@ Two forms, both `dsv3.model.attention.AttentionCache`s (what MLA's `cache` argum
     the tokens actually held, not by batch x max length. A forward over a batch gets a
     `CacheView`: the slots its new tokens are written to and, for decode, the blocks each
     sequence reads (index tensors built once per step and used by every layer; each layer
-    gathers whole blocks, contiguous chunks, into [B, S, .] for attention).
+    gathers whole blocks, contiguous chunks, into [B, S, .] for attention, or for absorbed
+    decode hands the blocks and the tables to model/paged_attention.py's kernel, which reads
+    them in place).
 
 Optional FP8 storage (`fp8=True`): c_kv as E4M3 codes with one FP32 scale per 128 values (the
 activation tiling of `dsv3.fp8.quant`, ACT), k_pe kept in BF16 (RoPE dims are the most sensitive
@@ -30,7 +32,9 @@ import torch
 
 from dsv3.config import ModelConfig
 from dsv3.fp8.quant import ACT, TILE, Fp8Tensor, quantize
+from dsv3.model import paged_attention
 from dsv3.model.attention import AttentionCache
+from dsv3.model.paged_attention import PagedLatents
 
 
 class LatentCache(AttentionCache):
@@ -111,6 +115,8 @@ class PagedLatentCache:
             for name, group in (("kv", self.kv), ("kv_scale", self.kv_scale), ("pe", self.pe))
             if group is not None
         }
+        # absorbed decode attention reads the blocks in place (model/paged_attention.py) where it can
+        self.paged_kernel = not fp8 and paged_attention.can_run(dtype, device, r, dr)
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id first
         self.block_tables: dict[Hashable, list[int]] = {}
 
@@ -206,22 +212,11 @@ class CacheView(AttentionCache):
         start_pos: int | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """c_kv [B, T, r], k_pe [B, T, dr] -> (c_kv [B, S, r], k_pe [B, S, dr]) in c_kv's dtype."""
-        cache, (B, T, r), dr = self.cache, c_kv.shape, k_pe.shape[-1]
-        kv, pe = cache.blocks["kv"][layer_idx], cache.blocks["pe"][layer_idx]  # [blocks, bs, w]
-
-        def write(pool: torch.Tensor, rows: torch.Tensor) -> None:
-            pool.view(-1, pool.shape[-1]).index_copy_(0, self.write_idx, rows.to(pool.dtype))
-
-        if cache.fp8:
-            kv_scale = cache.blocks["kv_scale"][layer_idx]
-            q = quantize(c_kv.reshape(B * T, r), ACT)
-            write(kv, q.data.view(torch.uint8))
-            write(kv_scale, q.scale)
-        else:
-            write(kv, c_kv.reshape(B * T, r))
-        write(pe, k_pe.reshape(B * T, dr))
+        cache, B, r, dr = self.cache, c_kv.shape[0], c_kv.shape[-1], k_pe.shape[-1]
+        self._write(layer_idx, c_kv, k_pe)
         if self.read_blocks is None:
             return c_kv, k_pe
+        kv, pe = cache.blocks["kv"][layer_idx], cache.blocks["pe"][layer_idx]  # [blocks, bs, w]
         idx = self.read_blocks.flatten()
 
         def gather(pool: torch.Tensor) -> torch.Tensor:  # [blocks, bs, w] -> [B * S, w], block by block
@@ -229,8 +224,34 @@ class CacheView(AttentionCache):
 
         kv = gather(kv)
         if cache.fp8:
-            kv = Fp8Tensor(kv.view(torch.float8_e4m3fn), gather(kv_scale), ACT).dequantize(c_kv.dtype)
+            scale = gather(cache.blocks["kv_scale"][layer_idx])
+            kv = Fp8Tensor(kv.view(torch.float8_e4m3fn), scale, ACT).dequantize(c_kv.dtype)
         return kv.view(B, -1, r).to(c_kv.dtype), gather(pe).view(B, -1, dr).to(k_pe.dtype)
+
+    def update_paged(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> PagedLatents | None:
+        """Store the new latents and return the layer's blocks and the sequences' block tables for
+        paged_attention's kernel: for decode (a view that reads) of a cache in the model's dtype
+        that the kernel runs on; else None, nothing stored."""
+        cache = self.cache
+        if self.read_blocks is None or not cache.paged_kernel or c_kv.dtype != cache.dtype:
+            return None
+        self._write(layer_idx, c_kv, k_pe)
+        return PagedLatents(cache.blocks["kv"][layer_idx], cache.blocks["pe"][layer_idx], self.read_blocks)
+
+    def _write(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """c_kv [B, T, r] and k_pe [B, T, dr] into their slots (E4M3 codes and scales for an FP8 cache)."""
+        cache, (B, T, r), dr = self.cache, c_kv.shape, k_pe.shape[-1]
+
+        def write(pool: torch.Tensor, rows: torch.Tensor) -> None:
+            pool.view(-1, pool.shape[-1]).index_copy_(0, self.write_idx, rows.to(pool.dtype))
+
+        if cache.fp8:
+            q = quantize(c_kv.reshape(B * T, r), ACT)
+            write(cache.blocks["kv"][layer_idx], q.data.view(torch.uint8))
+            write(cache.blocks["kv_scale"][layer_idx], q.scale)
+        else:
+            write(cache.blocks["kv"][layer_idx], c_kv.reshape(B * T, r))
+        write(cache.blocks["pe"][layer_idx], k_pe.reshape(B * T, dr))
 
 
 def _static_blocks(pool: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -22,7 +22,9 @@ Two ways to compute the same attention:
 Both use the softmax scale 1/sqrt(d_nope + d_rope), times mscale^2 under YaRN.
 
 The cache is anything with `update` (`AttentionCache`): dsv3.infer.cache holds a contiguous one
-and a paged one, and MLA neither knows nor cares which.
+and a paged one. A paged cache may also hand decode its blocks as they are (`update_paged`), and
+absorbed attention then runs as one C++ kernel over them (model/paged_attention.py) instead of
+gathering them first.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model import paged_attention
 from dsv3.model.linear import Linear, inline_rows
 from dsv3.model.norm import RMSNorm
+from dsv3.model.paged_attention import PagedLatents
 from dsv3.model.rope import apply_rope
 
 
@@ -52,6 +56,12 @@ class AttentionCache(Protocol):
         the latents the queries attend to, c_kv [B, S, r] and k_pe [B, S, dr] (key s sits at
         position s; keys after a query's own position are masked by MLA, so slots past a
         sequence's end may hold anything)."""
+
+    def update_paged(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> PagedLatents | None:
+        """`update` for absorbed decode attention on paged_attention's kernel: store the new
+        latents and return the layer's blocks and each sequence's block table, nothing gathered;
+        None (and nothing stored) where the cache has no blocks or the kernel does not run on them."""
+        return None
 
 
 class MLA(nn.Module):
@@ -79,6 +89,11 @@ class MLA(nn.Module):
             cfg.kv_lora_rank, self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False
         )
         self.o_proj = Linear(self.n_heads * cfg.v_head_dim, h, bias=bias)
+        # contiguous W_UK, W_UV for the absorbed path (prepare_absorbed); buffers, not plain
+        # attributes, so that a compiled step takes them as it takes the weights (static sizes,
+        # no guard of their own), and the state dict leaves them out
+        self.register_buffer("w_uk", None, persistent=False)
+        self.register_buffer("w_uv", None, persistent=False)
 
     def forward(
         self,
@@ -112,10 +127,13 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, dr], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, r]
         k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [B, T, dr]
-        if cache is not None:
+        paged = None
+        if cache is not None and absorb and T <= paged_attention.MAX_TOKENS:
+            paged = cache.update_paged(layer_idx, c_kv, k_pe)
+        if cache is not None and paged is None:
             c_kv, k_pe = cache.update(layer_idx, c_kv, k_pe, start_pos)  # [B, S, r], [B, S, dr]
         if absorb:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos)
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, paged)
         else:
             out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos, mask)
         return self.o_proj(out.reshape(B, T, H * self.v_head_dim))
@@ -150,22 +168,26 @@ class MLA(nn.Module):
     def prepare_absorbed(self, dtype: torch.dtype | None = None) -> None:
         """Keep contiguous copies of W_UK and W_UV (in `dtype`) for the absorbed path, made once
         by the inference engine instead of slicing and casting kv_b_proj on every call. They
-        are a snapshot: call again after the weights change (None drops them)."""
+        are a snapshot: call again after the weights change."""
         w_uk, w_uv = self.absorbed_weights()
         dtype = dtype or w_uk.dtype
-        self._absorbed_w = (w_uk.to(dtype).contiguous(), w_uv.to(dtype).contiguous())
+        self.w_uk, self.w_uv = w_uk.to(dtype).contiguous(), w_uv.to(dtype).contiguous()
 
-    _absorbed_w: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos) -> torch.Tensor:
-        """Attention over the latent cache with W_UK folded into q and W_UV applied after.
-        The latent GEMMs are batched matmuls that read the cache [B, S, .] in place, row-major
-        (no copies of the S-long operands)."""
+    def _absorbed(
+        self, q_nope, q_pe, c_kv, k_pe, start_pos, paged: PagedLatents | None = None
+    ) -> torch.Tensor:
+        """Attention over the latent cache with W_UK folded into q and W_UV applied after: over a
+        paged cache's blocks on paged_attention's kernel, or as batched matmuls that read the
+        cache [B, S, .] in place, row-major (no copies of the S-long operands)."""
         B, T, H, _ = q_nope.shape
-        S = c_kv.shape[1]
-        w_uk, w_uv = self._absorbed_w or self.absorbed_weights()
+        w_uk, w_uv = (self.w_uk, self.w_uv) if self.w_uk is not None else self.absorbed_weights()
+        if paged is not None:
+            q_lat = _head_products(q_nope, w_uk)  # [B, T, H, r]
+            out_lat = paged_attention.decode(q_lat, q_pe, paged, start_pos, self.softmax_scale)
+            return _head_products(out_lat, w_uv.transpose(1, 2))  # [B, T, H, dv]
         if inline_rows(T):
             return self._absorbed_inline(q_nope, q_pe, c_kv, k_pe, start_pos, w_uk, w_uv)
+        S = c_kv.shape[1]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, r]
         # c_kv [B, S, r] as the row-major left operand: the cache is streamed once, in order
         scores = torch.bmm(c_kv, q_lat.reshape(B, T * H, -1).transpose(1, 2))  # [B, S, T*H]
@@ -193,6 +215,15 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1).to(c_kv.dtype).transpose(1, 2)  # [B, T, H, S]
         out_lat = (probs.to(acc)[..., None] * c_kv.to(acc)[:, None, None]).sum(-2).to(dtype)  # [B, T, H, r]
         return (out_lat.to(acc)[:, :, :, None] * w_uv.to(acc)).sum(-1).to(dtype)  # [B, T, H, dv]
+
+
+def _head_products(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, i] by each head's w [H, i, o] -> [B, T, H, o] in x's dtype: for a few rows of a
+    compiled step a broadcast product with an FP32 sum (a loop Inductor fuses), else a batched GEMM."""
+    if inline_rows(x.shape[0] * x.shape[1]):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return (x.to(acc)[..., None] * w.to(acc)).sum(-2).to(x.dtype)
+    return torch.einsum("bthi,hio->btho", x, w.to(x.dtype))
 
 
 def _causal_mask(T: int, S: int, start_pos: int | torch.Tensor, device) -> torch.Tensor:

@@ -29,116 +29,32 @@ expert with rows its gate/up panels, SwiGLU (rounded as eager BF16 rounds each o
 panels; the (expert, panel group) pieces run in parallel on torch's threads. That replaces one
 oneDNN call per expert and weight (453 per decode step of the small preset at 16 streams).
 
-Building uses torch.utils.cpp_extension (a C++ compiler and ninja, which torch.compile's CPU
-backend needs as well) and takes ~30 s once; the library is cached under the dsv3 cache dir, keyed
-by CPU and torch version. Without a compiler `available()` is False and callers keep their
-library path.
+The kernel is built once per machine with dsv3's other CPU kernels (model/cpu_kernels.py); where it
+cannot be built `can_pack` is False and callers keep their library path.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import platform
-import subprocess
-import sys
-import time
-import warnings
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
+from dsv3.model import cpu_kernels
+
 LANES = 16  # output columns of a panel (panel_gemm.cpp)
-SOURCE = Path(__file__).with_suffix(".cpp")
-BUILD_ERRORS = (
-    OSError,
-    RuntimeError,
-    ImportError,
-    subprocess.CalledProcessError,
-)  # no compiler, no ninja, a failed build
-STALE_LOCK_S = 300  # a build lock older than this was left by a killed build
-
-
-@functools.cache
-def available() -> bool:
-    """Build (once per machine, then load from the cache) the kernel; False if it cannot be built."""
-    from torch.utils import cpp_extension
-
-    flags = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"]
-    folder = build_folder()
-    name = f"dsv3_{folder.name}"
-    built = (folder / f"{name}.so").exists()  # then this loads it (ninja rebuilds if the source changed)
-    lock = folder / "lock"  # held by a build; one left by a build that was killed would block forever
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-        lock.unlink(missing_ok=True)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not built:
-            print(
-                f"building the panel-GEMM kernel for this CPU in {folder} (once, ~10 s) ...",
-                file=sys.stderr,
-                flush=True,
-            )
-        cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            build_directory=str(folder),
-            is_python_module=False,
-        )
-    except BUILD_ERRORS as e:
-        message = f"dsv3: the CPU panel-GEMM kernel could not be built ({e}); oneDNN or aten runs instead"
-        warnings.warn(message, stacklevel=2)
-        return False
-    torch.library.register_fake("dsv3_panel::linear")(_linear_shape)
-    return True
-
-
-def _linear_shape(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], n)
-
-
-def _require() -> None:
-    if not available():
-        raise RuntimeError("the panel-GEMM kernel could not be built on this machine (see the warning above)")
-
-
-def build_folder() -> Path:
-    """Where the kernel is built and cached: under the dsv3 cache dir, one folder per CPU model,
-    CPU flags and torch version (a cache shared by machines never loads another CPU's build)."""
-    from dsv3.device import cpu_model, default_cache_dir
-
-    key = hashlib.sha256(f"{cpu_model()}|{_cpu_flags()}|{torch.__version__}".encode()).hexdigest()[:12]
-    return Path(default_cache_dir()) / "kernels" / f"panel_gemm_{key}"
-
-
-def _cpu_flags() -> str:
-    try:
-        return next(
-            (
-                line
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith(("flags", "Features"))
-            ),
-            "",
-        )
-    except OSError:
-        return platform.processor()
 
 
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether the kernel runs `weight` [..., N, K]: a CPU FP32 tensor, or BF16 with an even K,
-    and the kernel builds here."""
+    and the kernels build here."""
     dtype_ok = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and weight.shape[-1] % 2 == 0)
-    return weight.device.type == "cpu" and dtype_ok and available()
+    return weight.device.type == "cpu" and dtype_ok and cpu_kernels.available()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """W [..., N, K] (nn.Linear layout) -> its panels [..., ceil(N/16), K/2, 16, 2] (BF16) or
     [..., ceil(N/16), K, 16] (FP32), columns past N zero. Builds the kernel if need be (what runs
     the packed weight), so `linear` and `expert_mlp` need not check."""
-    _require()
+    cpu_kernels.require()
     *batch, n, k = weight.shape
     panels = -(-n // LANES)
     w = F.pad(weight.detach(), (0, 0, 0, panels * LANES - n)).view(*batch, panels, LANES, k)
