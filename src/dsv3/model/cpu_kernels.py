@@ -7,7 +7,10 @@ Two small kernels do what the libraries torch calls do not do at decode's sizes:
     paged latent cache's blocks (model/paged_attention.py).
 Both are plain C++ (GCC vector extensions, AVX512-BF16's dot product where the CPU has it)
 compiled for this machine (-march=native), into one library that registers the torch ops
-`dsv3_panel::*` and `dsv3_mla::*`.
+`dsv3_panel::*` and `dsv3_mla::*`. They split their work with `at::parallel_for`, which runs on
+torch's OpenMP threads only when the caller is compiled with OpenMP (`-fopenmp`; it then shares
+torch's libgomp): without it, everything ran on one thread (small preset, 16 streams, 2 threads,
+decode step: 21.3 ms without, 14.0 ms with; 16 streams of 512 positions: 32.4 vs 18.8 ms).
 
 Building uses torch.utils.cpp_extension (a C++ compiler and ninja, which torch.compile's CPU
 backend needs as well) and takes ~10-20 s once, with one line on stderr; the library is cached
@@ -67,7 +70,8 @@ def available() -> bool:
         cpp_extension.load(
             name=name,
             sources=[str(source) for source in SOURCES],
-            extra_cflags=flags,
+            extra_cflags=[*flags, "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
             is_python_module=False,
         )
