@@ -73,9 +73,10 @@ inline f32x16 exp_nonpositive(f32x16 x) {
   return p * (f32x16)bits;
 }
 
-// scores of ROWS_ cache rows against 16 packed queries: out[i][j] (unscaled)
+// scores of ROWS_ cache rows against 16 packed queries: out[i][j] (unscaled); `half`: only the
+// first 8 queries are real (BF16 with AVX512-BF16 then scores them on 8 lanes, half the work)
 template <int ROWS_>
-inline void score_rows(const float* kv, int64_t r, const float* pe, int64_t dr, const float* q, float* out) {
+inline void score_rows(const float* kv, int64_t r, const float* pe, int64_t dr, const float* q, float* out, bool) {
   f32x16 acc[ROWS_] = {};
   for (int64_t k = 0; k < r; ++k) {
     const f32x16 w = load<f32x16>(q + k * LANES);
@@ -88,15 +89,34 @@ inline void score_rows(const float* kv, int64_t r, const float* pe, int64_t dr, 
   for (int i = 0; i < ROWS_; ++i) std::memcpy(out + i * LANES, &acc[i], sizeof(f32x16));
 }
 
+#if defined(__AVX512BF16__)
+template <int ROWS_>
+inline void score_rows_half(const uint32_t* kv, int64_t rk, const uint32_t* pe, int64_t dk, const uint32_t* q,
+                            float* out) {
+  __m256 acc[ROWS_];
+  for (int i = 0; i < ROWS_; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < rk; ++k) {
+    const __m256bh w = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k * LANES));
+    for (int i = 0; i < ROWS_; ++i) acc[i] = _mm256_dpbf16_ps(acc[i], (__m256bh)_mm256_set1_epi32(kv[i * rk + k]), w);
+  }
+  for (int64_t k = 0; k < dk; ++k) {
+    const __m256bh w = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (rk + k) * LANES));
+    for (int i = 0; i < ROWS_; ++i) acc[i] = _mm256_dpbf16_ps(acc[i], (__m256bh)_mm256_set1_epi32(pe[i * dk + k]), w);
+  }
+  for (int i = 0; i < ROWS_; ++i) _mm256_storeu_ps(out + i * LANES, acc[i]);  // lanes 8-15 stay 0
+}
+#endif
+
 template <int ROWS_>
 inline void score_rows(const c10::BFloat16* kv16, int64_t r, const c10::BFloat16* pe16, int64_t dr,
-                       const c10::BFloat16* q16, float* out) {
+                       const c10::BFloat16* q16, float* out, bool half) {
   // in pairs: row i's inputs 2k, 2k + 1 as one uint32; the queries' as [K/2][16][2]
   const uint32_t* kv = reinterpret_cast<const uint32_t*>(kv16);
   const uint32_t* pe = reinterpret_cast<const uint32_t*>(pe16);
   const uint32_t* q = reinterpret_cast<const uint32_t*>(q16);
   const int64_t rk = r / 2, dk = dr / 2;
 #if defined(__AVX512BF16__)
+  if (half) return score_rows_half<ROWS_>(kv, rk, pe, dk, q, out);
   __m512 acc[ROWS_];
   for (int i = 0; i < ROWS_; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < rk; ++k) {
@@ -182,7 +202,8 @@ void attend(const T* q, const T* q_pe, int64_t r, int64_t dr, int64_t heads, int
   for (int j = 0; j < LANES; ++j) last[j] = j < jn ? std::min(start + (j_first + j) / heads, positions - 1) : -1;
   const int64_t n = *std::max_element(last, last + LANES) + 1;
 
-  std::vector<float> p(n * LANES);
+  std::vector<float> p(n * LANES);  // zeros: lanes past the queries stay 0
+  const bool half = jn <= LANES / 2;
   for (int64_t s0 = 0; s0 < n; s0 += bs) {  // one block: rows s0 .. s0 + bs
     const int64_t block = blocks[s0 / bs];
     const T* kvb = kv + block * bs * r;
@@ -199,11 +220,11 @@ void attend(const T* q, const T* q_pe, int64_t r, int64_t dr, int64_t heads, int
       const T *kvr = kvb + i * r, *per = peb + i * dr;
       float* dst = p.data() + (s0 + i) * LANES;
       switch (piece) {
-        case 1: score_rows<1>(kvr, r, per, dr, packed.data(), dst); break;
-        case 2: score_rows<2>(kvr, r, per, dr, packed.data(), dst); break;
-        case 4: score_rows<4>(kvr, r, per, dr, packed.data(), dst); break;
-        case 8: score_rows<8>(kvr, r, per, dr, packed.data(), dst); break;
-        default: score_rows<16>(kvr, r, per, dr, packed.data(), dst); break;
+        case 1: score_rows<1>(kvr, r, per, dr, packed.data(), dst, half); break;
+        case 2: score_rows<2>(kvr, r, per, dr, packed.data(), dst, half); break;
+        case 4: score_rows<4>(kvr, r, per, dr, packed.data(), dst, half); break;
+        case 8: score_rows<8>(kvr, r, per, dr, packed.data(), dst, half); break;
+        default: score_rows<16>(kvr, r, per, dr, packed.data(), dst, half); break;
       }
       i += piece;
     }
