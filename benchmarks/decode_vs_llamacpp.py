@@ -171,9 +171,11 @@ def prepare_models(
 
 def report(samples: dict[tuple, dict[str, list]], args, models: dict, repeats_done: int) -> Path:
     """Medians and paired ratios of the repeats so far: print the table, write the results file
-    (after every repeat, so an interrupted run keeps what it measured)."""
+    (after every cell, so an interrupted run keeps what it measured)."""
     rows = []
     for cell, by_side in samples.items():
+        if not by_side["dsv3"]:  # not measured yet
+            continue
         name, threads, context, streams = cell
         dsv3_tps = statistics.median(s[0] for s in by_side["dsv3"])
         llama_tps = statistics.median(s[0] for s in by_side["llama"])
@@ -200,7 +202,9 @@ def report(samples: dict[tuple, dict[str, list]], args, models: dict, repeats_do
     }
     for row in rows:
         key = (row["model"], row["threads"], row["context"])
-        row["ratio_dsv3_over_llama_cpp_single_stream"] = round(row["dsv3_tokens_per_s"] / single[key], 3)
+        row["ratio_dsv3_over_llama_cpp_single_stream"] = (
+            round(row["dsv3_tokens_per_s"] / single[key], 3) if key in single else None
+        )
     print(
         f"\n{'model':6s} {'thr':>3s} {'ctx':>4s} {'strm':>4s} {'dsv3 tok/s':>10s} {'llama tok/s':>11s} "
         f"{'ratio':>6s} {'vs llama 1-strm':>15s} {'dsv3 MB':>8s} {'llama MB':>8s}"
@@ -209,7 +213,7 @@ def report(samples: dict[tuple, dict[str, list]], args, models: dict, repeats_do
         print(
             f"{r['model']:6s} {r['threads']:3d} {r['context']:4d} {r['streams']:4d} {r['dsv3_tokens_per_s']:10.1f} "
             f"{r['llama_cpp_tokens_per_s']:11.1f} {r['ratio_dsv3_over_llama_cpp']:6.3f} "
-            f"{r['ratio_dsv3_over_llama_cpp_single_stream']:15.3f} {r['dsv3_peak_rss_mb']:8d} {r['llama_cpp_peak_rss_mb']:8d}"
+            f"{str(r['ratio_dsv3_over_llama_cpp_single_stream']):>15s} {r['dsv3_peak_rss_mb']:8d} {r['llama_cpp_peak_rss_mb']:8d}"
         )
     path = save_result(
         args.name or "decode_vs_llamacpp" + ("" if args.dtype == "f32" else f"_{args.dtype}"),
@@ -296,7 +300,7 @@ def main() -> None:
                 f"dsv3 {d[0]:8.1f} tok/s ({d[1]:6.0f} MB)  llama.cpp {ll[0]:8.1f} tok/s ({ll[1]:6.0f} MB)",
                 flush=True,
             )
-        path = report(samples, args, models, repeats_done=r + 1)
+            path = report(samples, args, models, repeats_done=r + 1)
     print(f"\nwrote {path}")
 
 
