@@ -144,3 +144,22 @@ def test_mla_decodes_through_the_kernel_as_through_the_gathered_cache(dtype):
 def _rope(pos: torch.Tensor):
     inv_freq, factor = rope_inv_freq(CFG)
     return rope_cos_sin(inv_freq, factor, pos)
+
+
+def test_the_kernels_split_their_work_over_torch_threads():
+    """at::parallel_for runs on torch's OpenMP threads only if the library is compiled with OpenMP
+    (it ran on one thread before): the library calls the OpenMP runtime, and a batch computed on
+    two threads equals the one computed on one (each sequence is one thread's)."""
+    from dsv3.model import cpu_kernels
+
+    library = next(cpu_kernels.build_folder().glob("*.so")).read_bytes()
+    assert b"GOMP_parallel" in library or b"__kmpc_fork_call" in library
+    q, q_pe, latents, start = _case(6, 1, 8, 64, 8, 16, 3, torch.bfloat16, 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = paged_attention.decode(q, q_pe, latents, start, 0.1)
+        torch.set_num_threads(2)
+        assert torch.equal(paged_attention.decode(q, q_pe, latents, start, 0.1), one)
+    finally:
+        torch.set_num_threads(threads)
