@@ -15,11 +15,14 @@ from dsv3.infer.cli import load, sample, stream
 from dsv3.infer.sampling import SamplingParams
 
 PROMPT = "def fibonacci(n):"
+# the answers are compared with the engine's of this process: one dtype for both (`--dtype auto`
+# measures, and may choose differently at the CLI's thread count than at the tests' one thread)
+DTYPE = ("--dtype", "float32")
 
 
 @pytest.fixture(scope="module")
 def engine(folder):
-    return load(folder, max_batch_size=1)
+    return load(folder, max_batch_size=1, dtype="float32")
 
 
 def dsv3(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -50,6 +53,7 @@ def test_one_shot_prints_the_engines_greedy_answer_with_and_without_mtp(folder, 
         "12",
         "--temperature",
         "0",
+        *DTYPE,
     ]
     plain = dsv3(*args)  # as a user runs it
     assert plain.returncode == 0, plain.stderr
@@ -99,6 +103,7 @@ def test_chat_keeps_the_conversation(folder, engine):
         "0",
         "--system",
         "Be brief.",
+        *DTYPE,
         stdin="\n".join(turns) + "\n",
     )
     assert result.returncode == 0, result.stderr
@@ -115,7 +120,17 @@ def test_chat_reset_and_exit(folder, engine, monkeypatch, capsys):
     """--prompt is the first turn; /reset forgets it, so the next answer is a fresh conversation's."""
     _, tok = engine
     monkeypatch.setattr(sys, "stdin", io.StringIO("/reset\nand then?\n/exit\nnever read\n"))
-    args = ["generate", "--checkpoint", str(folder), "--chat", "--max-tokens", "6", "--temperature", "0"]
+    args = [
+        "generate",
+        "--checkpoint",
+        str(folder),
+        "--chat",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        *DTYPE,
+    ]
     assert main([*args, "--prompt", "hello"]) == 0
     out = capsys.readouterr()
     fresh = greedy(engine, tok.encode_chat([{"role": "user", "content": "and then?"}]), 6, tok.stop)

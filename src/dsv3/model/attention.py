@@ -182,9 +182,9 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         w_uk, w_uv = (self.w_uk, self.w_uv) if self.w_uk is not None else self.absorbed_weights()
         if paged is not None:
-            q_lat = _head_products(q_nope, w_uk)  # [B, T, H, r]
+            q_lat = _per_head(q_nope, w_uk, 1)  # [B, T, H, r]
             out_lat = paged_attention.decode(q_lat, q_pe, paged, start_pos, self.softmax_scale)
-            return _head_products(out_lat, w_uv.transpose(1, 2))  # [B, T, H, dv]
+            return _per_head(out_lat, w_uv, 2)  # [B, T, H, dv]
         if inline_rows(T):
             return self._absorbed_inline(q_nope, q_pe, c_kv, k_pe, start_pos, w_uk, w_uv)
         S = c_kv.shape[1]
@@ -217,13 +217,16 @@ class MLA(nn.Module):
         return (out_lat.to(acc)[:, :, :, None] * w_uv.to(acc)).sum(-1).to(dtype)  # [B, T, H, dv]
 
 
-def _head_products(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, i] by each head's w [H, i, o] -> [B, T, H, o] in x's dtype: for a few rows of a
-    compiled step a broadcast product with an FP32 sum (a loop Inductor fuses), else a batched GEMM."""
-    if inline_rows(x.shape[0] * x.shape[1]):
-        acc = torch.promote_types(x.dtype, torch.float32)
+def _per_head(x: torch.Tensor, w: torch.Tensor, w_in_dim: int) -> torch.Tensor:
+    """x [B, T, H, i] times each head's w [H, i, o] (w_in_dim=1) or [H, o, i] (w_in_dim=2) -> [B, T,
+    H, o] in x's dtype: for a few rows of a compiled step a broadcast product with an FP32 sum (a
+    loop Inductor fuses), else a batched GEMM."""
+    if not inline_rows(x.shape[0] * x.shape[1]):
+        return torch.einsum("bthi,hio->btho" if w_in_dim == 1 else "bthi,hoi->btho", x, w.to(x.dtype))
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if w_in_dim == 1:
         return (x.to(acc)[..., None] * w.to(acc)).sum(-2).to(x.dtype)
-    return torch.einsum("bthi,hio->btho", x, w.to(x.dtype))
+    return (x.to(acc)[..., None, :] * w.to(acc)).sum(-1).to(x.dtype)
 
 
 def _causal_mask(T: int, S: int, start_pos: int | torch.Tensor, device) -> torch.Tensor:
