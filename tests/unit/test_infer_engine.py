@@ -8,6 +8,7 @@ import torch
 from dsv3 import ModelConfig, Transformer
 from dsv3.infer.engine import Engine, SamplingParams
 from dsv3.infer.sampling import SamplingBatch
+from dsv3.model.linear import PANEL_ROWS
 from dsv3.model.packed_experts import can_pack
 from fixtures import ENGINE
 
@@ -311,10 +312,12 @@ def test_streamed_text_only_grows_when_a_stop_string_spans_tokens(model):
 @pytest.mark.parametrize("mtp", [False, True])
 def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatch, mtp):
     """After warmup() no request compiles the decode step again (a compile costs seconds in the
-    middle of a request): batch 1 and batch > 1, contexts within the first cache block and past
-    it, requests finishing at different steps. The compiled engine's greedy tokens are the eager
-    engine's. Dynamo's guards decide what compiles; the graphs run eagerly here (a counting
-    backend instead of Inductor: seconds instead of minutes)."""
+    middle of a request): batch 1, batch > 1 and the largest batch, contexts within the first
+    cache block and past it, requests finishing at different steps. The compiled engine's greedy
+    tokens are the eager engine's. Dynamo's guards decide what compiles; the graphs run eagerly
+    here (a counting backend instead of Inductor: seconds instead of minutes). The warm-up's
+    graphs outnumber Dynamo's default recompile limit, past which a call would silently run
+    uncompiled (and the counting backend see nothing): hitting the limit fails here."""
     import functools
 
     import torch._dynamo
@@ -323,8 +326,11 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
     cfg = ModelConfig.from_dict({**SMALL, "num_nextn_predict_layers": 1})
     fp32 = Transformer(cfg).eval()
     prompts = _prompts(3, 9, 2, 14)  # with block_size 4: one block and several
+    full = _prompts(*range(3, 3 + PANEL_ROWS[1]), seed=2)  # the largest batch, past every regime's bounds
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    expected = [o.token_ids for o in Engine(fp32, block_size=4, mtp=mtp).generate(prompts, params)]
+    eager = Engine(fp32, block_size=4, mtp=mtp, max_batch_size=len(full))
+    expected = [o.token_ids for o in eager.generate(prompts[:1], params) + eager.generate(prompts[1:], params)]
+    expected_full = [o.token_ids for o in eager.generate(full, params)]
 
     graphs = []
 
@@ -334,21 +340,23 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
     torch._dynamo.reset()
-    engine = Engine(fp32, block_size=4, mtp=mtp, compile=True)
-    engine.warmup()
-    compiled_in_warmup = len(graphs)
-    got = [o.token_ids for o in engine.generate(prompts[:1], params)]  # batch 1
-    got += [o.token_ids for o in engine.generate(prompts[1:], params)]  # batch 3, then 2, then 1
-    # sampled, and greedy with a repetition penalty: with MTP not the greedy step's compiled call
-    others = [
-        SamplingParams(max_tokens=4, seed=1),
-        SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.3),
-    ]
-    for sp in others:
-        engine.generate(prompts[:1], sp)
-        engine.generate(prompts[1:], sp)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        engine = Engine(fp32, block_size=4, mtp=mtp, compile=True, max_batch_size=len(full))
+        engine.warmup()
+        compiled_in_warmup = len(graphs)
+        got = [o.token_ids for o in engine.generate(prompts[:1], params)]  # batch 1
+        got += [o.token_ids for o in engine.generate(prompts[1:], params)]  # batch 3, then 2, then 1
+        # sampled, and greedy with a repetition penalty: with MTP not the greedy step's compiled call
+        others = [
+            SamplingParams(max_tokens=4, seed=1),
+            SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.3),
+        ]
+        for sp in others:
+            engine.generate(prompts[:1], sp)
+            engine.generate(prompts[1:], sp)
+        got_full = [o.token_ids for o in engine.generate(full, params)]
     assert compiled_in_warmup > 0 and len(graphs) == compiled_in_warmup
-    assert got == expected
+    assert got == expected and got_full == expected_full
 
 
 def test_frozen_inductor_decode_equals_eager_for_two_models_in_one_process():

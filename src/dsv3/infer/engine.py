@@ -62,6 +62,9 @@ __all__ = ["Engine", "RequestOutput", "SamplingParams"]
 CACHE_DTYPES = ("auto", "bf16", "fp8")
 DRAFT_VOCAB_SHARE = 0.125  # of the vocabulary MTP drafts among by default (speculative.restrict_drafts)
 HEAD_ROWS = 512  # prompt positions whose logits are computed at a time (bounds [rows, vocab] memory)
+# graphs Dynamo may keep per compiled call of one model (its default, 8, is fewer than warmup()
+# compiles: past it, a call runs eagerly, silently ~2x slower; Engine._fast says more)
+RECOMPILE_LIMIT = 64
 
 
 @dataclass
@@ -297,7 +300,12 @@ class Engine:
         an input wrapped in a tensor on every call (25 per step on the tiny preset; its forward
         0.77 -> 0.65 ms on one core). The code that calls a graph's kernels is C++ (Inductor's
         `cpp_wrapper`), not Python that takes ~0.1-0.4 ms per call to allocate and dispatch
-        (tiny, one core, a whole engine step: 0.83 -> 0.70 ms; with MTP 1.87 -> 1.64 ms)."""
+        (tiny, one core, a whole engine step: 0.83 -> 0.70 ms; with MTP 1.87 -> 1.64 ms).
+
+        Each regime of the step (batch 1, 2, the Linears inline / on the panel kernel / on
+        Inductor's GEMMs, the experts gathered or not) x each cache-read shape is one graph of the
+        same compiled call, up to RECOMPILE_LIMIT of them; past Dynamo's default limit (8) the
+        step would run uncompiled (small, 16 sequences, one core: 36-37 vs 20-21 ms per step)."""
         if not self.compiled:
             return fn(*args, **kwargs)
         if self._warm:
@@ -310,7 +318,7 @@ class Engine:
         with (
             torch._inductor.config.patch(freezing=self.freeze, cpp_wrapper=True, **GEMM_TEMPLATES),
             shape_config.patch(use_duck_shape=False),
-            torch._dynamo.config.patch(specialize_float=True),
+            torch._dynamo.config.patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT),
             cold_cache_timing(),
             warnings.catch_warnings(),
         ):
