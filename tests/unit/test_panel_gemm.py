@@ -48,6 +48,27 @@ def test_linear_equals_the_product(rows, n, half_k, dtype, seed):
     assert ((y.double() - _reference(x, w)).abs() <= _bound(x, w, dtype)).all()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, heads, n, k", [(16, 8, 256, 64), (5, 3, 40, 18), (1, 1, 16, 2)])
+def test_per_head_equals_each_heads_product(rows, heads, n, k, dtype, threads):
+    """Head g's rows x[:, g] times its own W_g: the einsum of MLA's absorbed path, here on a strided
+    x as attention hands it (a split of the query heads) and on a contiguous one."""
+    g = torch.Generator().manual_seed(rows + heads)
+    x = torch.randn(rows, heads, k + 6, generator=g).to(dtype)[..., 2 : k + 2]  # rows and heads strided
+    w = torch.randn(heads, n, k, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = panel_gemm.per_head(x, panel_gemm.pack(w), n)
+        contiguous = panel_gemm.per_head(x.contiguous(), panel_gemm.pack(w), n)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == dtype and got.shape == (rows, heads, n) and torch.equal(got, contiguous)
+    for h in range(heads):
+        assert ((got[:, h].double() - _reference(x[:, h], w[h])).abs() <= _bound(x[:, h], w[h], dtype)).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pack_lays_out_panels_of_16_columns(dtype):
     """Panel p, step k, lane j holds W[16p + j, k] (FP32) or the pair W[16p + j, 2k:2k + 2] (BF16);
@@ -110,6 +131,8 @@ def test_bad_operands_are_named():
     gate_up, down = panel_gemm.pack(torch.randn(2, 8, 4)), panel_gemm.pack(torch.randn(2, 4, 4))
     with pytest.raises(RuntimeError, match="offs ends at 3, x has 2 rows"):
         panel_gemm.expert_mlp(torch.randn(2, 4), torch.tensor([1, 3], dtype=torch.int32), gate_up, down, 4)
+    with pytest.raises(RuntimeError, match="a weight packed per head"):
+        panel_gemm.per_head(torch.randn(2, 3, 8), panel_gemm.pack(torch.randn(2, 16, 8)), 16)
     with pytest.raises(RuntimeError, match="offs must be int32"):
         panel_gemm.expert_mlp(torch.randn(2, 4), torch.tensor([1, 2]), gate_up, down, 4)
 

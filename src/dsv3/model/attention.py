@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model import paged_attention
-from dsv3.model.linear import Linear, inline_rows
+from dsv3.model import paged_attention, panel_gemm
+from dsv3.model.linear import Linear, inline_rows, panel_rows
 from dsv3.model.norm import RMSNorm
 from dsv3.model.paged_attention import PagedLatents
 from dsv3.model.rope import apply_rope
@@ -94,6 +94,9 @@ class MLA(nn.Module):
         # no guard of their own), and the state dict leaves them out
         self.register_buffer("w_uk", None, persistent=False)
         self.register_buffer("w_uv", None, persistent=False)
+        # W_UK^T [H, r, dn] and W_UV [H, dv, r] packed for the panel kernel (prepare_absorbed)
+        self.register_buffer("w_uk_panels", None, persistent=False)
+        self.register_buffer("w_uv_panels", None, persistent=False)
 
     def forward(
         self,
@@ -165,13 +168,18 @@ class MLA(nn.Module):
         )
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
-    def prepare_absorbed(self, dtype: torch.dtype | None = None) -> None:
+    def prepare_absorbed(self, dtype: torch.dtype | None = None, panels: bool = False) -> None:
         """Keep contiguous copies of W_UK and W_UV (in `dtype`) for the absorbed path, made once
-        by the inference engine instead of slicing and casting kv_b_proj on every call. They
-        are a snapshot: call again after the weights change."""
+        by the inference engine instead of slicing and casting kv_b_proj on every call, and with
+        `panels` (where the panel kernel runs them) their per-head panels for the few-row
+        compiled steps that run the model's Linears on the kernel (`panel_rows`). They are a
+        snapshot: call again after the weights change."""
         w_uk, w_uv = self.absorbed_weights()
         dtype = dtype or w_uk.dtype
         self.w_uk, self.w_uv = w_uk.to(dtype).contiguous(), w_uv.to(dtype).contiguous()
+        panels = panels and panel_gemm.can_pack(self.w_uk)
+        self.w_uk_panels = panel_gemm.pack(self.w_uk.transpose(1, 2)) if panels else None
+        self.w_uv_panels = panel_gemm.pack(self.w_uv) if panels else None
 
     def _absorbed(
         self, q_nope, q_pe, c_kv, k_pe, start_pos, paged: PagedLatents | None = None
@@ -182,9 +190,9 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         w_uk, w_uv = (self.w_uk, self.w_uv) if self.w_uk is not None else self.absorbed_weights()
         if paged is not None:
-            q_lat = _per_head(q_nope, w_uk, 1)  # [B, T, H, r]
+            q_lat = _per_head(q_nope, w_uk, 1, self.w_uk_panels)  # [B, T, H, r]
             out_lat = paged_attention.decode(q_lat, q_pe, paged, start_pos, self.softmax_scale)
-            return _per_head(out_lat, w_uv, 2)  # [B, T, H, dv]
+            return _per_head(out_lat, w_uv, 2, self.w_uv_panels)  # [B, T, H, dv]
         if inline_rows(T):
             return self._absorbed_inline(q_nope, q_pe, c_kv, k_pe, start_pos, w_uk, w_uv)
         S = c_kv.shape[1]
@@ -217,11 +225,18 @@ class MLA(nn.Module):
         return (out_lat.to(acc)[:, :, :, None] * w_uv.to(acc)).sum(-1).to(dtype)  # [B, T, H, dv]
 
 
-def _per_head(x: torch.Tensor, w: torch.Tensor, w_in_dim: int) -> torch.Tensor:
+def _per_head(
+    x: torch.Tensor, w: torch.Tensor, w_in_dim: int, panels: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [B, T, H, i] times each head's w [H, i, o] (w_in_dim=1) or [H, o, i] (w_in_dim=2) -> [B, T,
     H, o] in x's dtype: for a few rows of a compiled step a broadcast product with an FP32 sum (a
-    loop Inductor fuses), else a batched GEMM."""
-    if not inline_rows(x.shape[0] * x.shape[1]):
+    loop Inductor fuses), for the panel kernel's rows one call of it on `panels` (w as [H, o, i]
+    packed by panel_gemm.pack), else a batched GEMM."""
+    B, T, H, _ = x.shape
+    o = w.shape[2] if w_in_dim == 1 else w.shape[1]
+    if panels is not None and panel_rows(B * T):
+        return panel_gemm.per_head(x.reshape(B * T, H, -1), panels, o).view(B, T, H, o)
+    if not inline_rows(B * T):
         return torch.einsum("bthi,hio->btho" if w_in_dim == 1 else "bthi,hoi->btho", x, w.to(x.dtype))
     acc = torch.promote_types(x.dtype, torch.float32)
     if w_in_dim == 1:

@@ -64,6 +64,11 @@ def inline_rows(rows: int) -> bool:
     return compiled_inference() and rows <= INLINE_MAX_ROWS
 
 
+def panel_rows(rows: int) -> bool:
+    """Whether a product with `rows` rows runs on the panel kernel, where its weight is packed."""
+    return compiled_inference() and PANEL_ROWS[0] <= rows <= PANEL_ROWS[1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x [..., in], weight [out, in], bias) -> [..., out]; for a few rows in a compiled
     inference step, a broadcast product and an FP32 sum that Inductor fuses with its neighbours."""
@@ -92,7 +97,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = math.prod(x.shape[:-1])
-        if self.panels is None or not compiled_inference() or not PANEL_ROWS[0] <= rows <= PANEL_ROWS[1]:
+        if self.panels is None or not panel_rows(rows):
             return F.linear(x, self.weight, self.bias)
         y = panel_gemm.linear(x.reshape(rows, x.shape[-1]), self.panels, self.out_features)
         if self.bias is not None:

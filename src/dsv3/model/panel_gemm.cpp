@@ -157,18 +157,24 @@ void gemm_panels(const T* x, int64_t ldx, int64_t rows, const T* w, int64_t kk, 
   }
 }
 
-// Rows [m0, m0 + rows) of x [M, K] times panels [p0, p1) of one packed weight (kk K-wise steps)
-void gemm_block(const at::Tensor& x, int64_t m0, int64_t rows, const void* w, int64_t kk, int64_t p0, int64_t p1,
-                const Out& out) {
-  if (x.scalar_type() == at::kBFloat16) {
-    const int64_t ldx = x.stride(0) / 2;
-    gemm_panels<uint32_t>(static_cast<const uint32_t*>(x.const_data_ptr()) + m0 * ldx, ldx, rows,
-                          static_cast<const uint32_t*>(w), kk, p0, p1, out, m0);
+// Rows [m0, m0 + rows) of x (rows `ld` elements apart, from `x`) times panels [p0, p1) of one packed
+// weight (kk K-wise steps)
+void gemm_rows(const void* x, int64_t ld, bool bf16, int64_t m0, int64_t rows, const void* w, int64_t kk, int64_t p0,
+               int64_t p1, const Out& out) {
+  if (bf16) {
+    const int64_t ldx = ld / 2;
+    gemm_panels<uint32_t>(static_cast<const uint32_t*>(x) + m0 * ldx, ldx, rows, static_cast<const uint32_t*>(w), kk,
+                          p0, p1, out, m0);
   } else {
-    const int64_t ldx = x.stride(0);
-    gemm_panels<float>(x.const_data_ptr<float>() + m0 * ldx, ldx, rows, static_cast<const float*>(w), kk, p0, p1, out,
+    gemm_panels<float>(static_cast<const float*>(x) + m0 * ld, ld, rows, static_cast<const float*>(w), kk, p0, p1, out,
                        m0);
   }
+}
+
+// Rows [m0, m0 + rows) of x [M, K] times panels [p0, p1) of one packed weight
+void gemm_block(const at::Tensor& x, int64_t m0, int64_t rows, const void* w, int64_t kk, int64_t p0, int64_t p1,
+                const Out& out) {
+  gemm_rows(x.const_data_ptr(), x.stride(0), x.scalar_type() == at::kBFloat16, m0, rows, w, kk, p0, p1, out);
 }
 
 // K-wise steps of a packed weight [..., panels, kk, 16(, 2)]
@@ -202,6 +208,37 @@ at::Tensor panel_linear(const at::Tensor& input, const at::Tensor& packed, int64
   const int64_t groups = (panels + MAX_PANELS - 1) / MAX_PANELS;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     gemm_block(x, 0, rows, w, kk, g0 * MAX_PANELS, std::min(g1 * MAX_PANELS, panels), out);
+  });
+  return y;
+}
+
+// Each head's own product: x [M, G, K] (rows of head g: x[:, g]) times W_g [n, K] packed as
+// [G, panels, ...] -> [M, G, n] in x's dtype; the (head, panel group) pieces run in parallel
+at::Tensor panel_per_head(const at::Tensor& input, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(input.dim() == 3 && packed.dim() >= 1 && packed.size(0) == input.size(1),
+              "panel_per_head: x [M, G, K] and a weight packed per head [G, ...] expected, got ", input.sizes(),
+              " and ", packed.sizes());
+  const bool bf16 = input.scalar_type() == at::kBFloat16;  // then rows are read as pairs: even strides
+  const bool even = input.stride(0) % 2 == 0 && input.stride(1) % 2 == 0 && input.storage_offset() % 2 == 0;
+  const at::Tensor x = input.stride(2) == 1 && (!bf16 || even) ? input : input.contiguous();
+  const int64_t M = x.size(0), G = x.size(1);
+  check(x.select(1, 0), packed.select(0, 0), "panel_per_head");
+  const int64_t panels = packed.size(1), kk = steps(packed);
+  TORCH_CHECK(0 < n && n <= panels * LANES && panels * LANES - n < LANES, "panel_per_head: n=", n, " does not fit ",
+              panels, " panels");
+  at::Tensor y = at::empty({M, G, n}, x.options());
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const char* wp = static_cast<const char*>(packed.const_data_ptr());
+  char* yp = static_cast<char*>(y.data_ptr());
+  const int64_t size = x.element_size(), per_head = packed.stride(0) * packed.element_size();
+  const int64_t groups = (panels + MAX_PANELS - 1) / MAX_PANELS;
+  at::parallel_for(0, G * groups, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / groups, p = t % groups * MAX_PANELS;
+      const Out out{yp + g * n * size, G * n, n, bf16};
+      gemm_rows(xp + g * x.stride(1) * size, x.stride(0), bf16, 0, M, wp + g * per_head, kk, p,
+                std::min(p + MAX_PANELS, panels), out);
+    }
   });
   return y;
 }
@@ -275,9 +312,11 @@ at::Tensor panel_expert_mlp(const at::Tensor& x, const at::Tensor& offs, const a
 TORCH_LIBRARY(dsv3_panel, m) {
   m.def("linear(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("expert_mlp(Tensor x, Tensor offs, Tensor gate_up, Tensor down, int inter) -> Tensor");
+  m.def("per_head(Tensor x, Tensor packed, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv3_panel, CPU, m) {
   m.impl("linear", &panel_linear);
   m.impl("expert_mlp", &panel_expert_mlp);
+  m.impl("per_head", &panel_per_head);
 }

@@ -24,6 +24,10 @@ whatever vector width the CPU has; with AVX512-BF16 the BF16 product is one `vdp
 instruction oneDNN uses too). Accumulation is in FP32 and the result is rounded to the input dtype,
 as a GEMM does.
 
+`per_head` runs a product per attention head (MLA's absorbed W_UK and W_UV, [heads, out, in]) in
+one call, in parallel over (head, panel group) pieces; a batched GEMM per weight cost 88 us per
+call at 16 rows on the small preset, 1.4 ms of its 16-sequence decode step.
+
 `expert_mlp` runs the routed experts of a MoE layer in one call: rows sorted by expert, for each
 expert with rows its gate/up panels, SwiGLU (rounded as eager BF16 rounds each op), its down
 panels; the (expert, panel group) pieces run in parallel on torch's threads. That replaces one
@@ -66,6 +70,12 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """F.linear(x [M, K], W) for W [n, K] packed by `pack` -> [M, n] in x's dtype."""
     return torch.ops.dsv3_panel.linear(x, packed, n)
+
+
+def per_head(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Each head's product x[:, g] @ W_g.T for x [M, G, K] and W [G, n, K] packed by `pack` ->
+    [M, G, n] in x's dtype: one call for every head (MLA's absorbed W_UK and W_UV)."""
+    return torch.ops.dsv3_panel.per_head(x, packed, n)
 
 
 def expert_mlp(
