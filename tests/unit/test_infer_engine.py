@@ -329,7 +329,9 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
     full = _prompts(*range(3, 3 + PANEL_ROWS[1]), seed=2)  # the largest batch, past every regime's bounds
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     eager = Engine(fp32, block_size=4, mtp=mtp, max_batch_size=len(full))
-    expected = [o.token_ids for o in eager.generate(prompts[:1], params) + eager.generate(prompts[1:], params)]
+    expected = [
+        o.token_ids for o in eager.generate(prompts[:1], params) + eager.generate(prompts[1:], params)
+    ]
     expected_full = [o.token_ids for o in eager.generate(full, params)]
 
     graphs = []
