@@ -215,14 +215,14 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         S = c_kv.shape[1]
         dtype, acc = q_nope.dtype, torch.promote_types(q_nope.dtype, torch.float32)
-        q_lat = (q_nope.to(acc)[..., None] * w_uk.to(acc)).sum(-2).to(dtype)  # [B, T, H, r]
+        q_lat = _per_head_loop(q_nope, w_uk, 1)  # [B, T, H, r]
         scores = (c_kv.to(acc)[:, None, None] * q_lat.to(acc)[:, :, :, None]).sum(-1)  # [B, T, H, S]
         scores = scores + (k_pe.to(acc)[:, None, None] * q_pe.to(acc)[:, :, :, None]).sum(-1)
         scores = scores.transpose(1, 2) * self.softmax_scale  # [B, H, T, S]
         scores = scores.masked_fill(~_causal_mask(T, S, start_pos, scores.device), float("-inf"))
         probs = scores.softmax(dim=-1).to(c_kv.dtype).transpose(1, 2)  # [B, T, H, S]
         out_lat = (probs.to(acc)[..., None] * c_kv.to(acc)[:, None, None]).sum(-2).to(dtype)  # [B, T, H, r]
-        return (out_lat.to(acc)[:, :, :, None] * w_uv.to(acc)).sum(-1).to(dtype)  # [B, T, H, dv]
+        return _per_head_loop(out_lat, w_uv, 2)  # [B, T, H, dv]
 
 
 def _per_head(
@@ -238,6 +238,11 @@ def _per_head(
         return panel_gemm.per_head(x.reshape(B * T, H, -1), panels, o).view(B, T, H, o)
     if not inline_rows(B * T):
         return torch.einsum("bthi,hio->btho" if w_in_dim == 1 else "bthi,hoi->btho", x, w.to(x.dtype))
+    return _per_head_loop(x, w, w_in_dim)
+
+
+def _per_head_loop(x: torch.Tensor, w: torch.Tensor, w_in_dim: int) -> torch.Tensor:
+    """`_per_head` as a broadcast product with an FP32 sum, the loop Inductor fuses."""
     acc = torch.promote_types(x.dtype, torch.float32)
     if w_in_dim == 1:
         return (x.to(acc)[..., None] * w.to(acc)).sum(-2).to(x.dtype)
