@@ -4,7 +4,8 @@ Two small kernels do what the libraries torch calls do not do at decode's sizes:
   * panel_gemm.cpp: GEMMs of a few rows that read each weight byte once, and the routed experts
     of a MoE layer in one call (model/panel_gemm.py);
   * paged_attention.cpp: absorbed MLA attention of a few queries per sequence straight from the
-    paged latent cache's blocks (model/paged_attention.py).
+    paged latent cache's blocks (model/paged_attention.py);
+and cpu_vectors.h, the vector types and helpers the two share.
 Both are plain C++ (GCC vector extensions, AVX512-BF16's dot product where the CPU has it)
 compiled for this machine (-march=native), into one library that registers the torch ops
 `dsv3_panel::*` and `dsv3_mla::*`. They split their work with `at::parallel_for`, which runs on

@@ -16,6 +16,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_vectors.h"
+
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -31,23 +33,7 @@ constexpr int64_t LANES = 16;  // queries of a group, columns of an output chunk
 constexpr int ROWS = 16;       // most cache rows scored together (independent accumulator chains)
 constexpr int QUERIES = 8;     // queries accumulated together in the weighted sum
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
-template <typename V>
-inline V load(const void* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-inline float bits_to_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+using namespace dsv3_cpu;
 
 // 16 consecutive values as FP32
 inline f32x16 widen(const float* p) { return load<f32x16>(p); }

@@ -13,6 +13,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_vectors.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -28,21 +30,7 @@ constexpr int64_t LANES = 16;  // output columns of a panel
 constexpr int MAX_ROWS = 4;    // rows of a tile
 constexpr int MAX_PANELS = 4;  // panels of a tile
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-template <typename V>
-inline V load(const void* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-inline float bits_to_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+using namespace dsv3_cpu;
 
 // y[r, 16p + j] = sum_k x[r, k] W[16p + j, k]; BF16: x as K/2 pairs of BF16 (uint32), kk = K/2
 template <int R, int NP>
