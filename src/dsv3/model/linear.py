@@ -17,13 +17,18 @@ vs GEMM, one row: d=128 13 vs 13, d=256 28 vs 17, d=512 66 vs 34, d=1024 204 vs 
 d=512 73 vs 41. On the small preset's decode step (batch 1, BF16) that took 114-119 tok/s to
 138-144.
 
-A compiled step of a few more rows (PANEL_ROWS, e.g. 16 sequences decoding) is where Inductor's
-GEMMs stream worst: its template, compiled for any row count, read a small-preset weight at
-2-4 GB/s with 16 rows. There the model's `Linear`s, once packed by the engine (`pack_linears`),
-run on dsv3's panel kernel (model/panel_gemm.py), which reads each weight once for all its rows
-at close to memory speed. At one row Inductor's GEMM, specialized for it, is the faster one; at
-two (MTP's verify at batch 1) the kernel call and the fusions it prevents cost more than it
-saves, and at four the two tie.
+A compiled decode step (PANEL_ROWS: 1 to 16 rows, one per sequence, two with MTP's verify) is
+where Inductor's GEMMs stream worst: its template, compiled for any row count, read a small-preset
+weight at 2-4 GB/s with 16 rows, and specialized for one row it still loses to the kernel (below). There the model's `Linear`s, once packed by the engine
+(`pack_linears`), run on dsv3's panel kernel (model/panel_gemm.py), which reads each weight once
+for all its rows at close to memory speed; larger steps (prefill) keep Inductor's GEMMs. Whole
+decode steps, one core of an AMD EPYC with AVX512-BF16, medians of 3 x 64 steps, panel kernel vs
+Inductor's GEMMs: small preset BF16 1 / 2 / 4 sequences 3.37 / 5.6 / 7.65 vs 5.12 / 6.75 / 9.95 ms,
+FP32 one sequence 5.41 vs 6.14 ms, two threads 2.55 vs 3.43 ms; tiny BF16 one sequence 0.35 vs
+0.39-0.42 ms, with MTP (two rows) 0.55 vs 0.67 ms. (An earlier session measured one and two
+rows the other way, when the same tiny MTP step took 1.2-1.6 ms; benchmarks/README.md.) Reading
+each weight byte once, the kernel streams small's 32768 x 512 BF16 head at 33 GB/s at one and two
+rows on that core, which sums a tensor at 37 GB/s.
 
 What still runs as such loops are products whose other operand is no model weight or a very
 small one: the router's [experts, hidden] FP32 weight (`linear`, fused with the scoring and the
@@ -48,10 +53,8 @@ from dsv3.model import panel_gemm
 # rows (tokens) up to which a compiled inference step computes the products above as fused loops
 INLINE_MAX_ROWS = 2
 # fewest and most rows for which a compiled inference step runs a packed `Linear` on the panel
-# kernel (see `Linear`). Decode steps, one core of an AMD EPYC, BF16, panel vs Inductor's GEMMs:
-# small preset 16 sequences 26.3 vs 31.9 ms, 4 sequences 12.3 vs 12.3 ms; tiny with MTP at batch 1
-# (2 rows) 1.62 vs 1.17 ms
-PANEL_ROWS = (5, 16)
+# kernel (see `Linear` and the module docstring for the measurements); more rows run Inductor's GEMMs
+PANEL_ROWS = (1, 16)
 
 
 def compiled_inference() -> bool:
