@@ -185,3 +185,42 @@ def test_expert_weights_read_once_for_their_rows_match_f_linear_on_a_decode_shap
     torch.testing.assert_close(
         panel_gemm.linear(x, panel_gemm.pack(w), 512).float(), F.linear(x, w).float(), rtol=1 / 128, atol=1e-3
     )
+
+
+def test_products_large_enough_to_split_across_threads_equal_one_threads():
+    """Products with more than MIN_THREAD_BYTES of work per thread run in pieces on torch's threads
+    (smaller ones stay on the calling thread); each output is computed the same way either way."""
+    torch.manual_seed(2)
+    w = torch.randn(1024, 512).bfloat16()  # 16 groups of 4 panels, 64 KB each
+    x = torch.randn(3, 512).bfloat16()
+    heads = torch.randn(8, 256, 64).bfloat16()
+    xh = torch.randn(16, 8, 64).bfloat16()
+    experts = GroupedExperts(4, 512, 256).to(torch.bfloat16)  # the small preset's expert shapes
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(experts.down_proj, std=0.05)
+    offs = torch.tensor([2, 3, 3, 6], dtype=torch.int32)
+    xe = torch.randn(6, 512).bfloat16()
+    gate_up, down = panel_gemm.pack(experts.gate_up_proj), panel_gemm.pack(experts.down_proj)
+
+    def run():
+        return (
+            panel_gemm.linear(x, panel_gemm.pack(w), 1024),
+            panel_gemm.per_head(xh, panel_gemm.pack(heads), 256),
+            panel_gemm.expert_mlp(xe, offs, gate_up, down, 256),
+        )
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(one[0].float(), F.linear(x, w).float(), rtol=1 / 128, atol=1e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            one[2].float(), experts.forward_reference(xe, offs).float(), rtol=1 / 128, atol=1e-3
+        )
