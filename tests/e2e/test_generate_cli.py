@@ -89,10 +89,9 @@ def test_seeded_sampling_is_reproducible_and_sample_returns_prompt_plus_text(fol
     assert a.startswith(PROMPT) and a == sample(folder, PROMPT, 8, temperature=1.0, top_k=50, seed=3)
 
 
-def test_chat_keeps_the_conversation(folder, engine):
-    _, tok = engine
-    turns = ["hello", "and then?"]
-    result = dsv3(
+def _greedy_chat(folder) -> list[str]:
+    """`dsv3 generate --chat` answering greedily in 6 tokens."""
+    return [
         "generate",
         "--checkpoint",
         str(folder),
@@ -101,11 +100,14 @@ def test_chat_keeps_the_conversation(folder, engine):
         "6",
         "--temperature",
         "0",
-        "--system",
-        "Be brief.",
         *DTYPE,
-        stdin="\n".join(turns) + "\n",
-    )
+    ]
+
+
+def test_chat_keeps_the_conversation(folder, engine):
+    _, tok = engine
+    turns = ["hello", "and then?"]
+    result = dsv3(*_greedy_chat(folder), "--system", "Be brief.", stdin="\n".join(turns) + "\n")
     assert result.returncode == 0, result.stderr
     answers = result.stdout.split("\n")[:-1]
     assert len(answers) == 2 and result.stderr.count("tokens/s") == 2 and result.stderr.count("user> ") == 3
@@ -120,18 +122,7 @@ def test_chat_reset_and_exit(folder, engine, monkeypatch, capsys):
     """--prompt is the first turn; /reset forgets it, so the next answer is a fresh conversation's."""
     _, tok = engine
     monkeypatch.setattr(sys, "stdin", io.StringIO("/reset\nand then?\n/exit\nnever read\n"))
-    args = [
-        "generate",
-        "--checkpoint",
-        str(folder),
-        "--chat",
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "0",
-        *DTYPE,
-    ]
-    assert main([*args, "--prompt", "hello"]) == 0
+    assert main([*_greedy_chat(folder), "--prompt", "hello"]) == 0
     out = capsys.readouterr()
     fresh = greedy(engine, tok.encode_chat([{"role": "user", "content": "and then?"}]), 6, tok.stop)
     assert out.out.split("\n")[:-1][1] == fresh and out.err.count("tokens/s") == 2
