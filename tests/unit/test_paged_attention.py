@@ -163,3 +163,21 @@ def test_the_kernels_split_their_work_over_torch_threads():
         assert torch.equal(paged_attention.decode(q, q_pe, latents, start, 0.1), one)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not paged_attention.can_run(torch.bfloat16, "cpu", 16, 2), reason="no CPU kernels here")
+@pytest.mark.parametrize("nope, packs", [(16, True), (15, False)])
+def test_absorbed_weights_are_packed_per_head_only_where_the_kernel_takes_them(nope, packs):
+    """W_UK's per-head input is the query's nope part: an odd width cannot be packed in BF16 pairs,
+    so those heads keep the batched GEMM; packed panels equal the heads' own products."""
+    from dsv3.model import panel_gemm
+
+    cfg = ModelConfig.from_preset("tiny", qk_nope_head_dim=nope)
+    mla = MLA(cfg).to(torch.bfloat16)
+    mla.prepare_absorbed(torch.bfloat16, panels=True)
+    assert (mla.w_uk_panels is not None) == packs and (mla.w_uv_panels is not None) == packs
+    if packs:
+        q = torch.randn(3, cfg.num_attention_heads, nope).bfloat16()
+        want = torch.einsum("mhi,hio->mho", q.float(), mla.w_uk.float())
+        got = panel_gemm.per_head(q, mla.w_uk_panels, cfg.kv_lora_rank)
+        torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)

@@ -302,8 +302,8 @@ class Engine:
         `cpp_wrapper`), not Python that takes ~0.1-0.4 ms per call to allocate and dispatch
         (tiny, one core, a whole engine step: 0.83 -> 0.70 ms; with MTP 1.87 -> 1.64 ms).
 
-        Each regime of the step (batch 1, 2, the Linears inline / on the panel kernel / on
-        Inductor's GEMMs, the experts gathered or not) x each cache-read shape is one graph of the
+        Each regime of the step (batch 1, 2, the Linears on the panel kernel or on Inductor's
+        GEMMs, the experts gathered or not) x each cache-read shape is one graph of the
         same compiled call, up to RECOMPILE_LIMIT of them; past Dynamo's default limit (8) the
         step would run uncompiled (small, 16 sequences, one core: 36-37 vs 20-21 ms per step)."""
         if not self.compiled:

@@ -177,8 +177,9 @@ class MLA(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         dtype = dtype or w_uk.dtype
         self.w_uk, self.w_uv = w_uk.to(dtype).contiguous(), w_uv.to(dtype).contiguous()
-        panels = panels and panel_gemm.can_pack(self.w_uk)
-        self.w_uk_panels = panel_gemm.pack(self.w_uk.transpose(1, 2)) if panels else None
+        w_uk_t = self.w_uk.transpose(1, 2)  # [H, r, dn]: each head's weight as [out, in]
+        panels = panels and panel_gemm.can_pack(w_uk_t) and panel_gemm.can_pack(self.w_uv)
+        self.w_uk_panels = panel_gemm.pack(w_uk_t) if panels else None
         self.w_uv_panels = panel_gemm.pack(self.w_uv) if panels else None
 
     def _absorbed(

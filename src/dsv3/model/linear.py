@@ -19,9 +19,10 @@ d=512 73 vs 41. On the small preset's decode step (batch 1, BF16) that took 114-
 
 A compiled decode step (PANEL_ROWS: 1 to 16 rows, one per sequence, two with MTP's verify) is
 where Inductor's GEMMs stream worst: its template, compiled for any row count, read a small-preset
-weight at 2-4 GB/s with 16 rows, and specialized for one row it still loses to the kernel (below). There the model's `Linear`s, once packed by the engine
-(`pack_linears`), run on dsv3's panel kernel (model/panel_gemm.py), which reads each weight once
-for all its rows at close to memory speed; larger steps (prefill) keep Inductor's GEMMs. Whole
+weight at 2-4 GB/s with 16 rows, and specialized for one row it still loses to the kernel (below).
+There the model's `Linear`s, once packed by the engine (`pack_linears`), run on dsv3's panel
+kernel (model/panel_gemm.py), which reads each weight once for all its rows at close to memory
+speed; larger steps (prefill) keep Inductor's GEMMs. Whole
 decode steps, one core of an AMD EPYC with AVX512-BF16, medians of 3 x 64 steps, panel kernel vs
 Inductor's GEMMs: small preset BF16 1 / 2 / 4 sequences 3.37 / 5.6 / 7.65 vs 5.12 / 6.75 / 9.95 ms,
 FP32 one sequence 5.41 vs 6.14 ms, two threads 2.55 vs 3.43 ms; tiny BF16 one sequence 0.35 vs
