@@ -118,6 +118,86 @@ def test_expert_mlp_equals_the_loop(counts, dtype, threads):
         assert (got == ref).float().mean() > 0.9
 
 
+def _routed_reference(x, indices, weights, experts, shared=None):
+    """sum_k w_k FFN_k(x) (+ the shared MLP) in float64 from the same weights, each SwiGLU output
+    rounded to x's dtype as the kernel rounds it (a GEMM's input)."""
+
+    def ffn(row, gate_up, down):
+        gate, up = (gate_up.double() @ row.double()).chunk(2)
+        return down.double() @ (F.silu(gate) * up).to(x.dtype).double()
+
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for n in range(x.shape[0]):
+        for k in range(indices.shape[1]):
+            e = int(indices[n, k])
+            out[n] += float(weights[n, k]) * ffn(x[n], experts.gate_up_proj[e], experts.down_proj[e])
+        if shared is not None:
+            out[n] += ffn(
+                x[n], torch.cat([shared.gate_proj.weight, shared.up_proj.weight]), shared.down_proj.weight
+            )
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, with_shared", [(1, True), (3, False), (7, True)])
+def test_routed_experts_equal_the_weighted_sum_of_the_chosen_ffns(tokens, with_shared, dtype, threads):
+    """One call from the router's choice (several tokens sharing experts, one token choosing
+    the same expert twice) equals the weighted sum of each chosen expert's FFN, plus the shared
+    MLP given as its three packed Linears; the shared inter size 40 leaves a panel part-filled."""
+    from dsv3.model.moe import MLP
+
+    torch.manual_seed(tokens)
+    experts = GroupedExperts(8, 48, 24)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
+    torch.nn.init.normal_(experts.down_proj, std=0.3)
+    experts.to(dtype)
+    shared = MLP(48, 40).to(dtype) if with_shared else None
+    x = torch.randn(tokens, 48).to(dtype)
+    indices = torch.randint(0, 8, (tokens, 3))
+    indices[0, 1] = indices[0, 0]
+    weights = torch.rand(tokens, 3)
+    packed_shared = (
+        tuple(panel_gemm.pack(m.weight) for m in (shared.gate_proj, shared.up_proj, shared.down_proj))
+        if with_shared
+        else None
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = panel_gemm.routed_experts(
+            x,
+            indices,
+            weights,
+            panel_gemm.pack(experts.gate_up_proj),
+            panel_gemm.pack(experts.down_proj),
+            24,
+            packed_shared,
+        )
+    finally:
+        torch.set_num_threads(before)
+    with torch.no_grad():
+        ref = _routed_reference(x, indices, weights, experts, shared)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    # FP32 accumulation in another order; a SwiGLU output on a BF16 rounding boundary may round the
+    # other way (one BF16 ulp of one input of the down product)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(got.double(), ref, **tol)
+    if dtype == torch.bfloat16:
+        assert ((got.double() - ref).abs() < 1e-4).float().mean() > 0.9
+
+
+def test_routed_experts_name_a_bad_choice():
+    gate_up, down = panel_gemm.pack(torch.randn(2, 8, 4)), panel_gemm.pack(torch.randn(2, 4, 4))
+    x, weights = torch.randn(1, 4), torch.ones(1, 2)
+    with pytest.raises(RuntimeError, match=r"expert index 2 is not in \[0, 2\)"):
+        panel_gemm.routed_experts(x, torch.tensor([[0, 2]]), weights, gate_up, down, 4)
+    with pytest.raises(RuntimeError, match="int64 indices"):
+        panel_gemm.routed_experts(x, torch.tensor([[0, 1]], dtype=torch.int32), weights, gate_up, down, 4)
+    with pytest.raises(RuntimeError, match="down must be packed from 6 inputs"):
+        panel_gemm.routed_experts(x, torch.tensor([[0, 1]]), weights, gate_up, down, 6)
+
+
 def test_bad_operands_are_named():
     w = torch.randn(32, 8)
     with pytest.raises(RuntimeError, match="x has 6 columns, the packed weight 8 inputs"):

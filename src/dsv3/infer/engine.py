@@ -51,11 +51,11 @@ from torch.fx.experimental import _config as shape_config
 from dsv3.infer.autotune import GEMM_TEMPLATES, cold_cache_timing
 from dsv3.infer.cache import PagedLatentCache
 from dsv3.infer.chat import IncrementalText
-from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, token_logprobs
+from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, greedy_tokens, token_logprobs
 from dsv3.infer.speculative import greedy_step, mtp_logits, restrict_drafts, verify
 from dsv3.model.attention import MLA
 from dsv3.model.linear import INLINE_MAX_ROWS, PANEL_ROWS, pack_linears
-from dsv3.model.moe import GroupedExperts, max_gathered_tokens
+from dsv3.model.moe import GroupedExperts, max_fused_tokens
 
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
 
@@ -178,7 +178,8 @@ class Engine:
         # decode runs the same model compiled (dynamic shapes: one graph for every batch and context
         # size); prefill stays eager (few, large forwards of varying shapes)
         self.compiled, self.freeze = compile, freeze  # freeze (pack the weights): see _fast
-        self._decode_forward = torch.compile(model, dynamic=True) if compile else model
+        self._decode_forward = model  # what a decode step calls (lockstep.py may wrap the model)
+        self._decode_step = torch.compile(decode_step, dynamic=True) if compile else decode_step
         self._draft_logits = torch.compile(mtp_logits, dynamic=True) if compile else mtp_logits
         self._greedy_step = torch.compile(greedy_step, dynamic=True) if compile else greedy_step
         self._warm = False
@@ -201,6 +202,10 @@ class Engine:
                 m.prepare_absorbed(self.dtype, panels=freeze and compile)
             elif isinstance(m, GroupedExperts):
                 m.pack(freeze)
+        # whether compiled steps run the experts on the panel kernel (MoE), not gathered
+        self._expert_panels = any(
+            isinstance(m, GroupedExperts) and m.down_panels is not None for m in model.modules()
+        )
         self._panels = pack_linears(model, freeze and compile) > 0  # the Linears of few-row compiled steps
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -244,8 +249,9 @@ class Engine:
         skip re-checking guards that cannot change. Dynamic shapes specialize a size of 1, so the
         warm-up decodes every kind of step a request can meet: batch 1 and 2, each with a context
         of one cache block and of two (and, with MTP, greedy and sampled steps), and the smallest
-        batches whose Linears start or stop running as fused loops or on the panel kernel (model/linear.py) and whose routed
-        experts no longer run gathered (`MoE`), if the engine takes them."""
+        batches whose Linears start or stop running as fused loops or on the panel kernel
+        (model/linear.py) and whose experts no longer run without dispatch (`MoE`), if the engine
+        takes them."""
         if not self.compiled or self._warm:
             return
         new = min(3, self.max_seq_len - 1)  # tokens per warm-up request: a few decode steps
@@ -255,7 +261,7 @@ class Engine:
         kinds = [greedy] + ([SamplingParams(max_tokens=new, ignore_eos=True, seed=0)] if self.mtp else [])
         limits = (
             INLINE_MAX_ROWS,
-            max_gathered_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok),
+            max_fused_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok, self._expert_panels),
             *([PANEL_ROWS[0] - 1, PANEL_ROWS[1]] if self._panels else []),
         )
         past = {rows // self.steps_per_decode + 1 for rows in limits}  # sequences
@@ -524,9 +530,11 @@ class Engine:
             for r, d in zip(reqs, drafts.tolist()):
                 r.draft, r.draft_q = d, None
             return
-        out = self._fast(self._decode_forward, fed, cache=view, start_pos=view.start_pos, absorb=True)
+        out, best = self._fast(self._decode_step, self._decode_forward, fed, view, view.start_pos)
         if not self.mtp:
-            tokens = batch.next_tokens(out.logits[:, 0])
+            tokens = (
+                best[:, 0] if batch.all_greedy and batch.seen is None else batch.next_tokens(out.logits[:, 0])
+            )
             for r, t, lp in zip(reqs, tokens.tolist(), self._logprobs(reqs, out.logits[:, 0], tokens)):
                 r.num_cached += 1
                 c["decode_tokens"] += 1
@@ -693,6 +701,14 @@ class Engine:
             list(req.logprobs) if req.params.logprobs is not None else None,
             req.prompt_logprobs,
         )
+
+
+def decode_step(forward, fed: torch.Tensor, cache, start_pos) -> tuple:
+    """One decode forward (`forward`: the model) of fed [B, T] over the cache, and its greedy
+    tokens [B, T]: the argmax runs inside a compiled step (a fused loop), not as an eager op
+    after it (torch's argmax over [16, 8192] logits took ~75 us on a CPU core)."""
+    out = forward(fed, cache=cache, start_pos=start_pos, absorb=True)
+    return out, greedy_tokens(out.logits)
 
 
 def _need(ok: bool, name: str, value, rule: str) -> None:

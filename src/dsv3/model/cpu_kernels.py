@@ -45,6 +45,9 @@ STALE_LOCK_S = 300  # a build lock older than this was left by a killed build
 FAKES = {
     "dsv3_panel::linear": lambda x, packed, n: x.new_empty(x.shape[0], n),
     "dsv3_panel::per_head": lambda x, packed, n: x.new_empty(x.shape[0], x.shape[1], n),
+    "dsv3_panel::routed_experts": lambda x, indices, weights, gate_up, down, inter, *shared: x.new_empty(
+        x.shape, dtype=torch.float32
+    ),
     "dsv3_mla::paged_decode": lambda q, q_pe, kv, pe, table, start_pos, scale: q.new_empty(q.shape),
 }
 

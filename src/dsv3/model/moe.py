@@ -23,10 +23,13 @@ experts as two grouped GEMMs (`torch.nn.functional.grouped_mm`) with no Python l
 experts and no host sync; expert parallelism replaces only the dispatcher, which is anything
 implementing the `Dispatcher` protocol.
 
-Inference takes two other roads. A compiled step with few tokens skips dispatch and combine:
-each token reads its chosen experts by index (`GroupedExperts.forward_gathered`, which Inductor
-turns into one fused gather-and-reduce loop: model/linear.py). Otherwise the experts run as one opaque op
-(`expert_mlp`) on copies of their weights packed for oneDNN (model/packed_experts.py).
+Inference takes other roads. A compiled step with few tokens skips dispatch and combine: where
+dsv3's panel kernel is built (model/panel_gemm.py), the experts, shared ones included, run as one
+call from the router's indices and weights (`panel_gemm.routed_experts`, which sorts the pairs
+and reads each chosen expert once); elsewhere each token reads its chosen experts by index
+(`GroupedExperts.forward_gathered`, which Inductor turns into one fused gather-and-reduce loop:
+model/linear.py). Otherwise the experts run as one opaque op (`expert_mlp`) on packed copies of
+their weights (model/packed_experts.py).
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.device import compute_dtype
+from dsv3.model import panel_gemm
 from dsv3.model.linear import Linear, compiled_inference, linear
 from dsv3.model.packed_experts import (
+    PANEL_MAX_ROWS_PER_EXPERT,
     can_pack,
     expert_loop,
     is_current,
@@ -126,12 +131,18 @@ class GroupedExperts(nn.Module):
     gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I], each expert laid out like
     an nn.Linear weight. forward(x [M, H] sorted by expert, offs int32 [E] cumulative ends)."""
 
+    gate_up_panels: torch.Tensor | None  # the weights packed by panel_gemm.pack (`pack`), a snapshot
+    down_panels: torch.Tensor | None
+
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts, self.dim, self.inter_dim = n_experts, dim, inter_dim
         self.first_expert = 0  # global id of expert 0 here (expert parallelism keeps a slice)
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        # buffers, as Linear.panels: a compiled step takes them as inputs; the state dict leaves them out
+        self.register_buffer("gate_up_panels", None, persistent=False)
+        self.register_buffer("down_panels", None, persistent=False)
 
     packed: int = -1  # handle of the packed copies of the weights (`pack`), -1: none
 
@@ -141,7 +152,14 @@ class GroupedExperts(nn.Module):
         build and dtype can). Once the weights change, the experts run unpacked until packed again."""
         enabled = enabled and can_pack(self.down_proj)
         release(self.packed)
-        self.packed = pack_experts(self, self.gate_up_proj, self.down_proj) if enabled else -1
+        panels = enabled and panel_gemm.can_pack(self.gate_up_proj) and panel_gemm.can_pack(self.down_proj)
+        self.gate_up_panels = panel_gemm.pack(self.gate_up_proj) if panels else None
+        self.down_panels = panel_gemm.pack(self.down_proj) if panels else None
+        self.packed = (
+            pack_experts(self, self.gate_up_proj, self.down_proj, self.gate_up_panels, self.down_panels)
+            if enabled
+            else -1
+        )
         return enabled
 
     def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -301,19 +319,49 @@ class MoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(B * T, H)
         route = self.gate(flat)
-        if self._gathers(B * T):
+        shared = self.shared_experts
+        if self._on_panels(flat):
+            panels = (
+                (shared.gate_proj.panels, shared.up_proj.panels, shared.down_proj.panels) if shared else ()
+            )
+            fused = all(p is not None for p in panels) and bool(panels)  # the shared experts in the same call
+            y = panel_gemm.routed_experts(
+                flat,
+                route.indices,
+                route.weights,
+                self.experts.gate_up_panels,
+                self.experts.down_panels,
+                self.experts.inter_dim,
+                panels if fused else None,
+            ).view(B, T, H)
+            shared = None if fused else shared
+        elif self._gathers(B * T):
             y = self.experts.forward_gathered(flat, route.indices, route.weights).view(B, T, H)
         else:
             x_sorted, offs, state = self.dispatcher.dispatch(flat, route.indices, self.n_routed_experts)
             y = self.dispatcher.combine(self.experts(x_sorted, offs), route.weights, state).view(B, T, H)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        if shared is not None:
+            y = y + shared(x)
         aux = None
         if with_aux and self.aux_loss_alpha > 0:
             aux = self.aux_loss_alpha * sequence_balance_loss(
                 route.scores.view(B, T, -1), route.indices.view(B, T, -1)
             )
         return y.to(x.dtype), aux
+
+    def _on_panels(self, x: torch.Tensor) -> bool:
+        """Whether the experts run as one `panel_gemm.routed_experts` call: a compiled inference
+        step, all experts here, packed for the panel kernel in x's dtype, and at most
+        PANEL_MAX_ROWS_PER_EXPERT (token, expert) pairs per expert."""
+        experts = self.experts
+        return (
+            compiled_inference()
+            and isinstance(self.dispatcher, LocalDispatcher)
+            and isinstance(experts, GroupedExperts)
+            and experts.down_panels is not None
+            and experts.down_panels.dtype == x.dtype
+            and x.shape[0] <= max_fused_tokens(self.n_routed_experts, self.top_k, panels=True)
+        )
 
     def _gathers(self, n_tokens: int) -> bool:
         """Whether the routed experts run gathered (`GroupedExperts.forward_gathered`): inference in
@@ -322,13 +370,15 @@ class MoE(nn.Module):
             compiled_inference()
             and isinstance(self.dispatcher, LocalDispatcher)
             and isinstance(self.experts, GroupedExperts)
-            and n_tokens <= max_gathered_tokens(self.n_routed_experts, self.top_k)
+            and n_tokens <= max_fused_tokens(self.n_routed_experts, self.top_k, panels=False)
         )
 
 
-def max_gathered_tokens(n_routed_experts: int, top_k: int) -> int:
-    """The most tokens a compiled inference step runs through the gathered experts."""
-    return GATHER_MAX_PAIRS_PER_EXPERT * n_routed_experts // top_k
+def max_fused_tokens(n_routed_experts: int, top_k: int, panels: bool) -> int:
+    """The most tokens a compiled inference step runs through the experts with no dispatch: as
+    one panel-kernel call (panels=True) or gathered."""
+    per_expert = PANEL_MAX_ROWS_PER_EXPERT if panels else GATHER_MAX_PAIRS_PER_EXPERT
+    return per_expert * n_routed_experts // top_k
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

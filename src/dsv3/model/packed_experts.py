@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from dsv3.model import panel_gemm
 
 __all__ = [
+    "PANEL_MAX_ROWS_PER_EXPERT",
     "can_pack",
     "expert_loop",
     "is_current",
@@ -76,12 +77,19 @@ def _onednn_packs(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32
 
 
-def pack_experts(owner: object, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> int:
+def pack_experts(
+    owner: object,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_panels: torch.Tensor | None = None,
+    down_panels: torch.Tensor | None = None,
+) -> int:
     """Pack gate_up_proj [E, 2I, H] and down_proj [E, H, I] (nn.Linear layout per expert); the
-    handle for `run_packed`, valid while `owner` lives (or until `release`)."""
-    if panel_gemm.can_pack(gate_up_proj) and panel_gemm.can_pack(down_proj):
+    handle for `run_packed`, valid while `owner` lives (or until `release`). Given the weights
+    packed by panel_gemm.pack (the owner keeps them), the panel kernel runs them; else oneDNN's."""
+    if gate_up_panels is not None and down_panels is not None:
         run, most_rows = (
-            _panel_experts(gate_up_proj, down_proj),
+            _panel_experts(gate_up_panels, down_panels, down_proj.shape[-1]),
             PANEL_MAX_ROWS_PER_EXPERT * len(gate_up_proj),
         )
     else:
@@ -92,8 +100,7 @@ def pack_experts(owner: object, gate_up_proj: torch.Tensor, down_proj: torch.Ten
     return handle
 
 
-def _panel_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> Callable:
-    gate_up, down, inter = panel_gemm.pack(gate_up_proj), panel_gemm.pack(down_proj), down_proj.shape[-1]
+def _panel_experts(gate_up: torch.Tensor, down: torch.Tensor, inter: int) -> Callable:
     return lambda x, offs: panel_gemm.expert_mlp(x, offs, gate_up, down, inter)
 
 

@@ -243,70 +243,210 @@ at::Tensor panel_per_head(const at::Tensor& input, const at::Tensor& packed, int
   return y;
 }
 
-// The routed experts' SwiGLU on rows of x [M, H] sorted by expert (offs [E] int32 cumulative
-// ends): gate_up [E, panels of 2I, ...] and down [E, panels of H, ...] packed -> [M, H]
-at::Tensor panel_expert_mlp(const at::Tensor& x, const at::Tensor& offs, const at::Tensor& gate_up,
-                            const at::Tensor& down, int64_t inter) {
-  TORCH_CHECK(offs.scalar_type() == at::kInt && offs.dim() == 1 && offs.size(0) == gate_up.size(0) &&
-                  offs.size(0) == down.size(0),
-              "panel_expert_mlp: offs must be int32 [E], E = the packed experts");
-  TORCH_CHECK(gate_up.size(1) * LANES >= 2 * inter && 2 * inter > (gate_up.size(1) - 1) * LANES,
-              "panel_expert_mlp: gate_up does not hold 2 x ", inter, " outputs");
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const int64_t M = x.size(0), H = x.size(1), experts = offs.size(0);
-  const int64_t gu_panels = gate_up.size(1), dn_panels = down.size(1);
-  TORCH_CHECK(dn_panels * LANES >= H && dn_panels * LANES - H < LANES,
-              "panel_expert_mlp: down does not have ", H, " outputs");
-  const int64_t gu_ld = 2 * inter;
-  at::Tensor gu_out = at::empty({M, gu_ld}, x.options().dtype(at::kFloat));  // gate | up, FP32
-  at::Tensor h = at::empty({M, inter}, x.options());
-  at::Tensor y = at::empty({M, H}, x.options());
-  at::Tensor gate_up_x = x.contiguous();
-  check(gate_up_x, gate_up.select(0, 0), "panel_expert_mlp gate_up");
-  check(h, down.select(0, 0), "panel_expert_mlp down");
+namespace {
 
-  const int32_t* ends = offs.const_data_ptr<int32_t>();
-  struct Task { int64_t expert, start, rows, p0, p1; };
-  auto tasks = [&](int64_t panels) {
-    std::vector<Task> out;
-    for (int64_t e = 0, start = 0; e < experts; start = ends[e], ++e)
-      if (ends[e] > start)
-        for (int64_t p = 0; p < panels; p += MAX_PANELS)
-          out.push_back({e, start, ends[e] - start, p, std::min(p + MAX_PANELS, panels)});
-    TORCH_CHECK(ends[experts - 1] == M, "panel_expert_mlp: offs ends at ", ends[experts - 1], ", x has ", M, " rows");
-    return out;
-  };
-  auto run = [&](const std::vector<Task>& todo, const at::Tensor& in, const at::Tensor& w, at::Tensor& result) {
-    const char* base = static_cast<const char*>(w.const_data_ptr());
-    const int64_t per_expert = w.stride(0) * w.element_size(), kk = steps(w);
-    const Out out{result.data_ptr(), result.size(1), result.size(1), result.scalar_type() == at::kBFloat16};
-    // pieces of one expert's few rows: a tile each
-    at::parallel_for(0, (int64_t)todo.size(), group_grain(w, 1), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const Task& task = todo[t];
-        gemm_block(in, task.start, task.rows, base + task.expert * per_expert, kk, task.p0, task.p1, out);
-      }
-    });
-  };
-  run(tasks(gu_panels), gate_up_x, gate_up, gu_out);
-  // h = silu(gate) * up, rounded as the eager path rounds (each BF16 op's result)
-  const float* g = gu_out.const_data_ptr<float>();
+// Rows [m0, m0 + rows) of x (rows `ld` elements apart) times panels [p0, p1) of one expert's
+// packed weight (kk K-wise steps), into `out`'s same rows: one piece of an expert layer's work
+struct Product {
+  const void* x;
+  int64_t ld, m0, rows;
+  const void* w;
+  int64_t kk, p0, p1;
+  Out out;
+};
+
+// The products of rows [m0, m0 + rows) of x (2-D, contiguous rows) and one packed weight (`panels`
+// panels from `w`) into `out`, one per group of MAX_PANELS panels
+void add_products(std::vector<Product>& todo, const at::Tensor& x, int64_t m0, int64_t rows, const void* w,
+                  int64_t panels, int64_t kk, const Out& out) {
+  for (int64_t p = 0; p < panels; p += MAX_PANELS)
+    todo.push_back({x.const_data_ptr(), x.stride(0), m0, rows, w, kk, p, std::min(p + MAX_PANELS, panels), out});
+}
+
+// Where a product's result goes: columns [c0, c0 + n) of `result` [M, ld]
+Out columns(at::Tensor& result, int64_t c0, int64_t n) {
+  return Out{static_cast<char*>(result.data_ptr()) + c0 * result.element_size(), result.size(1), n,
+             result.scalar_type() == at::kBFloat16};
+}
+
+// The products of every expert of the packed experts `w` [E, panels, ...] that has rows (ends [E]:
+// cumulative row ends of x, sorted by expert), into `result` [M, n]
+void add_expert_products(std::vector<Product>& todo, const int32_t* ends, const at::Tensor& x, const at::Tensor& w,
+                         at::Tensor& result) {
+  const char* base = static_cast<const char*>(w.const_data_ptr());
+  const int64_t per_expert = w.stride(0) * w.element_size();
+  for (int64_t e = 0, start = 0; e < w.size(0); start = ends[e], ++e)
+    if (ends[e] > start)
+      add_products(todo, x, start, ends[e] - start, base + e * per_expert, w.size(1), steps(w),
+                   columns(result, 0, result.size(1)));
+}
+
+// Every product of `todo` (all of one dtype), in parallel on torch's threads; `w`: one of the packed
+// weights, whose piece size sets the grain
+void run_products(const std::vector<Product>& todo, bool bf16, const at::Tensor& w) {
+  at::parallel_for(0, (int64_t)todo.size(), group_grain(w, 1), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Product& p = todo[t];
+      gemm_rows(p.x, p.ld, bf16, p.m0, p.rows, p.w, p.kk, p.p0, p.p1, p.out);
+    }
+  });
+}
+
+// h = silu(gate) * up from gate_up [M, 2I] (FP32, gate first), rounded to h's dtype; with
+// `eager_rounding`, gate, up and silu(gate) are each rounded first, as eager BF16 ops round
+void swiglu(const at::Tensor& gate_up, at::Tensor& h, bool eager_rounding) {
+  const int64_t M = h.size(0), inter = h.size(1), ld = gate_up.size(1);
+  const bool bf16 = h.scalar_type() == at::kBFloat16;
+  const float* g = gate_up.const_data_ptr<float>();
   void* hp = h.data_ptr();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t i = 0; i < inter; ++i) {
-        float gate = g[m * gu_ld + i], up = g[m * gu_ld + inter + i];
-        if (bf16) {
+        float gate = g[m * ld + i], up = g[m * ld + inter + i];
+        if (bf16 && eager_rounding) {
           gate = c10::BFloat16(gate);
           up = c10::BFloat16(up);
           const float silu = c10::BFloat16(gate / (1.0f + std::exp(-gate)));
           static_cast<c10::BFloat16*>(hp)[m * inter + i] = c10::BFloat16(silu * up);
+        } else if (bf16) {
+          static_cast<c10::BFloat16*>(hp)[m * inter + i] = c10::BFloat16(gate / (1.0f + std::exp(-gate)) * up);
         } else {
           static_cast<float*>(hp)[m * inter + i] = gate / (1.0f + std::exp(-gate)) * up;
         }
       }
   });
-  run(tasks(dn_panels), h, down, y);
+}
+
+// Packed experts gate_up [E, panels of 2 x inter, ...] and down [E, panels of H, ...] for x [., H]
+void check_experts(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, int64_t inter,
+                   const char* what) {
+  const int64_t H = x.size(1);
+  TORCH_CHECK(gate_up.dim() >= 2 && down.dim() >= 2 && gate_up.size(0) == down.size(0) && gate_up.size(0) > 0, what,
+              ": gate_up and down must be packed for the same experts, got ", gate_up.sizes(), " and ", down.sizes());
+  TORCH_CHECK(gate_up.size(1) * LANES >= 2 * inter && 2 * inter > (gate_up.size(1) - 1) * LANES, what,
+              ": gate_up does not hold 2 x ", inter, " outputs");
+  TORCH_CHECK(down.size(1) * LANES >= H && down.size(1) * LANES - H < LANES, what, ": down does not have ", H,
+              " outputs");
+  check(x, gate_up.select(0, 0), what);
+  TORCH_CHECK(down.scalar_type() == x.scalar_type() && steps(down) * (x.scalar_type() == at::kBFloat16 ? 2 : 1) == inter,
+              what, ": down must be packed from ", inter, " inputs in x's dtype");
+}
+
+}  // namespace
+
+// The routed experts' SwiGLU on rows of x [M, H] sorted by expert (offs [E] int32 cumulative
+// ends): gate_up [E, panels of 2I, ...] and down [E, panels of H, ...] packed -> [M, H]
+at::Tensor panel_expert_mlp(const at::Tensor& x, const at::Tensor& offs, const at::Tensor& gate_up,
+                            const at::Tensor& down, int64_t inter) {
+  const at::Tensor xc = x.contiguous();
+  check_experts(xc, gate_up, down, inter, "panel_expert_mlp");
+  const int64_t M = x.size(0), H = x.size(1), experts = gate_up.size(0);
+  TORCH_CHECK(offs.scalar_type() == at::kInt && offs.dim() == 1 && offs.size(0) == experts,
+              "panel_expert_mlp: offs must be int32 [E], E = the packed experts");
+  const int32_t* ends = offs.const_data_ptr<int32_t>();
+  TORCH_CHECK(ends[experts - 1] == M, "panel_expert_mlp: offs ends at ", ends[experts - 1], ", x has ", M, " rows");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor gu_out = at::empty({M, 2 * inter}, x.options().dtype(at::kFloat));  // gate | up, FP32
+  at::Tensor h = at::empty({M, inter}, x.options());
+  at::Tensor y = at::empty({M, H}, x.options());
+  std::vector<Product> todo;
+  add_expert_products(todo, ends, xc, gate_up, gu_out);
+  run_products(todo, bf16, gate_up);
+  swiglu(gu_out, h, /*eager_rounding=*/true);
+  todo.clear();
+  add_expert_products(todo, ends, h, down, y);
+  run_products(todo, bf16, down);
+  return y;
+}
+
+// A MoE layer's experts straight from the router's choice, dispatch and combine included:
+// x [N, H], indices [N, K] (int64 routed expert ids), weights [N, K] (FP32 gate weights) ->
+// y [N, H] FP32, y[n] = sum_k weights[n, k] FFN_{indices[n, k]}(x[n]) + FFN_shared(x[n]).
+// The N*K (token, expert) pairs are sorted by expert here (a counting sort), so each chosen
+// expert's weights are read once for all the tokens that chose it. The shared experts, if given
+// (their MLP's gate, up and down weights, each packed as a Linear's), run on every row in the same
+// parallel passes. Gate, up and the down products stay in FP32; each SwiGLU output is rounded to
+// x's dtype, as a GEMM's input would be.
+at::Tensor panel_routed_experts(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights,
+                                const at::Tensor& gate_up, const at::Tensor& down, int64_t inter,
+                                const std::optional<at::Tensor>& shared_gate, const std::optional<at::Tensor>& shared_up,
+                                const std::optional<at::Tensor>& shared_down) {
+  TORCH_CHECK(x.dim() == 2 && indices.dim() == 2 && indices.size(0) == x.size(0) &&
+                  indices.scalar_type() == at::kLong && weights.sizes() == indices.sizes() &&
+                  weights.scalar_type() == at::kFloat,
+              "panel_routed_experts: x [N, H], int64 indices [N, K] and float32 weights [N, K] expected, got ",
+              x.sizes(), ", ", indices.scalar_type(), " ", indices.sizes(), ", ", weights.scalar_type(), " ",
+              weights.sizes());
+  const at::Tensor xc = x.contiguous();
+  check_experts(xc, gate_up, down, inter, "panel_routed_experts");
+  const bool shared = shared_gate.has_value();
+  TORCH_CHECK(shared == shared_up.has_value() && shared == shared_down.has_value(),
+              "panel_routed_experts: shared_gate, shared_up and shared_down go together");
+  const int64_t shared_inter = shared ? steps(*shared_down) * (x.scalar_type() == at::kBFloat16 ? 2 : 1) : 0;
+  if (shared) {
+    check(xc, *shared_gate, "panel_routed_experts shared_gate");
+    check(xc, *shared_up, "panel_routed_experts shared_up");
+    TORCH_CHECK(shared_gate->sizes() == shared_up->sizes() && shared_gate->size(0) * LANES - shared_inter < LANES &&
+                    shared_down->size(0) * LANES >= x.size(1) && shared_down->size(0) * LANES - x.size(1) < LANES,
+                "panel_routed_experts: the shared experts' gate ", shared_gate->sizes(), ", up ", shared_up->sizes(),
+                " and down ", shared_down->sizes(), " are not one SwiGLU MLP of hidden size ", x.size(1));
+  }
+  const int64_t N = x.size(0), H = x.size(1), K = indices.size(1), P = N * K, experts = gate_up.size(0);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+
+  // counting sort of the pairs by expert: slot[n * K + k] is the pair's row among the sorted ones
+  const at::Tensor idx = indices.contiguous(), gw = weights.contiguous();
+  const int64_t* chosen = idx.const_data_ptr<int64_t>();
+  std::vector<int32_t> ends(experts, 0), next(experts), slot(P);
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(0 <= chosen[p] && chosen[p] < experts, "panel_routed_experts: expert index ", chosen[p],
+                " is not in [0, ", experts, ")");
+    ++ends[chosen[p]];
+  }
+  for (int64_t e = 0, sum = 0; e < experts; ++e) next[e] = sum, ends[e] = sum += ends[e];
+  for (int64_t p = 0; p < P; ++p) slot[p] = next[chosen[p]]++;
+  at::Tensor xs = at::empty({P, H}, x.options());  // x's rows in sorted order
+  const int64_t row_bytes = H * x.element_size();
+  for (int64_t p = 0; p < P; ++p)
+    std::memcpy(static_cast<char*>(xs.data_ptr()) + slot[p] * row_bytes,
+                static_cast<const char*>(xc.const_data_ptr()) + (p / K) * row_bytes, row_bytes);
+
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor gu = at::empty({P, 2 * inter}, f32), h = at::empty({P, inter}, x.options()), ys = at::empty({P, H}, f32);
+  at::Tensor shared_gu, shared_h, y = at::empty({N, H}, f32);
+  std::vector<Product> todo;
+  add_expert_products(todo, ends.data(), xs, gate_up, gu);
+  if (shared) {
+    shared_gu = at::empty({N, 2 * shared_inter}, f32);
+    shared_h = at::empty({N, shared_inter}, x.options());
+    add_products(todo, xc, 0, N, shared_gate->const_data_ptr(), shared_gate->size(0), steps(*shared_gate),
+                 columns(shared_gu, 0, shared_inter));
+    add_products(todo, xc, 0, N, shared_up->const_data_ptr(), shared_up->size(0), steps(*shared_up),
+                 columns(shared_gu, shared_inter, shared_inter));
+  }
+  run_products(todo, bf16, gate_up);
+  swiglu(gu, h, /*eager_rounding=*/false);
+  todo.clear();
+  add_expert_products(todo, ends.data(), h, down, ys);
+  if (shared) {
+    swiglu(shared_gu, shared_h, /*eager_rounding=*/false);
+    add_products(todo, shared_h, 0, N, shared_down->const_data_ptr(), shared_down->size(0), steps(*shared_down),
+                 columns(y, 0, H));  // y starts as the shared experts' output
+  }
+  run_products(todo, bf16, down);
+
+  const float* routed = ys.const_data_ptr<float>();
+  const float* g = gw.const_data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    float* row = yp + n * H;
+    if (!shared) std::fill(row, row + H, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float wk = g[n * K + k];
+      const float* src = routed + slot[n * K + k] * H;
+      for (int64_t c = 0; c < H; ++c) row[c] += wk * src[c];
+    }
+  }
   return y;
 }
 
@@ -314,10 +454,14 @@ TORCH_LIBRARY(dsv3_panel, m) {
   m.def("linear(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("expert_mlp(Tensor x, Tensor offs, Tensor gate_up, Tensor down, int inter) -> Tensor");
   m.def("per_head(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def(
+      "routed_experts(Tensor x, Tensor indices, Tensor weights, Tensor gate_up, Tensor down, int inter, "
+      "Tensor? shared_gate, Tensor? shared_up, Tensor? shared_down) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsv3_panel, CPU, m) {
   m.impl("linear", &panel_linear);
   m.impl("expert_mlp", &panel_expert_mlp);
   m.impl("per_head", &panel_per_head);
+  m.impl("routed_experts", &panel_routed_experts);
 }

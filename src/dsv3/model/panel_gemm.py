@@ -84,3 +84,22 @@ def expert_mlp(
     """Every expert's SwiGLU on its rows of x [M, H] (sorted by expert; offs [E] int32 cumulative
     ends), gate_up [E, 2I, H] and down [E, H, I] packed by `pack` -> [M, H] in x's dtype."""
     return torch.ops.dsv3_panel.expert_mlp(x, offs, gate_up, down, inter)
+
+
+def routed_experts(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    inter: int,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A MoE layer's experts straight from the router's choice: x [N, H], indices [N, K] int64,
+    gate weights [N, K] FP32, the routed experts gate_up [E, 2I, H] and down [E, H, I] packed by
+    `pack`, and optionally the shared experts' MLP (its gate, up and down weights, each packed)
+    -> sum_k weights[:, k] * FFN_{indices[:, k]}(x) + FFN_shared(x) [N, H] in FP32. One call:
+    the (token, expert) pairs are sorted by expert inside, each chosen expert is read once."""
+    return torch.ops.dsv3_panel.routed_experts(
+        x, indices, weights, gate_up, down, inter, *(shared or (None,) * 3)
+    )
