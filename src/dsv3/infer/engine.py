@@ -287,11 +287,12 @@ class Engine:
         never does; freeze=False for a model updated in place), and they add the dense Linears'
         bytes once more. Every step runs its Linears on the packed copies, whatever its rows
         (model/linear.py says why); a step of at most INLINE_MAX_ROWS tokens runs the router and
-        its attention over the latent cache as loops Inductor generates and fuses. The routed
-        experts of a step with few tokens run gathered, in
-        such loops too (MoE in model/moe.py); with more, or uncompiled, they are inputs of an
-        op Inductor does not pack: the engine packs them itself at construction (GroupedExperts.pack,
-        model/packed_experts.py), and they too add their bytes once more; embeddings and
+        its attention over the latent cache as loops Inductor generates and fuses. The experts
+        are inputs of ops Inductor does not pack: the engine packs them itself at construction
+        (GroupedExperts.pack, model/packed_experts.py), and they too add their bytes once more; a
+        step of up to 16 rows per expert runs a MoE layer as one call of the panel kernel from
+        the router's choice (MoE in model/moe.py; gathered in Inductor's loops where the kernel
+        is not built), larger or uncompiled ones dispatch to the packed experts; embeddings and
         FP8-resident weights stay as they are. Dynamo keys graphs by the module they were traced
         from, so engines of different models in one process each get their own.
 

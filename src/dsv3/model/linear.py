@@ -33,8 +33,8 @@ rows on that core, which sums a tensor at 37 GB/s.
 
 What still runs as such loops are products whose other operand is no model weight or a very
 small one: the router's [experts, hidden] FP32 weight (`linear`, fused with the scoring and the
-top-k), attention over the latent cache (model/attention.py) and the routed experts gathered by
-index (model/moe.py), for at most `INLINE_MAX_ROWS` rows and only inside a compiled inference
+top-k), attention over the latent cache (model/attention.py) and, where the panel kernel is not
+built, the routed experts gathered by index (model/moe.py), for at most `INLINE_MAX_ROWS` rows and only inside a compiled inference
 step (`compiled_inference`): eagerly the product would be materialized [rows, out, in], and
 training wants the GEMM. Products and sums are in FP32 (or wider): a BF16 x BF16 product is
 exact there, as in a GEMM with FP32 accumulation; the result is rounded to the input dtype as a

@@ -175,7 +175,8 @@ class GroupedExperts(nn.Module):
         return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs)  # [M, H]
 
     def forward_gathered(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Decoding a few tokens in a compiled step: x [N, H], indices and gate weights [N, K] ->
+        """Decoding a few tokens in a compiled step where the panel kernel is not built (or the
+        experts are not packed): x [N, H], indices and gate weights [N, K] ->
         sum_k weights[n, k] * FFN_{indices[n, k]}(x[n]) [N, H], in FP32 (or wider).
 
         Written as an indexed product and a sum, Inductor fuses the weight gather into the

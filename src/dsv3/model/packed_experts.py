@@ -14,8 +14,8 @@ One core of an AMD EPYC with AVX512-BF16, the routed experts of a decode step of
 (7 layers, 32 experts, 6 per token), ms, panel / oneDNN / unpacked aten
 (benchmarks/small_m_gemm.py): BF16 1 token 2.30 / 4.88 / 7.66, 16 tokens 10.97 / 23.45 / 32.18;
 FP32 16 tokens 17.26 / 35.51 / 56.62. Prefill takes the same path up to PANEL_MAX_ROWS_PER_EXPERT
-rows per expert, and so do compiled decode steps with more tokens than `MoE` gathers (fewer run
-gathered: moe.py).
+rows per expert; compiled decode steps up to that many run the same panels through one call from
+the router's choice instead (`panel_gemm.routed_experts`, moe.py), with no dispatch around it.
 
 The packed copies sit beside the weights (the state dict and training use those) and are freed
 with the module that owns them. They are a snapshot: `is_current` tells whether the weights are
