@@ -207,35 +207,47 @@ def test_gathered_experts_equal_the_per_token_reference():
         torch.testing.assert_close(one, ref[:1].detach(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_compiled_inference_step_gathers_the_experts_of_few_tokens(dtype):
-    """Compiled without autograd, MoE runs the routed experts gathered while the tokens are at
-    most max_fused_tokens (unpacked experts), and through dispatch + expert_mlp + combine above;
-    both give the eager MoE's output. What ran is read from the traced graphs."""
-    cfg = _cfg()
+def _random_moe(cfg, dtype) -> MoE:
     moe = MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    moe.to(dtype)
+    return moe.to(dtype)
+
+
+def _compiled_inference(moe: MoE, tokens: int, dtype) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
+    """One compiled inference forward of `tokens` random tokens: (its output, the eager output,
+    the targets of the traced graphs' nodes: what ran)."""
     graphs = []
 
     def recording_backend(gm, example_inputs):
         graphs.append({str(n.target) for n in gm.graph.nodes})
         return gm.forward
 
+    x = torch.randn(1, tokens, 32).to(dtype)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, _ = moe(x)
+        got, _ = torch.compile(moe, dynamic=True, backend=recording_backend)(x)
+    return got, eager, set().union(*graphs)
+
+
+def _tolerance(dtype) -> dict:
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_inference_step_gathers_the_experts_of_few_tokens(dtype):
+    """Compiled without autograd, MoE runs the routed experts gathered while the tokens are at
+    most max_fused_tokens (unpacked experts), and through dispatch + expert_mlp + combine above;
+    both give the eager MoE's output. What ran is read from the traced graphs."""
+    cfg = _cfg()
+    moe = _random_moe(cfg, dtype)
     limit = max_fused_tokens(cfg.n_routed_experts, cfg.num_experts_per_tok, panels=False)
     assert limit == 8  # 2 x 16 experts / 4 per token
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
     for tokens, gathered in ((1, True), (3, True), (limit, True), (limit + 1, False), (20, False)):
-        x = torch.randn(1, tokens, 32).to(dtype)
-        torch._dynamo.reset()
-        graphs.clear()
-        with torch.no_grad():
-            eager, _ = moe(x)
-            got, _ = torch.compile(moe, dynamic=True, backend=recording_backend)(x)
-        ran = set().union(*graphs)
+        got, eager, ran = _compiled_inference(moe, tokens, dtype)
         assert any("dsv3.expert_mlp" in t for t in ran) != gathered, (tokens, ran)
-        torch.testing.assert_close(got.float(), eager.float(), **tol)
+        torch.testing.assert_close(got.float(), eager.float(), **_tolerance(dtype))
 
 
 @pytest.mark.skipif(
@@ -247,32 +259,16 @@ def test_a_compiled_inference_step_runs_packed_experts_in_one_panel_call(dtype):
     them as one routed_experts call (no dispatch, no shared MLP of its own) up to max_fused_tokens,
     and dispatches above; both give the eager MoE's output."""
     cfg = _cfg()
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    moe.to(dtype)
+    moe = _random_moe(cfg, dtype)
     assert moe.experts.pack() and pack_linears(moe) == 3
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append({str(n.target) for n in gm.graph.nodes})
-        return gm.forward
-
     limit = max_fused_tokens(cfg.n_routed_experts, cfg.num_experts_per_tok, panels=True)
     assert limit == 64  # 16 rows x 16 experts / 4 per token
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
     for tokens, fused in ((1, True), (5, True), (limit, True), (limit + 1, False)):
-        x = torch.randn(1, tokens, 32).to(dtype)
-        torch._dynamo.reset()
-        graphs.clear()
-        with torch.no_grad():
-            eager, _ = moe(x)
-            got, _ = torch.compile(moe, dynamic=True, backend=recording_backend)(x)
-        ran = set().union(*graphs)
+        got, eager, ran = _compiled_inference(moe, tokens, dtype)
         assert any("routed_experts" in t for t in ran) == fused, (tokens, ran)
         if fused:  # the shared experts' Linears did not run on their own
             assert not any("dsv3_panel.linear" in t for t in ran), (tokens, ran)
-        torch.testing.assert_close(got.float(), eager.float(), **tol)
+        torch.testing.assert_close(got.float(), eager.float(), **_tolerance(dtype))
 
 
 class GroupMean(RoutingMethod):

@@ -202,10 +202,6 @@ class Engine:
                 m.prepare_absorbed(self.dtype, panels=freeze and compile)
             elif isinstance(m, GroupedExperts):
                 m.pack(freeze)
-        # whether compiled steps run the experts on the panel kernel (MoE), not gathered
-        self._expert_panels = any(
-            isinstance(m, GroupedExperts) and m.down_panels is not None for m in model.modules()
-        )
         self._panels = pack_linears(model, freeze and compile) > 0  # the Linears of few-row compiled steps
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -259,9 +255,13 @@ class Engine:
         greedy = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
         # with MTP, greedy and sampled steps are different compiled calls (speculative.greedy_step)
         kinds = [greedy] + ([SamplingParams(max_tokens=new, ignore_eos=True, seed=0)] if self.mtp else [])
+        # whether compiled steps run the experts on the panel kernel (MoE), not gathered
+        expert_panels = any(
+            isinstance(m, GroupedExperts) and m.down_panels is not None for m in self.model.modules()
+        )
         limits = (
             INLINE_MAX_ROWS,
-            max_fused_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok, self._expert_panels),
+            max_fused_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok, expert_panels),
             *([PANEL_ROWS[0] - 1, PANEL_ROWS[1]] if self._panels else []),
         )
         past = {rows // self.steps_per_decode + 1 for rows in limits}  # sequences

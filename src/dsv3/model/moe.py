@@ -322,20 +322,19 @@ class MoE(nn.Module):
         route = self.gate(flat)
         shared = self.shared_experts
         if self._on_panels(flat):
-            panels = (
-                (shared.gate_proj.panels, shared.up_proj.panels, shared.down_proj.panels) if shared else ()
-            )
-            fused = all(p is not None for p in panels) and bool(panels)  # the shared experts in the same call
+            shared_panels = self._shared_panels()
+            experts = self.experts
             y = panel_gemm.routed_experts(
                 flat,
                 route.indices,
                 route.weights,
-                self.experts.gate_up_panels,
-                self.experts.down_panels,
-                self.experts.inter_dim,
-                panels if fused else None,
+                experts.gate_up_panels,
+                experts.down_panels,
+                experts.inter_dim,
+                shared_panels,
             ).view(B, T, H)
-            shared = None if fused else shared
+            if shared_panels is not None:  # the shared experts ran in the same call
+                shared = None
         elif self._gathers(B * T):
             y = self.experts.forward_gathered(flat, route.indices, route.weights).view(B, T, H)
         else:
@@ -354,25 +353,35 @@ class MoE(nn.Module):
         """Whether the experts run as one `panel_gemm.routed_experts` call: a compiled inference
         step, all experts here, packed for the panel kernel in x's dtype, and at most
         PANEL_MAX_ROWS_PER_EXPERT (token, expert) pairs per expert."""
-        experts = self.experts
+        panels = self.experts.down_panels if self._fuses_here() else None
         return (
-            compiled_inference()
-            and isinstance(self.dispatcher, LocalDispatcher)
-            and isinstance(experts, GroupedExperts)
-            and experts.down_panels is not None
-            and experts.down_panels.dtype == x.dtype
+            panels is not None
+            and panels.dtype == x.dtype
             and x.shape[0] <= max_fused_tokens(self.n_routed_experts, self.top_k, panels=True)
         )
 
     def _gathers(self, n_tokens: int) -> bool:
         """Whether the routed experts run gathered (`GroupedExperts.forward_gathered`): inference in
         a compiled step, all experts here, and few (token, expert) pairs."""
+        return self._fuses_here() and n_tokens <= max_fused_tokens(
+            self.n_routed_experts, self.top_k, panels=False
+        )
+
+    def _fuses_here(self) -> bool:
+        """A compiled inference step with all the experts here: they may run without dispatch."""
         return (
             compiled_inference()
             and isinstance(self.dispatcher, LocalDispatcher)
             and isinstance(self.experts, GroupedExperts)
-            and n_tokens <= max_fused_tokens(self.n_routed_experts, self.top_k, panels=False)
         )
+
+    def _shared_panels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shared experts' gate, up and down weights packed for the panel kernel, if all are."""
+        if self.shared_experts is None:
+            return None
+        mlp = self.shared_experts
+        panels = (mlp.gate_proj.panels, mlp.up_proj.panels, mlp.down_proj.panels)
+        return panels if all(p is not None for p in panels) else None
 
 
 def max_fused_tokens(n_routed_experts: int, top_k: int, panels: bool) -> int:
