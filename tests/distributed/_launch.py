@@ -61,6 +61,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, res
     )
     try:  # an exception here reaches the caller as ProcessRaisedException with this traceback
         out = fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears its connections down while another still talks to it
     finally:
         dist.destroy_process_group()
     results.put((rank, out))

@@ -391,3 +391,27 @@ def test_frozen_inductor_decode_equals_eager_for_two_models_in_one_process():
     if can_pack(torch.empty(0)):  # the experts (FP32) ran on their packed copies
         ran = {e.key for e in prof.key_averages()}
         assert ran & {"dsv3_panel::expert_mlp", "mkldnn::_linear_pointwise"}, sorted(ran)
+
+
+def test_compiled_bf16_steps_give_a_row_the_same_bits_in_every_graph():
+    """MTP's verify feeds 2 tokens where plain decoding feeds 1: greedy MTP equals plain greedy
+    only if the compiled 2-token step gives its first row the very logits of the 1-token step
+    (BF16 logits tie often enough). Each step shape is its own Inductor graph; the graphs fuse
+    differently, so this holds only where Inductor rounds to BF16 wherever the model does."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict({**SMALL, "num_hidden_layers": 2})).to(torch.bfloat16).eval()
+    engine = Engine(model, block_size=4, max_seq_len=32, max_batch_size=1, compile=True)
+    engine.add_request(_prompts(9)[0], GREEDY)
+    engine.step()  # the prefill
+    seq = engine.running[0]
+    first_rows = []
+    with torch.no_grad():
+        for n in (1, 2):
+            view = engine.cache.view([seq.id], [seq.num_cached], n)
+            fed = torch.tensor([[seq.tokens[-1]] + [7] * (n - 1)])
+            out, _ = engine._fast(engine._decode_step, engine.model, fed, view, view.start_pos)
+            first_rows.append(out.logits[0, 0])
+    assert torch.equal(first_rows[0], first_rows[1])

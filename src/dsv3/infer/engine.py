@@ -309,6 +309,13 @@ class Engine:
         `cpp_wrapper`), not Python that takes ~0.1-0.4 ms per call to allocate and dispatch
         (tiny, one core, a whole engine step: 0.83 -> 0.70 ms; with MTP 1.87 -> 1.64 ms).
 
+        Inductor rounds to BF16 wherever the model does (`emulate_precision_casts`). Left to
+        itself it keeps a fused loop's intermediates in FP32, and which loops fuse depends on the
+        graph: the 1-token step and MTP's 2-token verify then differed in the last bits of the
+        same row (a residual add rounded in one graph and not in the other, before RMSNorm), and a
+        near-tie of the logits could give the verify another greedy token than plain decoding.
+        Rounded as the model says, the two graphs give the row the same bits (tested).
+
         Each regime of the step (batch 1, 2, the Linears on the panel kernel or on Inductor's
         GEMMs, the experts gathered or not) x each cache-read shape is one graph of the
         same compiled call, up to RECOMPILE_LIMIT of them; past Dynamo's default limit (8) the
@@ -323,7 +330,9 @@ class Engine:
                 if "Recompilation triggered" not in str(e):
                     raise
         with (
-            torch._inductor.config.patch(freezing=self.freeze, cpp_wrapper=True, **GEMM_TEMPLATES),
+            torch._inductor.config.patch(
+                freezing=self.freeze, cpp_wrapper=True, emulate_precision_casts=True, **GEMM_TEMPLATES
+            ),
             shape_config.patch(use_duck_shape=False),
             torch._dynamo.config.patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT),
             cold_cache_timing(),

@@ -12,10 +12,9 @@ is pending (sampled, not fed yet), and d is a draft for t_{n+1}. One step:
      sequence's length simply stays at n + 1; the slot is masked and later overwritten).
      This keeps the output distribution exactly that of plain sampling from p (Leviathan et al.
      2023, Chen et al. 2023). Greedy is the special case of one-hot p and q: accept iff d is the
-     argmax, so the output is identical to plain greedy decoding, as far as the two-token verify
-     computes the same logits as a one-token step: a compiled BF16 step of two tokens may differ
-     from one of one token in the last bits (Inductor's generated code differs by shape), which
-     can flip the argmax where two BF16 logits tie or nearly tie.
+     argmax, so the output is identical to plain greedy decoding, as the two-token verify gives
+     its first row the very logits of a one-token step (also compiled, where the two graphs fuse
+     differently: Engine._fast has Inductor round where the model rounds).
   3. draft: MTP module 1 at position i combines the main model's hidden state h_i (before the
      final norm) with the embedding of t_{i+1} and predicts t_{i+2} (mtp.py). It is a full
      Transformer block with its own attention, so it keeps its own latent cache (one more layer
