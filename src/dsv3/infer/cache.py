@@ -25,6 +25,7 @@ and only 64 wide); V3: 61 x (512 + 4 x 4 + 64 x 2) = 40,016 B per token against 
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Hashable
 
@@ -189,9 +190,24 @@ class PagedLatentCache:
         read_blocks = None
         if read:  # reads go by whole blocks (contiguous chunks); positions past a sequence's end are masked
             width = -(-(max(start_pos) + num_new) // bs)  # blocks read per sequence
-            read_blocks = torch.tensor([(t + [0] * width)[:width] for t in tables], device=device)
-        start = torch.tensor(start_pos, device=device)  # [B]
-        return CacheView(self, torch.tensor(write_idx, device=device), read_blocks, start)
+            flat: list[int] = []
+            for t in tables:
+                flat += t[:width]
+                flat += [0] * (width - len(t))
+            read_blocks = int64_tensor(flat, device).view(len(tables), width)
+        start = int64_tensor(start_pos, device)  # [B]
+        return CacheView(self, int64_tensor(write_idx, device), read_blocks, start)
+
+
+def int64_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """torch.tensor(values) for a flat list of Python ints, several times faster: torch.tensor
+    parses each int on its own (~0.1 us apiece: 50 us for the block tables of 16 sequences at 512
+    positions, every decode step), array.array converts the list in one C loop and
+    torch.frombuffer wraps that memory (keeping the array alive)."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    t = torch.frombuffer(array.array("q", values), dtype=torch.int64)
+    return t if device.type == "cpu" else t.to(device)
 
 
 class CacheView(AttentionCache):

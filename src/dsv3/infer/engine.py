@@ -49,7 +49,7 @@ import torch
 from torch.fx.experimental import _config as shape_config
 
 from dsv3.infer.autotune import GEMM_TEMPLATES, cold_cache_timing
-from dsv3.infer.cache import PagedLatentCache
+from dsv3.infer.cache import PagedLatentCache, int64_tensor
 from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, greedy_tokens, token_logprobs
 from dsv3.infer.speculative import greedy_step, mtp_logits, restrict_drafts, verify
@@ -356,7 +356,7 @@ class Engine:
             req.prompt_logprobs = [None] * len(prompt)
         if params.repetition_penalty != 1.0:
             req.seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
-            req.seen[torch.tensor(prompt, device=self.device)] = True
+            req.seen[int64_tensor(prompt, self.device)] = True
         self._requests[request_id] = req
         self.waiting.append(req)
         return request_id
@@ -459,6 +459,8 @@ class Engine:
     def _admit(self, decoding: list[_Request]) -> None:
         """Move waiting requests into the batch while it has room and the cache has blocks for their
         whole prompt beyond what the decoding ones need this step (first come, first served)."""
+        if not self.waiting or len(self.running) >= self.max_batch_size:
+            return
         reserve = sum(self.cache.blocks_needed(r.id, r.num_cached + self.steps_per_decode) for r in decoding)
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
@@ -481,9 +483,9 @@ class Engine:
         starts = [r.num_cached for r in reqs]
         ns = [min(r.prefill_to - r.num_cached, self.prefill_chunk or r.prefill_to) for r in reqs]
         T = max(ns)
-        ids = torch.tensor(
-            [r.tokens[s : s + n] + [0] * (T - n) for r, s, n in zip(reqs, starts, ns)], device=self.device
-        )  # [B, T]
+        ids = int64_tensor(
+            [t for r, s, n in zip(reqs, starts, ns) for t in r.tokens[s : s + n] + [0] * (T - n)], self.device
+        ).view(len(reqs), T)
         view = self.cache.view([r.id for r in reqs], starts, T, read=any(starts), lengths=ns)
         last = torch.tensor(ns, device=self.device) - 1  # each row's last real position
         out = self.model(ids, cache=view, start_pos=view.start_pos, absorb=False, logits_to_keep=last)
@@ -524,9 +526,9 @@ class Engine:
         call that also drafts (speculative.greedy_step)."""
         T = self.steps_per_decode
         view = self.cache.view([r.id for r in reqs], [r.num_cached for r in reqs], T)
-        fed = torch.tensor(
-            [[r.tokens[-1]] + ([r.draft] if self.mtp else []) for r in reqs], device=self.device
-        )
+        fed = int64_tensor(
+            [t for r in reqs for t in ([r.tokens[-1], r.draft] if self.mtp else [r.tokens[-1]])], self.device
+        ).view(len(reqs), T)
         batch = self._sampling(reqs)
         c = self._counters
         c["forward_passes"] += 1
