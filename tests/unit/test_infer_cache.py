@@ -187,3 +187,12 @@ def test_a_compiled_step_sees_the_pools_as_static_blocks():
     assert all(type(size) is int for shape in pools for size in shape)
     assert torch.equal(cache.kv[0][5], c_kv[0, 0]) and torch.equal(cache.pe[0][5], k_pe[0, 0])  # slot 1*4 + 1
     assert kv.shape == (1, 8, r) and torch.equal(kv[0, 5], c_kv[0, 0]) and torch.equal(pe[0, 5], k_pe[0, 0])
+
+
+def test_int64_tensor_equals_torch_tensor():
+    from dsv3.infer.cache import int64_tensor
+
+    cpu = torch.device("cpu")
+    for values in ([], [7], [0, -3, 2**40, 5] * 33):
+        got = int64_tensor(values, cpu)
+        assert got.dtype == torch.int64 and torch.equal(got, torch.tensor(values, dtype=torch.int64))
