@@ -377,6 +377,40 @@ def test_router_invariants(n_group, topk_group_frac, k, method, scoring, seed):
     assert (out.weights >= 0).all()
 
 
+@pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy", "greedy"])
+def test_a_compiled_inference_step_routes_as_eager_without_topk_calls(method):
+    """Inside a compiled inference step the Router's top-k's are rounds of argmax that Inductor
+    fuses (routing.k_largest): the same experts in the same order and the same weights as eager,
+    for 1 to 16 rows; of equal values the lower index first (torch.topk leaves their order open)."""
+    import torch._dynamo
+
+    from dsv3.model.routing import k_largest
+
+    cfg = _cfg(topk_method=method)
+    router = _router(cfg).eval()
+    if method == "noaux_tc":
+        router.e_score_correction_bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    ops = []
+
+    def recording_backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    compiled = torch.compile(router, backend=recording_backend, dynamic=True)
+    with torch.no_grad():
+        for rows in (1, 3, 16):
+            x = torch.randn(rows, 32, generator=torch.Generator().manual_seed(rows))
+            got, want = compiled(x), router(x)
+            assert torch.equal(got.indices, want.indices), (rows, got.indices, want.indices)
+            assert torch.equal(got.weights, want.weights)
+    assert not any("topk" in op for op in ops), ops
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, float("-inf")]])
+    with torch.no_grad():
+        values, indices = torch.compile(lambda t: k_largest(t, 4), backend="eager")(ties)
+    assert indices.tolist() == [[1, 2, 4, 0]] and values.tolist() == [[3.0, 3.0, 3.0, 1.0]]
+
+
 def test_sequence_balance_loss_matches_formula():
     torch.manual_seed(0)
     B, T, E, K = 2, 6, 8, 2

@@ -33,10 +33,29 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from dsv3.model.linear import compiled_inference
+
 SCORE_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,  # V3: each expert's affinity on its own
     "softmax": partial(torch.softmax, dim=-1),  # V2: affinities compete across experts
 }
+
+
+def k_largest(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """x.topk(k, dim=-1): (values, indices) [..., k], largest first. In a compiled inference step,
+    k rounds of argmax, which Inductor fuses into its loops: torch.topk is a library call there
+    (three per MoE layer, ~1.3 us each with its outputs' allocations; a tiny decode step takes
+    ~0.33 ms). Of equal values the lower index comes first (torch.topk leaves their order open, so
+    an exact tie of two experts' scores may route differently there)."""
+    if not compiled_inference():
+        return x.topk(k, dim=-1)
+    values, indices = [], []
+    for _ in range(k):
+        index = x.argmax(dim=-1, keepdim=True)
+        values.append(x.gather(-1, index))
+        indices.append(index)
+        x = x.scatter(-1, index, float("-inf"))
+    return torch.cat(values, dim=-1), torch.cat(indices, dim=-1)
 
 
 class RoutingMethod:
@@ -58,19 +77,19 @@ class RoutingMethod:
     def group_scores(self, grouped: Tensor) -> Tensor:
         """choice values [N, G, E/G] -> group scores [N, G]: the sum of the group's best
         `group_score_experts` values (for 1, the max)."""
-        return grouped.topk(self.group_score_experts, dim=-1).values.sum(dim=-1)
+        return k_largest(grouped, self.group_score_experts)[0].sum(dim=-1)
 
     def select(self, choice: Tensor, top_k: int) -> Tensor:
         """choice [N, E] (scores, plus the bias if any) -> the chosen experts [N, top_k]."""
         if self.group_limited:
             choice = self._mask_groups(choice.detach())
-        return choice.topk(top_k, dim=-1).indices
+        return k_largest(choice, top_k)[1]
 
     def _mask_groups(self, choice: Tensor) -> Tensor:
         N, E = choice.shape
         grouped = choice.view(N, self.n_group, E // self.n_group)  # [N, G, E/G] (N may be 0)
         group_scores = self.group_scores(grouped)  # [N, G]
-        keep = group_scores.topk(self.topk_group, dim=-1).indices  # [N, topk_group]
+        keep = k_largest(group_scores, self.topk_group)[1]  # [N, topk_group]
         masked = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
         return grouped.masked_fill(masked[..., None], float("-inf")).view(N, E)  # [N, E]
 
