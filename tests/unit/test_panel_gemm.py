@@ -215,6 +215,15 @@ def test_bad_operands_are_named():
         panel_gemm.per_head(torch.randn(2, 3, 8), panel_gemm.pack(torch.randn(2, 16, 8)), 16)
     with pytest.raises(RuntimeError, match="offs must be int32"):
         panel_gemm.expert_mlp(torch.randn(2, 4), torch.tensor([1, 2]), gate_up, down, 4)
+    with pytest.raises(RuntimeError, match="x has 6 columns, the packed weight 4 inputs"):
+        panel_gemm.expert_mlp(torch.randn(2, 6), torch.tensor([1, 2], dtype=torch.int32), gate_up, down, 4)
+    heads = panel_gemm.pack(torch.randn(2, 16, 8))
+    with pytest.raises(RuntimeError, match="x has 6 columns, the packed weight 8 inputs"):
+        panel_gemm.per_head(torch.randn(2, 2, 6), heads, 16)
+    with pytest.raises(RuntimeError, match="not packed by panel_gemm.pack"):
+        panel_gemm.per_head(torch.randn(2, 2, 8), torch.randn(2, 16, 8), 16)
+    with pytest.raises(RuntimeError, match="dtype"):
+        panel_gemm.per_head(torch.randn(2, 2, 8).bfloat16(), heads, 16)
 
 
 def test_an_odd_bf16_input_dimension_is_not_packed():

@@ -180,18 +180,27 @@ int64_t group_grain(const at::Tensor& packed, int64_t rows) {
   return std::max<int64_t>(1, MIN_THREAD_BYTES / bytes);
 }
 
-void check(const at::Tensor& x, const at::Tensor& packed, const char* what) {
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, what, ": x must be float32 or bfloat16, not ", x.scalar_type());
-  TORCH_CHECK(packed.scalar_type() == x.scalar_type(), what, ": packed weight dtype ", packed.scalar_type(),
-              " != x dtype ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % (bf16 ? 2 : 1) == 0, what,
-              ": x must be 2-D with contiguous rows (of an even stride for bfloat16)");
-  TORCH_CHECK(packed.is_contiguous() && packed.dim() == (bf16 ? 4 : 3) &&
-                  packed.size(-1) == (bf16 ? 2 : LANES) && (!bf16 || packed.size(-2) == LANES),
+// x's rows of `cols` inputs (`col_stride` apart, rows `ld` apart) against a weight packed by
+// panel_gemm.pack, of sizes `w` (one weight of a stack: its sizes past the stack's dims), from sizes
+// and strides alone: a select() for a stack's first weight would cost a dispatch per call
+void check_operands(at::ScalarType xt, int64_t cols, int64_t col_stride, int64_t ld, const at::Tensor& packed,
+                    at::IntArrayRef w, const char* what) {
+  const bool bf16 = xt == at::kBFloat16;
+  TORCH_CHECK(bf16 || xt == at::kFloat, what, ": x must be float32 or bfloat16, not ", xt);
+  TORCH_CHECK(packed.scalar_type() == xt, what, ": packed weight dtype ", packed.scalar_type(), " != x dtype ", xt);
+  TORCH_CHECK(col_stride == 1 && ld % (bf16 ? 2 : 1) == 0, what,
+              ": x must have contiguous rows (of an even stride for bfloat16)");
+  const int64_t d = static_cast<int64_t>(w.size());
+  TORCH_CHECK(packed.is_contiguous() && d == (bf16 ? 4 : 3) && w[d - 1] == (bf16 ? 2 : LANES) &&
+                  (!bf16 || w[d - 2] == LANES),
               what, ": packed weight of shape ", packed.sizes(), " is not packed by panel_gemm.pack");
-  TORCH_CHECK(steps(packed) * (bf16 ? 2 : 1) == x.size(1), what, ": x has ", x.size(1),
-              " columns, the packed weight ", steps(packed) * (bf16 ? 2 : 1), " inputs");
+  const int64_t inputs = w[bf16 ? d - 3 : d - 2] * (bf16 ? 2 : 1);
+  TORCH_CHECK(inputs == cols, what, ": x has ", cols, " columns, the packed weight ", inputs, " inputs");
+}
+
+void check(const at::Tensor& x, const at::Tensor& packed, const char* what) {
+  TORCH_CHECK(x.dim() == 2, what, ": x must be 2-D, got ", x.sizes());
+  check_operands(x.scalar_type(), x.size(1), x.stride(1), x.stride(0), packed, packed.sizes(), what);
 }
 
 }  // namespace
@@ -222,7 +231,8 @@ at::Tensor panel_per_head(const at::Tensor& input, const at::Tensor& packed, int
   const bool even = input.stride(0) % 2 == 0 && input.stride(1) % 2 == 0 && input.storage_offset() % 2 == 0;
   const at::Tensor x = input.stride(2) == 1 && (!bf16 || even) ? input : input.contiguous();
   const int64_t M = x.size(0), G = x.size(1);
-  check(x.select(1, 0), packed.select(0, 0), "panel_per_head");
+  check_operands(x.scalar_type(), x.size(2), x.stride(2), x.stride(0), packed, packed.sizes().slice(1),
+                 "panel_per_head");
   const int64_t panels = packed.size(1), kk = steps(packed);
   TORCH_CHECK(0 < n && n <= panels * LANES && panels * LANES - n < LANES, "panel_per_head: n=", n, " does not fit ",
               panels, " panels");
@@ -327,7 +337,8 @@ void check_experts(const at::Tensor& x, const at::Tensor& gate_up, const at::Ten
               ": gate_up does not hold 2 x ", inter, " outputs");
   TORCH_CHECK(down.size(1) * LANES >= H && down.size(1) * LANES - H < LANES, what, ": down does not have ", H,
               " outputs");
-  check(x, gate_up.select(0, 0), what);
+  TORCH_CHECK(x.dim() == 2, what, ": x must be 2-D, got ", x.sizes());
+  check_operands(x.scalar_type(), H, x.stride(1), x.stride(0), gate_up, gate_up.sizes().slice(1), what);
   TORCH_CHECK(down.scalar_type() == x.scalar_type() && steps(down) * (x.scalar_type() == at::kBFloat16 ? 2 : 1) == inter,
               what, ": down must be packed from ", inter, " inputs in x's dtype");
 }
