@@ -118,6 +118,35 @@ def test_a_compiled_inference_step_runs_packed_linears_of_a_few_rows_on_the_pane
     assert layer.panels is None
 
 
+@needs_panels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_outputs_read_the_first_rows_packed_or_not(dtype):
+    """Linear.first_outputs(x, n) is F.linear with the first n rows of the weight (and bias):
+    eagerly from a view of the weight, in a compiled inference step of a few rows from the panels
+    holding those rows (n a multiple of 16 or not), nothing copied."""
+    torch.manual_seed(0)
+    layer = Linear(64, 40, bias=True).to(dtype)
+    assert pack_linears(torch.nn.Sequential(layer)) == 1
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1e-2)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return gm.forward
+
+    x = torch.randn(2, 64).to(dtype)
+    for n in (5, 16, 33):
+        want = F.linear(x, layer.weight[:n], layer.bias[:n])
+        torch.testing.assert_close(layer.first_outputs(x, n), want, **tol)  # eager
+        torch._dynamo.reset()
+        graphs.clear()
+        with torch.no_grad():
+            got = torch.compile(layer.first_outputs, backend=recording_backend)(x, n)
+        assert any("dsv3_panel.linear" in t for t in set().union(*graphs)), graphs
+        assert got.shape == (2, n)
+        torch.testing.assert_close(got, want.detach(), **tol)
+
+
 def test_pack_linears_leaves_what_the_panel_kernel_does_not_run(monkeypatch):
     model = torch.nn.Sequential(Linear(8, 8), torch.nn.Linear(8, 8), Linear(8, 8).double())
     monkeypatch.setattr(panel_gemm, "can_pack", lambda w: w.dtype == torch.float32)

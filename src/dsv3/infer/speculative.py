@@ -36,7 +36,8 @@ depend on the verify. The head is a large share of a small model (tiny: 4 of ~10
 token in BF16). A draft need not be exact, only likely, so MTP drafts among the K most frequent
 tokens only (`restrict_drafts`; FR-Spec, Zhao et al. 2025), reading K rows of the head instead
 of V. A BPE tokenizer numbers its tokens in merge order, most frequent first, so those are ids
-0..K-1: a view of lm_head's first rows, nothing copied. The verify still reads the whole head,
+0..K-1: lm_head's first rows (`Linear.first_outputs`: a view of them, or of the panels holding
+them where the head runs on the panel kernel), nothing copied. The verify still reads the whole head,
 so the output is the same; only acceptance can change.
 """
 
@@ -70,16 +71,15 @@ def mtp_logits(
     )
     h = h[:, -1] if pick is None else h[torch.arange(B, device=h.device), pick]  # [B, H]
     h = module.shared_head.norm(h)
-    if module.draft_head is None:
+    if module.draft_vocab is None:
         return model.lm_head(h)
-    logits = F.linear(h, module.draft_head)  # [B, K]: the draft vocabulary, ids 0..K-1
+    logits = model.lm_head.first_outputs(h, module.draft_vocab)  # [B, K]: the draft vocabulary, ids 0..K-1
     return F.pad(logits, (0, model.lm_head.weight.shape[0] - logits.shape[-1]), value=float("-inf"))  # [B, V]
 
 
 def restrict_drafts(model, size: int) -> None:
     """Let MTP draft among the `size` lowest token ids only (all of them: the whole head)."""
-    weight = model.lm_head.weight.detach()
-    model.mtp[0].draft_head = None if size >= weight.shape[0] else weight[:size]
+    model.mtp[0].draft_vocab = None if size >= model.lm_head.out_features else size
 
 
 def greedy_step(model, fed: torch.Tensor, cache, start_pos) -> tuple[torch.Tensor, ...]:

@@ -108,6 +108,19 @@ class Linear(nn.Linear):
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def first_outputs(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """forward's first n outputs only [..., n], reading only their weights: a view of the
+        weight's first n rows or, where forward runs on the panel kernel, of the panels holding
+        them (MTP drafts among the head's first rows: infer/speculative.py)."""
+        bias = None if self.bias is None else self.bias[:n]
+        rows = math.prod(x.shape[:-1])
+        if self.panels is None or not panel_rows(rows):
+            return F.linear(x, self.weight[:n], bias)
+        y = panel_gemm.linear(x.reshape(rows, x.shape[-1]), self.panels[: -(-n // panel_gemm.LANES)], n)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.view(*x.shape[:-1], n)
+
 
 def pack_linears(model: nn.Module, enabled: bool = True) -> int:
     """Pack (or with enabled=False, drop the packed copies of) every `Linear` of `model` whose

@@ -42,9 +42,9 @@ class MTPModule(Block):
         self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    # at inference, the rows of lm_head MTP drafts among (dsv3.infer.speculative.restrict_drafts);
-    # None: all of them
-    draft_head: torch.Tensor | None = None
+    # at inference, how many of lm_head's first rows MTP drafts among
+    # (dsv3.infer.speculative.restrict_drafts); None: all of them
+    draft_vocab: int | None = None
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, with_aux: bool = False, **kw):
         """h_prev, emb_next [B, T', H] -> (h [B, T', H] before shared_head.norm, balance loss)."""
