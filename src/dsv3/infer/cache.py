@@ -148,6 +148,12 @@ class PagedLatentCache:
         have = len(self.block_tables.get(seq_id, ()))
         return max(0, -(-num_tokens // self.block_size) - have)
 
+    def hold(self, lengths: list[tuple[Hashable, int]]) -> bool:
+        """Whether every (seq_id, num_tokens) already has the blocks for its positions (one check
+        for a whole batch: most decode steps allocate nothing)."""
+        tables, bs = self.block_tables, self.block_size
+        return all(len(tables.get(s, ())) * bs >= n for s, n in lengths)
+
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self._free)
 

@@ -635,8 +635,7 @@ class Engine:
     def _make_room(self, reqs: list[_Request]) -> list[_Request]:
         """Blocks for this step's new tokens; preempt the latest arrivals while they are short."""
         reqs = sorted(reqs, key=lambda r: r.order)
-        tables, room = self.cache.block_tables, self.cache.block_size
-        if all(len(tables.get(r.id, ())) * room >= r.num_cached + self.steps_per_decode for r in reqs):
+        if self.cache.hold([(r.id, r.num_cached + self.steps_per_decode) for r in reqs]):
             return reqs  # most steps: every sequence's last block has room
         i = 0
         while i < len(reqs):

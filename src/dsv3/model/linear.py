@@ -100,26 +100,27 @@ class Linear(nn.Linear):
         self.register_buffer("panels", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = math.prod(x.shape[:-1])
-        if self.panels is None or not panel_rows(rows):
-            return F.linear(x, self.weight, self.bias)
-        y = panel_gemm.linear(x.reshape(rows, x.shape[-1]), self.panels, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return _product(x, self.weight, self.bias, self.panels, self.out_features)
 
     def first_outputs(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """forward's first n outputs only [..., n], reading only their weights: a view of the
         weight's first n rows or, where forward runs on the panel kernel, of the panels holding
         them (MTP drafts among the head's first rows: infer/speculative.py)."""
         bias = None if self.bias is None else self.bias[:n]
-        rows = math.prod(x.shape[:-1])
-        if self.panels is None or not panel_rows(rows):
-            return F.linear(x, self.weight[:n], bias)
-        y = panel_gemm.linear(x.reshape(rows, x.shape[-1]), self.panels[: -(-n // panel_gemm.LANES)], n)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.view(*x.shape[:-1], n)
+        panels = None if self.panels is None else self.panels[: -(-n // panel_gemm.LANES)]
+        return _product(x, self.weight[:n], bias, panels, n)
+
+
+def _product(x: torch.Tensor, weight, bias, panels: torch.Tensor | None, n: int) -> torch.Tensor:
+    """F.linear(x, weight, bias) [..., n]; on `panels` (the weight packed) in a compiled inference
+    step of PANEL_ROWS rows."""
+    rows = math.prod(x.shape[:-1])
+    if panels is None or not panel_rows(rows):
+        return F.linear(x, weight, bias)
+    y = panel_gemm.linear(x.reshape(rows, x.shape[-1]), panels, n)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.view(*x.shape[:-1], n)
 
 
 def pack_linears(model: nn.Module, enabled: bool = True) -> int:
