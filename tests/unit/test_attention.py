@@ -43,6 +43,31 @@ def test_prefill_then_absorbed_decode_equals_full_forward():
     assert (naive_chunk - full[:, 6:]).abs().max().item() <= 1e-10
 
 
+@pytest.mark.parametrize("absorb", [False, True])
+def test_rows_run_one_position_per_sequence_past_attention_and_cache_them_all(absorb):
+    """Block(rows=...) (MTP's draft, a prompt's last token) returns what the full block gives at
+    each sequence's chosen position, and leaves the cache as the full block does."""
+    cfg = ModelConfig.from_dict(SMALL)
+    model = Transformer(cfg).double().eval()
+    block = model.layers[str(cfg.num_hidden_layers - 1)]
+    assert isinstance(block.mlp, moe_module.MoE)
+    x = torch.randn(2, 5, cfg.hidden_size, dtype=torch.float64)
+    full_cache, rows_cache = (LatentCache(cfg, batch_size=2, max_len=5, dtype=torch.float64) for _ in "ab")
+    with torch.no_grad():
+        for cache in (full_cache, rows_cache):  # a cached prefix of 3 positions
+            block(x[:, :3], *model.rope(0, 3), cache=cache)
+        cos, sin = model.rope(3, 2)
+        full, _ = block(x[:, 3:], cos, sin, cache=full_cache, start_pos=3, absorb=absorb)
+        rows = torch.tensor([1, 0])
+        one, _ = block(x[:, 3:], cos, sin, cache=rows_cache, start_pos=3, absorb=absorb, rows=rows)
+        uncached, _ = block(x, *model.rope(0, 5), rows=torch.tensor([2, 4]))
+    assert one.shape == (2, 1, cfg.hidden_size)
+    assert (one[:, 0] - full[[0, 1], rows]).abs().max().item() <= 1e-10
+    assert torch.equal(rows_cache.kv, full_cache.kv) and torch.equal(rows_cache.pe, full_cache.pe)
+    whole, _ = block(x, *model.rope(0, 5))
+    assert (uncached[:, 0] - whole[[0, 1], [2, 4]]).abs().max().item() <= 1e-10
+
+
 class ConcatCache(AttentionCache):
     """A latent cache in a few lines: per layer, everything so far, grown by concatenation."""
 

@@ -246,8 +246,9 @@ class Engine:
         warm-up decodes every kind of step a request can meet: batch 1 and 2, each with a context
         of one cache block and of two (and, with MTP, greedy and sampled steps), and the smallest
         batches whose Linears start or stop running as fused loops or on the panel kernel
-        (model/linear.py) and whose experts no longer run without dispatch (`MoE`), if the engine
-        takes them."""
+        (model/linear.py) and whose experts no longer run without dispatch (`MoE`), counting the
+        rows of the verify (sequences x 2 with MTP) and of the draft (one per sequence), if the
+        engine takes them."""
         if not self.compiled or self._warm:
             return
         new = min(3, self.max_seq_len - 1)  # tokens per warm-up request: a few decode steps
@@ -264,7 +265,8 @@ class Engine:
             max_fused_tokens(self.cfg.n_routed_experts, self.cfg.num_experts_per_tok, expert_panels),
             *([PANEL_ROWS[0] - 1, PANEL_ROWS[1]] if self._panels else []),
         )
-        past = {rows // self.steps_per_decode + 1 for rows in limits}  # sequences
+        # sequences; MTP's draft runs the MTP block's FFN on one row per sequence (Block's `rows`)
+        past = {rows // T + 1 for rows in limits for T in {self.steps_per_decode, 1}}
         for batch in sorted({1, 2} | {b for b in past if b <= self.max_batch_size}):
             for context in sorted({min(2, longest), min(self.cache.block_size + 2, longest)}):
                 for params in kinds:
@@ -583,11 +585,12 @@ class Engine:
     def _verified(self, reqs, logits, first, bonus, accepted, outputs) -> None:
         """Emit each sequence's verified tokens: t_{n+1}, and t_{n+2} where its draft was accepted."""
         c = self._counters
+        accepted = accepted.tolist()
         c["mtp_drafted"] += len(reqs)
-        c["mtp_accepted"] += int(accepted.sum())
+        c["mtp_accepted"] += sum(accepted)
         lp1 = self._logprobs(reqs, logits[:, 0], first)
         lp2 = self._logprobs(reqs, logits[:, 1], bonus)  # used where the draft was accepted
-        for r, t1, t2, acc, l1, l2 in zip(reqs, first.tolist(), bonus.tolist(), accepted.tolist(), lp1, lp2):
+        for r, t1, t2, acc, l1, l2 in zip(reqs, first.tolist(), bonus.tolist(), accepted, lp1, lp2):
             r.num_cached += 1 + acc  # a rejected draft's slot is rolled back by the length alone
             c["decode_tokens"] += 1 + acc
             outputs.append(self._emit(r, [t1, t2] if acc else [t1], [l1, l2]))

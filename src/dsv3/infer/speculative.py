@@ -66,11 +66,19 @@ def mtp_logits(
     module = model.mtp[0]
     B, T = next_ids.shape
     cos, sin = model.rope(start_pos + 1, T)
-    h, _ = module(
-        hidden, model.embed_tokens(next_ids), cos, sin, cache=cache, start_pos=start_pos, absorb=absorb
+    if pick is None:
+        pick = torch.full((B,), T - 1, device=next_ids.device)
+    h, _ = module(  # [B, 1, H]: all T positions fill the cache, only `pick` runs the block's FFN
+        hidden,
+        model.embed_tokens(next_ids),
+        cos,
+        sin,
+        cache=cache,
+        start_pos=start_pos,
+        absorb=absorb,
+        rows=pick,
     )
-    h = h[:, -1] if pick is None else h[torch.arange(B, device=h.device), pick]  # [B, H]
-    h = module.shared_head.norm(h)
+    h = module.shared_head.norm(h[:, 0])  # [B, H]
     if module.draft_vocab is None:
         return model.lm_head(h)
     logits = model.lm_head.first_outputs(h, module.draft_vocab)  # [B, K]: the draft vocabulary, ids 0..K-1

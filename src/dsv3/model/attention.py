@@ -108,9 +108,12 @@ class MLA(nn.Module):
         start_pos: int | torch.Tensor = 0,
         absorb: bool = False,
         mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, hidden]; cos/sin [T, d_rope/2] for positions start_pos..start_pos+T-1; mask: an
-        explicit attention mask [B, 1, T, S] (packed documents) instead of the causal one.
+        explicit attention mask [B, 1, T, S] (packed documents) instead of the causal one; rows
+        [B]: the one position of each sequence (0..T-1) whose output is wanted (all T are still
+        written to the cache), for a draft or a prompt's last token: returns [B, 1, hidden].
 
         Without a cache, causal attention over the T tokens. With a cache (an `AttentionCache`,
         e.g. `dsv3.infer.cache.LatentCache`), the new latents are written at start_pos and the
@@ -119,14 +122,6 @@ class MLA(nn.Module):
         LongTensor [B] of per-sequence positions and cos/sin are [B, T, d_rope/2]."""
         B, T, _ = x.shape
         H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, H, dn + dr)
-        q_nope, q_pe = q.split([dn, dr], dim=-1)
-        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_interleave)  # [B, T, H, dr]
-
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, dr], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, r]
         k_pe = apply_rope(k_pe, cos, sin, self.rope_interleave)  # [B, T, dr]
@@ -135,6 +130,17 @@ class MLA(nn.Module):
             paged = cache.update_paged(layer_idx, c_kv, k_pe)
         if cache is not None and paged is None:
             c_kv, k_pe = cache.update(layer_idx, c_kv, k_pe, start_pos)  # [B, S, r], [B, S, dr]
+        if rows is not None:  # queries from one position per sequence
+            x, cos, sin = pick_rows(x, rows), *pick_positions(cos, sin, rows)  # [B, 1, hidden]
+            start_pos, T = start_pos + rows, 1
+
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, dn + dr)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2), self.rope_interleave)  # [B, T, H, dr]
         if absorb:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, paged)
         else:
@@ -248,6 +254,19 @@ def _per_head_loop(x: torch.Tensor, w: torch.Tensor, w_in_dim: int) -> torch.Ten
     if w_in_dim == 1:
         return (x.to(acc)[..., None] * w.to(acc)).sum(-2).to(x.dtype)
     return (x.to(acc)[..., None, :] * w.to(acc)).sum(-1).to(x.dtype)
+
+
+def pick_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] -> [B, 1, ...]: position rows[b] of each sequence b."""
+    return x[torch.arange(x.shape[0], device=x.device), rows].unsqueeze(1)
+
+
+def pick_positions(cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor):
+    """cos/sin of T positions ([T, d/2], or per sequence [B, T, d/2]) -> those of position
+    rows[b] for each sequence b, [B, 1, d/2]."""
+    if cos.dim() == 2:
+        return cos[rows].unsqueeze(1), sin[rows].unsqueeze(1)
+    return pick_rows(cos, rows), pick_rows(sin, rows)
 
 
 def _causal_mask(T: int, S: int, start_pos: int | torch.Tensor, device) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.attention import MLA, AttentionCache
+from dsv3.model.attention import MLA, AttentionCache, pick_rows
 from dsv3.model.moe import MLP, MoE
 from dsv3.model.norm import RMSNorm
 
@@ -31,12 +31,16 @@ class Block(nn.Module):
         start_pos: int | torch.Tensor = 0,
         absorb: bool = False,
         mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, H] -> (x [B, T, H], balance loss of this layer or None). mask: an attention
-        mask [B, 1, T, T] for packed documents (default: causal)."""
-        x = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, cache, self.layer_idx, start_pos, absorb, mask
+        mask [B, 1, T, T] for packed documents (default: causal). rows [B]: only position rows[b]
+        of each sequence goes past attention (the others are only written to the cache), and x
+        comes back [B, 1, H]: MTP's draft needs one position, and its FFN is most of the block."""
+        attn = self.self_attn(
+            self.input_layernorm(x), cos, sin, cache, self.layer_idx, start_pos, absorb, mask, rows
         )
+        x = (x if rows is None else pick_rows(x, rows)) + attn
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h, with_aux)
