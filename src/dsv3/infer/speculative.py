@@ -57,12 +57,14 @@ def mtp_logits(
     start_pos,
     absorb: bool,
     pick: torch.Tensor | None = None,
+    padded: bool = True,
 ) -> torch.Tensor:
     """Draft logits [B, V] from MTP module 1.
 
     hidden [B, T, H]: the main model's last hidden states at cache positions start_pos..;
     next_ids [B, T]: the tokens that follow each of them; pick [B]: which of the T positions
-    to take the logits of (default: the last)."""
+    to take the logits of (default: the last). padded=False: only the draft vocabulary's logits
+    [B, K] (ids 0..K-1), for an argmax that need not read the -inf of the others."""
     module = model.mtp[0]
     B, T = next_ids.shape
     cos, sin = model.rope(start_pos + 1, T)
@@ -82,6 +84,8 @@ def mtp_logits(
     if module.draft_vocab is None:
         return model.lm_head(h)
     logits = model.lm_head.first_outputs(h, module.draft_vocab)  # [B, K]: the draft vocabulary, ids 0..K-1
+    if not padded:
+        return logits
     return F.pad(logits, (0, model.lm_head.weight.shape[0] - logits.shape[-1]), value=float("-inf"))  # [B, V]
 
 
@@ -101,7 +105,9 @@ def greedy_step(model, fed: torch.Tensor, cache, start_pos) -> tuple[torch.Tenso
     first, bonus = best[:, 0], best[:, 1]
     accepted = first == fed[:, 1]
     next_ids = torch.stack((first, torch.where(accepted, bonus, first)), dim=1)  # [B, 2]
-    draft = greedy_tokens(mtp_logits(model, out.hidden, next_ids, cache, start_pos, True, accepted.long()))
+    draft = greedy_tokens(
+        mtp_logits(model, out.hidden, next_ids, cache, start_pos, True, accepted.long(), padded=False)
+    )
     return out.logits, first, bonus, accepted, draft
 
 
