@@ -20,7 +20,9 @@ is pending (sampled, not fed yet), and d is a draft for t_{n+1}. One step:
      Transformer block with its own attention, so it keeps its own latent cache (one more layer
      in the paged cache, same block tables). After the verify it runs on positions n, n+1 with
      inputs (h_n, t_{n+1}) and (h_{n+1}, t_{n+2}) and its output at the last accepted position
-     is the next draft. The prefill runs it over the whole prompt the same way.
+     is the next draft. The prefill runs it over the whole prompt the same way. Both positions
+     (every prompt position) write their latents to its cache, but only the one drafted from
+     goes on past the cache write (Block's `rows`): its queries, attention, FFN and head.
 As in training, the MTP block's RoPE position is that of the embedded token (i + 1).
 
 A greedy step needs nothing from outside between the verify and the draft, so `greedy_step` runs
