@@ -9,6 +9,16 @@ one process per variant-pair, after a warm-up; wall-clock tokens/s of the whole 
 included, as a user sees it). Prints the CPU, the acceptance rate, tokens per forward and the
 median ratio MTP / plain. The V3 report's figure is 1.8x at 85-90% acceptance of the second token;
 a model trained for minutes accepts fewer drafts.
+
+Two diagnostics come with it. The cost of a decode forward of each variant: each repeat also
+times every prompt's prefill and first token alone (`max_tokens=1`), and (generation - that) /
+decode forwards is what a step costs in the engine, so the ratio MTP / plain says how many plain
+steps an MTP step (two-token verify, MTP block, draft head) costs; 1.25x at t tokens per forward
+needs it at t / 1.25 or less, before the prefill dilutes the gain. And how often greedy MTP would be
+accepted on real text: over the first 256 tokens of other stdlib modules (mostly training text),
+teacher-forced, the share of positions where MTP's draft for t_{i+2} (from h_i and the true t_{i+1})
+is the main model's own greedy choice at i+1. Greedy generation of a small model soon repeats
+itself, where drafts are easier than on text, so the two acceptance rates can differ a lot.
 """
 
 from __future__ import annotations
@@ -26,11 +36,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import TRAINED_RUN, machine, save_result  # noqa: E402
 
 
+def texts(n: int, offset: int = 0) -> list[str]:
+    """n stdlib modules, every 17th from `offset` (ones the model did not train on more than on
+    any other; held-out ones are fine too: it only changes the acceptance)."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[offset::17][:n]
+    return [f.read_text(errors="replace") for f in files]
+
+
 def prompts(tok, n: int, length: int) -> list[list[int]]:
-    """n prompts of `length` tokens from the start of stdlib modules the model did not train on
-    more than on any other (held-out ones are fine too: it only changes the acceptance)."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[::17][:n]
-    return [tok.encode(f.read_text(errors="replace"))[:length] for f in files]
+    """n prompts of `length` tokens from the start of stdlib modules."""
+    return [tok.encode(t)[:length] for t in texts(n)]
+
+
+def text_acceptance(model, sequences: list[list[int]]) -> float:
+    """Teacher-forced greedy acceptance on text (module docstring): sequences of equal length."""
+    ids = torch.tensor(sequences)
+    mtp, T = model.mtp[0], ids.shape[1] - 1
+    with torch.no_grad():
+        out = model(ids[:, :-1])  # out.logits[:, i]: the main model's guess for t_{i+1}
+        h, _ = mtp(out.hidden[:, :-1], model.embed_tokens(ids[:, 1:T]), *model.rope(1, T - 1))
+        drafts = model.lm_head(mtp.shared_head.norm(h))[..., : mtp.draft_vocab].float().argmax(-1)
+        return (drafts == out.logits[:, 1:].float().argmax(-1)).float().mean().item()
 
 
 def main() -> None:
@@ -58,7 +84,8 @@ def main() -> None:
     tok = engines["plain"][1]
     work = prompts(tok, args.prompts, 64)
     greedy = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
-    outputs, rates = {}, {"plain": [], "mtp": []}
+    first_only = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    outputs, rates, step_ms = {}, {"plain": [], "mtp": []}, {"plain": [], "mtp": []}
     for engine, _ in engines.values():
         engine.generate(work[:1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
     for r in range(args.repeats):
@@ -66,15 +93,27 @@ def main() -> None:
         for name in order:
             engine = engines[name][0]
             start = time.perf_counter()
+            for w in work:
+                engine.generate([w], first_only)
+            prefills = time.perf_counter() - start
+            forwards = engine.stats()["forward_passes"]
+            start = time.perf_counter()
             outs = [engine.generate([w], greedy)[0].token_ids for w in work]
-            rates[name].append(len(work) * args.tokens / (time.perf_counter() - start))
+            elapsed = time.perf_counter() - start
+            decode_forwards = engine.stats()["forward_passes"] - forwards - len(work)  # less the prefills
+            rates[name].append(len(work) * args.tokens / elapsed)
+            step_ms[name].append((elapsed - prefills) / decode_forwards * 1e3)
             outputs[name] = outs
         print(
-            f"[{r + 1}/{args.repeats}] plain {rates['plain'][-1]:.1f} tok/s, mtp {rates['mtp'][-1]:.1f} tok/s"
+            f"[{r + 1}/{args.repeats}] plain {rates['plain'][-1]:.1f} tok/s, mtp {rates['mtp'][-1]:.1f} tok/s; "
+            f"decode forward {step_ms['plain'][-1]:.3f} vs {step_ms['mtp'][-1]:.3f} ms"
         )
     identical = outputs["plain"] == outputs["mtp"]
     stats = engines["mtp"][0].stats()
     ratio = statistics.median(m / p for m, p in zip(rates["mtp"], rates["plain"]))
+    step_ratio = statistics.median(m / p for m, p in zip(step_ms["mtp"], step_ms["plain"]))
+    on_files = [t for t in (tok.encode(w) for w in texts(4 * args.prompts, offset=5)) if len(t) >= 257]
+    on_text = text_acceptance(engines["mtp"][0].model, [t[:257] for t in on_files])
     result = {
         "checkpoint": args.checkpoint,
         "compiled": args.compile,
@@ -89,12 +128,20 @@ def main() -> None:
         "mtp_acceptance_rate": round(stats["mtp_acceptance_rate"], 3),
         "tokens_per_forward": round(stats["tokens_per_forward"], 3),
         "identical_output": identical,
+        "decode_forward_ms": {k: round(statistics.median(v), 4) for k, v in step_ms.items()},
+        "decode_forward_ratio_mtp_over_plain": round(step_ratio, 3),
+        "text_acceptance": round(on_text, 3),
+        "text_acceptance_sequences": len(on_files),
         "samples": rates,
+        "decode_forward_ms_samples": step_ms,
     }
     print(
         f"\n{machine()['cpu']}: MTP {result['mtp_tokens_per_s']} vs plain {result['plain_tokens_per_s']} tok/s "
         f"= {ratio:.2f}x; acceptance {result['mtp_acceptance_rate']:.0%}, "
-        f"{result['tokens_per_forward']:.2f} tokens/forward; identical output: {identical}"
+        f"{result['tokens_per_forward']:.2f} tokens/forward; identical output: {identical}\n"
+        f"a decode forward costs {step_ratio:.2f} plain ones (1.25x needs <= "
+        f"{result['tokens_per_forward'] / 1.25:.2f}); teacher-forced acceptance on text: "
+        f"{on_text:.0%} ({len(on_files)} x 256 tokens of other stdlib modules)"
     )
     print(f"results: {save_result(args.name, result)}")
     if not identical:
