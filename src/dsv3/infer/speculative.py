@@ -28,9 +28,9 @@ As in training, the MTP block's RoPE position is that of the embedded token (i +
 A greedy step needs nothing from outside between the verify and the draft, so `greedy_step` runs
 both in one function, which a compiled engine compiles as one graph: the MTP input at position
 n is (h_n, t_{n+1}) whether or not d was accepted (accepted means d == t_{n+1}), so both positions
-are drafted from at once and the accepted one is picked inside the graph. On a CPU a compiled
-call has a fixed cost (~0.5 ms of Python and guard dispatch) of the order of a small model's
-whole step; one call per step instead of two is what lets MTP pay off there.
+enter the MTP block at once and the accepted one, picked inside the graph, is drafted from. On a
+CPU each compiled call has a fixed cost (Dynamo's and AOTAutograd's wrappers, ~50 us) that is a
+sixth of a tiny model's whole step; one call per step instead of two saves it.
 
 The draft vocabulary. Decoding one sequence on a CPU is bound by reading the weights, and a
 step with MTP reads the vocabulary head twice: the verify's logits, then the draft's, which
