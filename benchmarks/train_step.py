@@ -29,7 +29,8 @@ from dsv3 import ModelConfig, Transformer  # noqa: E402
 
 
 def make_step(model, ids, labels, autocast_dtype, is_hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # fused, as dsv3's trainer runs it (dsv3.train.optim), on both sides
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
 
     def step():

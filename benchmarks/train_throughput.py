@@ -5,8 +5,8 @@ What runs on each side, per optimizer step:
         packed seeded loader, bf16 autocast, main + lambda * MTP + balance loss, clip 1.0, AdamW
         with the V3 parameter groups and the scheduled lr, router-bias update after the step).
   HF:   transformers' DeepseekV3ForCausalLM in a plain PyTorch loop: bf16 autocast, forward with
-        the same next-token targets, backward, clip 1.0, torch AdamW at the trainer's lr of that
-        step. It starts from the same weights (dsv3 `save_pretrained`, HF `from_pretrained` in fp32)
+        the same next-token targets, backward, clip 1.0, torch's fused AdamW (the trainer's
+        optimizer) at the trainer's lr of that step. It starts from the same weights (dsv3 `save_pretrained`, HF `from_pretrained` in fp32)
         and sees the same batches: each one is read from the trainer's loader before the dsv3
         step and the loader is rewound, so both models train on identical data.
 
@@ -46,7 +46,7 @@ from dsv3.train.trainer import Trainer  # noqa: E402
 
 def hf_step_fn(hf, device: torch.device, grad_clip: float, lr: float):
     """One plain-PyTorch training step of the HF model on (x, y) at the given lr; returns the loss."""
-    opt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
         for group in opt.param_groups:
@@ -109,8 +109,8 @@ def bench_preset(preset: str, batch: int, seq: int, steps: int, warmup: int, pea
     first_loss: dict[str, float] = {}
     for i in range(warmup + steps):
         state = trainer.loader.state_dict()  # read the batch the trainer is about to take, then rewind
-        batch = trainer.loader.next_batch().to(device)
-        x, y = batch.input_ids, batch.labels
+        data = trainer.loader.next_batch().to(device)
+        x, y = data.input_ids, data.labels
         trainer.loader.load_state_dict(state)
         sync()
         t0 = time.perf_counter()

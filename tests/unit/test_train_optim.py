@@ -42,6 +42,30 @@ def test_groups_decay_matrices_only():
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
 
 
+def test_the_optimizer_is_fused_adamw_and_steps_as_the_reference_does():
+    """build_optimizer's AdamW runs fused on a CPU, and its steps (decay groups, several steps,
+    an lr change between them) are the one-tensor-at-a-time reference's up to rounding."""
+    torch.manual_seed(0)
+    a, b = Toy(), Toy()
+    b.load_state_dict(a.state_dict())
+    start = [p.detach().clone() for p in a.parameters()]
+    fused = build_optimizer(a, lr=1e-2, weight_decay=0.1)
+    groups = param_groups(b, 0.1)
+    reference = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    assert fused.defaults["fused"] and not reference.defaults["fused"]
+    x = torch.randint(0, 10, (8,))
+    for step in range(6):
+        for model, opt in ((a, fused), (b, reference)):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 / (1 + step)
+            model.head(model.norm(model.proj(model.embed(x)))).logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb, p0 in zip(a.parameters(), b.parameters(), start):
+        assert (pa - p0).abs().max() > 1e-3  # every tensor moved
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
+
+
 def test_bf16_moments_track_fp32_adamw_and_are_stored_in_bf16():
     torch.manual_seed(0)
     a, b = Toy(), Toy()

@@ -1,9 +1,13 @@
 """Optimizer and learning-rate schedules, as DeepSeek-V3 trained (V3R section 4.2).
 
 AdamW with betas (0.9, 0.95) and weight decay 0.1, applied to matrices only: norms, biases, router
-correction biases and embeddings are not decayed (`param_groups`). Master weights stay FP32. With
-`bf16_moments=True` the two Adam moments are stored in BF16 (half the optimizer memory, as in V3's
-FP8 recipe); each step upcasts them, updates in FP32 and rounds back.
+correction biases and embeddings are not decayed (`param_groups`). Master weights stay FP32. The
+update is torch's fused AdamW (one kernel per group of tensors, on CPU as on CUDA) where the
+parameters allow it: its default on a CPU runs ~10 ops per tensor one tensor at a time, 439 ms per
+step for the small preset's 149M parameters on 2 cores of an AMD EPYC against 40 ms fused, a sixth
+of the whole training step. With `bf16_moments=True` the two Adam moments are stored in BF16 (half
+the optimizer memory, as in V3's FP8 recipe); each step upcasts them, updates in FP32 and rounds
+back.
 
 Schedules are pure functions of the step (`lr_at`), so a checkpoint only needs the step to resume:
   * "v3":     linear warm-up to the peak, constant, cosine down to 10% of the peak, then a short
@@ -98,7 +102,13 @@ def build_optimizer(
     groups = param_groups(model, weight_decay)
     if bf16_moments:
         return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas, eps=eps)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused_adamw_runs(params))
+
+
+def fused_adamw_runs(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: floating point, on a CPU or a CUDA device."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 class AdamWLowPrecisionMoments(torch.optim.Optimizer):
