@@ -276,28 +276,55 @@ class Dispatcher(Protocol[DispatchState]):
     ) -> torch.Tensor: ...
 
 
-class LocalDispatcher(Dispatcher[torch.Tensor]):
+class LocalDispatcher(Dispatcher[tuple[torch.Tensor, torch.Tensor]]):
     """Single-device dispatch: sort (token, expert) pairs by expert; combine by weighted sum.
-    The state is the sorting permutation."""
+    The state is the sorting permutation and its inverse."""
 
     def dispatch(
         self, x: torch.Tensor, indices: torch.Tensor, n_experts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, H], indices [N, K] -> x_sorted [N*K, H], offs [E], order [N*K]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [N, H], indices [N, K] -> x_sorted [N*K, H], offs [E], (order, inverse) [N*K] each."""
         flat = indices.flatten()  # [N*K]
         order = flat.argsort(stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
         counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat)
         )
         offs = counts.cumsum(0).to(torch.int32)  # [E] (a fixed shape, unlike bincount's)
-        return x[order // indices.shape[1]], offs, order
+        return PermuteRows.apply(x, order, inverse, indices.shape[1]), offs, (order, inverse)
 
-    def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    def combine(
+        self, y_sorted: torch.Tensor, weights: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """y_sorted [N*K, H] in dispatch order, weights [N, K] -> [N, H] = sum_k w_k y_k."""
         N, K = weights.shape
-        y = torch.empty_like(y_sorted)
-        y[order] = y_sorted  # back to (token, k) order
+        order, inverse = state
+        y = PermuteRows.apply(y_sorted, inverse, order, 1)  # back to (token, k) order
         return (y.view(N, K, y.shape[-1]) * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)  # N may be 0
+
+
+class PermuteRows(torch.autograd.Function):
+    """x [N, H] -> x[index // repeats] [N * repeats, H] for a permutation `index` of N * repeats
+    rows with its `inverse`: each row of x goes to `repeats` places (a token to its K experts). The
+    backward is a gather too, grad[inverse] summed over each row's `repeats` copies, where indexing's
+    own backward scatters with accumulation, which runs on one thread on a CPU (MoE dispatch of
+    1,024 tokens x 6 experts x 512 channels, BF16, 2 cores: 5 vs 1 ms forward and backward)."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeats: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.repeats = repeats
+        return x.index_select(0, index // repeats if repeats > 1 else index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse)  # back to (row, copy) order
+        if ctx.repeats > 1:
+            grad = grad.view(-1, ctx.repeats, grad.shape[-1]).sum(dim=1)
+        return grad, None, None, None
 
 
 class MoE(nn.Module):
