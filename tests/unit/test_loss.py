@@ -7,8 +7,9 @@ from dsv3.model import loss as loss_mod
 from dsv3.model.loss import linear_cross_entropy, linear_cross_entropy_reference
 
 
+@pytest.mark.parametrize("upstream", [1.0, 2.0])  # the main loss's unit gradient, and a scaled one
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_equals_reference(autocast, monkeypatch):
+def test_fused_equals_reference(autocast, upstream, monkeypatch):
     monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 7)  # several chunks, a ragged last one
     torch.manual_seed(0)
     h = torch.randn(3, 11, 16, requires_grad=True)
@@ -18,7 +19,7 @@ def test_fused_equals_reference(autocast, monkeypatch):
     results = []
     for f in (linear_cross_entropy, linear_cross_entropy_reference):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = f(h, w, t) * 2.0  # a non-unit upstream gradient
+            out = f(h, w, t) * upstream
         out.backward()
         results.append((out.detach(), h.grad, w.grad))
         h.grad = w.grad = None

@@ -5,10 +5,12 @@ matrix: 64 MB in FP32 for 2,048 tokens of an 8K vocabulary, written, copied, rea
 log-softmax, and again as its gradient in backward. Here the rows are processed in chunks that
 stay in cache; for each chunk the logits, their log-sum-exp (FP32), the loss, and the gradient
     G = dL/dlogits = (softmax(logits) - onehot(target)) / n_valid
-are computed at once; G is kept in the GEMM dtype (half the FP32 logits under BF16) and the
+are computed at once (one exp per logit: the log-sum-exp is taken from the same exponentials as
+the softmax); G is kept in the GEMM dtype (half the FP32 logits under BF16) and the
 two gradient GEMMs dL/dh = G W and dL/dW = G^T h run once, whole, at the end of forward. The
 three GEMMs are those of the unfused head (no recomputation); backward only scales the saved
-gradients by the incoming one. `linear_cross_entropy_reference` is the plain version
+gradients by the incoming one, or hands them on as they are where that is 1 (the main loss: a
+[V, D] product less to allocate and write). `linear_cross_entropy_reference` is the plain version
 the tests hold it to.
 """
 
@@ -35,18 +37,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, rows):
             hc, tc, ok = h[s : s + rows], safe_targets[s : s + rows], valid[s : s + rows]
             logits = (hc @ weight.t()).float()  # [c, V]
-            lse = logits.logsumexp(dim=-1)  # [c]
             target_logit = logits.gather(1, tc[:, None]).squeeze(1)
-            loss += ((lse - target_logit) * ok).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            grad.scatter_add_(1, tc[:, None], -torch.ones_like(lse)[:, None])
-            grad_logits[s : s + rows] = grad.mul_((ok / n_valid)[:, None])
+            peak = logits.amax(dim=-1)  # [c]
+            grad = logits.sub_(peak[:, None]).exp_()  # exp(logits - max), in place: the one exp
+            total = grad.sum(dim=-1)  # [c]
+            loss += ((total.log() + peak - target_logit) * ok).sum()  # log-sum-exp - target logit
+            scale = ok / n_valid  # [c]
+            grad.mul_((scale / total)[:, None])  # softmax / n_valid
+            grad.scatter_add_(1, tc[:, None], -scale[:, None])  # - onehot(target) / n_valid
+            grad_logits[s : s + rows] = grad
         ctx.save_for_backward(grad_logits @ weight, grad_logits.t() @ h)  # dL/dh [N, D], dL/dW [V, D]
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
+        if bool(grad_out == 1):  # the main loss, as a sum of losses passes it: nothing to scale
+            return grad_h, grad_w, None
         return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None
 
 
