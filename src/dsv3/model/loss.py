@@ -9,8 +9,8 @@ are computed at once (one exp per logit: the log-sum-exp is taken from the same 
 the softmax); G is kept in the GEMM dtype (half the FP32 logits under BF16) and the
 two gradient GEMMs dL/dh = G W and dL/dW = G^T h run once, whole, at the end of forward. The
 three GEMMs are those of the unfused head (no recomputation); backward only scales the saved
-gradients by the incoming one, or hands them on as they are where that is 1 (the main loss: a
-[V, D] product less to allocate and write). `linear_cross_entropy_reference` is the plain version
+gradients by the incoming one, or, on a CPU, hands them on as they are where that is 1 (the main
+loss: a [V, D] product less to allocate and write). `linear_cross_entropy_reference` is the plain version
 the tests hold it to.
 """
 
@@ -52,7 +52,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        if bool(grad_out == 1):  # the main loss, as a sum of losses passes it: nothing to scale
+        # the main loss, as a sum of losses passes it: nothing to scale (checked where reading the
+        # value costs no wait for an accelerator in the middle of backward)
+        if grad_out.device.type == "cpu" and bool(grad_out == 1):
             return grad_h, grad_w, None
         return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None
 
