@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from dsv3.allocator import retain_freed_memory
+
 # (command, module, one-line help)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("info", "dsv3.info", "parameter counts and KV-cache bytes of a preset or config.json"),
@@ -45,6 +47,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    retain_freed_memory()  # every step's large tensors reuse mapped pages (allocator.py)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     return int(args._run(args) or 0)

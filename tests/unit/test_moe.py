@@ -520,3 +520,31 @@ def test_local_dispatch_and_combine_equal_plain_indexing_in_values_and_gradients
     torch.testing.assert_close(gw, rgw, rtol=1e-12, atol=1e-12)
     inverse = state[1]
     assert torch.autograd.gradcheck(lambda t: PermuteRows.apply(t, order, inverse, K), (x,))
+
+
+def test_training_pads_each_experts_rows_to_the_bucket(monkeypatch):
+    """On a CPU the training path's grouped GEMMs see each expert's rows padded with zero rows to
+    a multiple of ROW_BUCKET (few shapes: oneDNN's kernels stay cached), and the padding is
+    invisible: pad_groups places every row once and only zeros elsewhere, TakeRows takes them
+    back (gradcheck), and the experts still equal the loop (test above)."""
+    from dsv3.model import moe
+    from dsv3.model.moe import ROW_BUCKET, TakeRows, pad_groups
+
+    counts = torch.tensor([3, 0, 5, 1, 0, 7, 2, 4])
+    offs = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(int(counts.sum()), 6, dtype=torch.float64, requires_grad=True)
+    padded, padded_offs, slots = pad_groups(x, offs, 4)
+    assert padded_offs.tolist() == [4, 4, 12, 16, 16, 24, 28, 32] and padded_offs.dtype == offs.dtype
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), padded_offs[:-1].long()])
+    for e, (lo, hi) in enumerate(zip(starts.tolist(), padded_offs.tolist())):  # group e, rows in order
+        rows = x[offs[e] - counts[e] : offs[e]]
+        assert torch.equal(padded[lo : lo + len(rows)], rows) and not padded[lo + len(rows) : hi].any()
+    assert torch.equal(TakeRows.apply(padded, slots), x)
+    assert torch.autograd.gradcheck(lambda t: TakeRows.apply(t, slots), (padded.detach().requires_grad_(),))
+
+    seen = []
+    monkeypatch.setattr(
+        moe, "_grouped_mm", lambda a, b, o: seen.append(o.tolist()) or torch.zeros(a.shape[0], b.shape[-1])
+    )
+    moe.GroupedExperts(8, 32, 16)(torch.randn(int(counts.sum()), 32), offs)
+    assert seen and all(end % ROW_BUCKET == 0 for o in seen for end in o)
