@@ -170,13 +170,7 @@ class GroupedExperts(nn.Module):
         if not torch.is_grad_enabled():  # inference: one opaque op, no graph break in a compiled step
             packed = self.packed if dtype == self.down_proj.dtype else -1
             return expert_mlp(x, gate_up_proj, down_proj, offs, packed)
-        slots = None
-        if x.device.type == "cpu":  # few GEMM shapes, so oneDNN's kernels stay cached (ROW_BUCKET)
-            x, offs, slots = pad_groups(x, offs, ROW_BUCKET)
-        gate_up = _grouped_mm(x, gate_up_proj.transpose(-2, -1), offs)  # [M', 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs)  # [M', H]
-        return y if slots is None else TakeRows.apply(y, slots)  # [M, H]
+        return grouped_swiglu(x, gate_up_proj, down_proj, offs)
 
     def forward_gathered(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decoding a few tokens in a compiled step where the panel kernel is not built (or the
@@ -216,14 +210,16 @@ class GroupedExperts(nn.Module):
 
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# On a CPU, training pads each expert's rows with zero rows to a multiple of this. torch runs a
+# On a CPU, `grouped_swiglu` pads each expert's rows with zero rows to a multiple of this. torch runs a
 # grouped GEMM there as one oneDNN GEMM per expert, and oneDNN generates a kernel for each new
 # shape, keeping 1,024 of them. An expert's row count changes every step, so nearly every call
 # generated its kernels anew: in a training step the grouped GEMMs of the small preset took
 # 2.0-2.5x as long as the same calls replayed. Rounded, the counts take a few values, whose
 # kernels are all cached after the first steps; the zero rows add ~4% of rows per multiple of 16
 # and contribute nothing to any gradient. Small preset, BF16, 2 cores: 782 -> 965 tok/s, and peak
-# memory 4.96 -> 3.77 GB, the cached kernels' (16 and 64 did as well as 32).
+# memory 4.96 -> 3.77 GB, the cached kernels' (16 and 64 did as well as 32). Inference over many
+# rows (evaluation, long prefills) takes the same path: `dsv3 eval` of small on 100K tokens of
+# text, 30.7-33.9 -> 27.6-30.8 s, the same loss.
 ROW_BUCKET = 32
 
 
@@ -264,6 +260,20 @@ class TakeRows(torch.autograd.Function):
 GATHER_MAX_PAIRS_PER_EXPERT = 2
 
 
+def grouped_swiglu(
+    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """Every expert's SwiGLU on its rows of x [M, H] (sorted by expert, offs [E]) as two grouped
+    GEMMs; on a CPU with each expert's rows padded to a multiple of ROW_BUCKET (few GEMM shapes,
+    so oneDNN's kernels stay cached)."""
+    slots = None
+    if x.device.type == "cpu":
+        x, offs, slots = pad_groups(x, offs, ROW_BUCKET)
+    gate, up = _grouped_mm(x, gate_up_proj.transpose(-2, -1), offs).chunk(2, dim=-1)  # [M', I] each
+    y = _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs)  # [M', H]
+    return y if slots is None else TakeRows.apply(y, slots)  # [M, H]
+
+
 @torch.compiler.disable
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """F.grouped_mm, run eagerly under torch.compile: its meta function (torch 2.13) accepts
@@ -284,8 +294,7 @@ def expert_mlp(
     if packed >= 0 and is_current(packed, gate_up_proj, down_proj) and runs_packed(packed, x.shape[0]):
         return run_packed(packed, x, offs)
     if x.shape[0] >= offs.shape[0]:
-        gate, up = F.grouped_mm(x, gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [M, I] each
-        return F.grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offs)  # [M, H]
+        return grouped_swiglu(x, gate_up_proj, down_proj, offs)
     return expert_loop(x, offs, zip(gate_up_proj, down_proj), F.linear, down_proj.shape[1])
 
 
