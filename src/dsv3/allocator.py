@@ -12,7 +12,7 @@ on a 2-core AMD EPYC VM (torch 2.13, two threads), per call:
     FP32 -> BF16 copy of [32, 512, 512] (small's experts)   6.7 ms, 1,229 faults -> 0.5 ms, 0
     FP32 -> BF16 copy of [32768, 512] (small's head)       12.3 ms, 8,193 faults -> 1.3 ms, 0
 
-and the small preset trains 12% faster (benchmarks/README.md, fourteenth session).
+and the small preset trains 10% faster (benchmarks/README.md, fourteenth session).
 
 `retain_freed_memory()` has glibc serve every block from its heap (M_MMAP_MAX = 0) and never trim
 the heap (M_TRIM_THRESHOLD), so a freed block is reused with its pages still mapped: the policy of

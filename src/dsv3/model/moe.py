@@ -210,6 +210,9 @@ class GroupedExperts(nn.Module):
 
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# MoE runs the experts gathered while (token, expert) pairs <= this x experts: at twice the experts
+# (small preset, 11 tokens) gathering still beat the per-expert calls, at three times (16) it lost
+GATHER_MAX_PAIRS_PER_EXPERT = 2
 # On a CPU, `grouped_swiglu` pads each expert's rows with zero rows to a multiple of this. torch runs a
 # grouped GEMM there as one oneDNN GEMM per expert, and oneDNN generates a kernel for each new
 # shape, keeping 1,024 of them. An expert's row count changes every step, so nearly every call
@@ -234,8 +237,7 @@ def pad_groups(x: torch.Tensor, offs: torch.Tensor, bucket: int):
         torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0]
     )
     slots = torch.arange(x.shape[0], device=x.device) + shift[group]  # [M]
-    total = int(offs_padded[-1]) if len(offs_padded) else 0
-    x_padded = x.new_zeros(total, x.shape[1]).index_copy(0, slots, x)
+    x_padded = x.new_zeros(int(offs_padded[-1]), x.shape[1]).index_copy(0, slots, x)
     return x_padded, offs_padded.to(offs.dtype), slots
 
 
@@ -253,11 +255,6 @@ class TakeRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (slots,) = ctx.saved_tensors
         return grad.new_zeros(ctx.rows, grad.shape[1]).index_copy_(0, slots, grad), None
-
-
-# MoE runs the experts gathered while (token, expert) pairs <= this x experts: at twice the experts
-# (small preset, 11 tokens) gathering still beat the per-expert calls, at three times (16) it lost
-GATHER_MAX_PAIRS_PER_EXPERT = 2
 
 
 def grouped_swiglu(
