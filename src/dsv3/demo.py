@@ -64,7 +64,8 @@ def demo_config(
                 "warmup_steps": max(1, steps // 20),
                 "bias_gamma": 0.01,
             },
-            "run": {"seed": seed, "max_minutes": max_minutes, "dtype": dtype},
+            # compile off: minutes of training would not repay its first compile (~1 minute)
+            "run": {"seed": seed, "max_minutes": max_minutes, "dtype": dtype, "compile": False},
             "logging": {"log_every": 10, "eval_every": max(10, steps // 6), "eval_batches": 8},
             "checkpoint": {"save_every": max(10, steps // 3)},
         }

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsv3.errors import CheckpointError, ConfigError, DataError
+from dsv3.model.block import Block
 from dsv3.train.config import TrainConfig
 from dsv3.train.metrics import read_metrics, write_report
 from dsv3.train.trainer import Trainer
@@ -163,3 +164,36 @@ def test_existing_run_needs_resume_and_config_file_rejects_unknown_keys(corpus, 
     bad.write_text(json.dumps({"steps": 5, "learning_rate": 1e-3}))
     with pytest.raises(ConfigError, match=r"unknown keys \['learning_rate'\]"):
         TrainConfig.from_file(bad)
+
+
+def test_compile_is_chosen_by_the_runs_expected_length():
+    """Unset, run.compile compiles a one-process run without FP8 expected to take
+    COMPILE_AFTER_MINUTES or more (its FLOPs at EXPECTED_MFU of the measured GEMM rate); asked, as asked."""
+    from dsv3.train.trainer import COMPILE_AFTER_MINUTES, EXPECTED_MFU, choose_compile, expected_minutes
+
+    assert expected_minutes(100, 6e12, 1.0) == pytest.approx(100 * 6 / EXPECTED_MFU / 60)
+    assert choose_compile(None, COMPILE_AFTER_MINUTES, parallel_or_fp8=False)[0]
+    assert not choose_compile(None, 0.99 * COMPILE_AFTER_MINUTES, parallel_or_fp8=False)[0]
+    assert not choose_compile(None, 1e6, parallel_or_fp8=True)[0]
+    assert choose_compile(True, 0.0, parallel_or_fp8=True) == (True, "on (asked)")
+    assert choose_compile(False, 1e6, parallel_or_fp8=False) == (False, "off (asked)")
+
+
+def test_a_compiled_run_trains_as_the_eager_one(corpus, tmp_path, monkeypatch):
+    """--run.compile compiles every block (what a long run gets unasked) and the losses and
+    validation losses stay the eager run's; a short run is left eager unless asked. Traced by
+    Dynamo and AOTAutograd as in a real compile, run without Inductor's code generation (a
+    minute on two cores, for what is torch's to test)."""
+    data, cache = corpus
+    compile_block = Block.compile
+    monkeypatch.setattr(Block, "compile", lambda self: compile_block(self, backend="aot_eager"))
+    eager = Trainer(micro_config(tmp_path / "a", data, cache, steps=3))
+    assert not eager.compile and eager.compile_reason.startswith("off (automatic")
+    compiled = Trainer(micro_config(tmp_path / "b", data, cache, steps=3, compile=True))
+    blocks = [m for m in compiled.model.modules() if isinstance(m, Block)]
+    assert len(blocks) == 3 and all(b._compiled_call_impl is not None for b in blocks)  # 2 layers + MTP
+    eager.fit(), compiled.fit()
+    a, b = (read_metrics(tmp_path / run / "run" / "metrics.jsonl") for run in "ab")
+    for key in ("loss", "mtp_loss", "val_loss"):
+        got, want = [r[key] for r in b if key in r], [r[key] for r in a if key in r]
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-5), key

@@ -226,9 +226,11 @@ GATHER_MAX_PAIRS_PER_EXPERT = 2
 ROW_BUCKET = 32
 
 
+@torch.compiler.disable
 def pad_groups(x: torch.Tensor, offs: torch.Tensor, bucket: int):
     """x [M, H] grouped by offs -> (x' [M', H] with each group padded by zero rows to a multiple
-    of `bucket`, its offs', slots [M]: the row of x' holding each row of x)."""
+    of `bucket`, its offs', slots [M]: the row of x' holding each row of x). Eager under
+    torch.compile: the padded row count is data, known only once the offsets are."""
     counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()  # [E]
     padded = (counts + bucket - 1) // bucket * bucket
     offs_padded = padded.cumsum(0)

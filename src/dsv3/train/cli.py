@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             flags.append("--" + legacy[name].replace("_", "-"))
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": name, "help": f.metadata.get("help")}
         kind = HINTS[name]
-        if kind is bool:
+        if bool in (typing.get_args(kind) or (kind,)):  # bool, or bool | None (unset: automatic)
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is list:
             kwargs.update(nargs="+", action="extend")  # `--data a b` and `--data a --data b` alike
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(trainer.resolved_config()))
         print(
             f"world: {trainer.world.size} process(es), device {trainer.device}; dtype: "
-            f"{trainer.dtype_choice.describe()}",
+            f"{trainer.dtype_choice.describe()}; compile: {trainer.compile_reason}",
             flush=True,
         )
         if trainer.dtype_choice.warning():

@@ -183,7 +183,12 @@ class RunSection:
         choices=DTYPE_CHOICES,
     )
     device: str = option("auto", "auto, cpu or cuda[:N]")
-    compile: bool = option(False, "torch.compile each block")
+    compile: bool | None = option(
+        None,
+        "torch.compile each block; unset: only where the run is expected to repay the compile "
+        "(one process, no FP8, >= 15 minutes at the measured GEMM rate)",
+        control=True,
+    )
     fp8: bool = option(
         False,
         "FP8 GEMMs (1x128 activation tiles, 128x128 weight blocks) in attention, "
