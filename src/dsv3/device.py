@@ -49,6 +49,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def can_compile(device: torch.device) -> bool:
+    """Whether torch.compile's default backend (Inductor) can build code for `device`: it needs a
+    C++ compiler for a CPU and Triton for a GPU."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except RuntimeError:  # InvalidCxxCompiler: none found
+        return False
+    return True
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a GEMM on x runs in: autocast's if it is enabled, else x's (grouped_mm, custom
     FP8 GEMMs and all-to-all buffers are not on autocast's lists, so they ask here)."""

@@ -99,3 +99,15 @@ def test_decode_measurement_streams_copies_of_the_weights(monkeypatch, dtype):
 def test_real_measurement_is_positive_and_short():
     rate = device.measure_gemms([(64, 64, 64)], torch.float32, torch.device("cpu"))
     assert rate > 0
+
+
+def test_can_compile_needs_a_cpp_compiler_on_a_cpu():
+    """Inductor builds C++ for a CPU: without a compiler torch.compile would fail at the first step,
+    so the trainer does not compile unasked."""
+    from torch._inductor import config as inductor_config
+
+    from dsv3.device import can_compile
+
+    assert can_compile(torch.device("cpu"))  # this machine builds dsv3's own kernels with one
+    with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
+        assert not can_compile(torch.device("cpu"))

@@ -175,6 +175,7 @@ def test_compile_is_chosen_by_the_runs_expected_length():
     assert choose_compile(None, COMPILE_AFTER_MINUTES, parallel_or_fp8=False)[0]
     assert not choose_compile(None, 0.99 * COMPILE_AFTER_MINUTES, parallel_or_fp8=False)[0]
     assert not choose_compile(None, 1e6, parallel_or_fp8=True)[0]
+    assert not choose_compile(None, 1e6, parallel_or_fp8=False, compilable=False)[0]
     assert choose_compile(True, 0.0, parallel_or_fp8=True) == (True, "on (asked)")
     assert choose_compile(False, 1e6, parallel_or_fp8=False) == (False, "off (asked)")
 

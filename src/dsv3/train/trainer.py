@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from dsv3 import checkpoint as ckpt
-from dsv3.device import choose_dtype, format_mfu, gemm_shapes, resolve_device
+from dsv3.device import can_compile, choose_dtype, format_mfu, gemm_shapes, resolve_device
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.model.moe import update_router_bias
 from dsv3.parallel.mesh import build_mesh
@@ -77,11 +77,16 @@ def expected_minutes(steps: int, flops_per_step: float, peak_tflops: float) -> f
     return steps * flops_per_step / (EXPECTED_MFU * peak_tflops * 1e12) / 60
 
 
-def choose_compile(asked: bool | None, minutes: float, parallel_or_fp8: bool) -> tuple[bool, str]:
-    """Whether to torch.compile each block, and why: as asked (`run.compile`); unset, in one
-    process without FP8 for a run expected to take `minutes` >= COMPILE_AFTER_MINUTES."""
+def choose_compile(
+    asked: bool | None, minutes: float, parallel_or_fp8: bool, compilable: bool = True
+) -> tuple[bool, str]:
+    """Whether to torch.compile each block, and why: as asked (`run.compile`); unset, where
+    torch.compile can build code (`compilable`), in one process without FP8, for a run expected
+    to take `minutes` >= COMPILE_AFTER_MINUTES."""
     if asked is not None:
         return asked, "on (asked)" if asked else "off (asked)"
+    if not compilable:
+        return False, "off (automatic: torch.compile cannot build code here: no C++ compiler, or no Triton)"
     if parallel_or_fp8:
         return False, "off (automatic: not with parallelism or FP8 unless asked, --run.compile)"
     on = minutes >= COMPILE_AFTER_MINUTES
@@ -263,7 +268,12 @@ class Trainer:
         )
         if run.max_minutes is not None:
             minutes = min(minutes, run.max_minutes)
-        return choose_compile(run.compile, minutes, parallel_or_fp8=self.dims.world_size > 1 or run.fp8)
+        return choose_compile(
+            run.compile,
+            minutes,
+            parallel_or_fp8=self.dims.world_size > 1 or run.fp8,
+            compilable=run.compile is not None or can_compile(self.device),
+        )
 
     # ---------------------------------------------------------------------------------- training
     def train_step(self) -> dict[str, Any]:
