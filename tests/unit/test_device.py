@@ -1,5 +1,7 @@
 """dsv3.device: the dtype is chosen by measurement (injected here, so no test depends on the CPU)."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -108,6 +110,7 @@ def test_can_compile_needs_a_cpp_compiler_on_a_cpu():
 
     from dsv3.device import can_compile
 
-    assert can_compile(torch.device("cpu"))  # this machine builds dsv3's own kernels with one
+    if shutil.which("g++"):  # Inductor's default compiler
+        assert can_compile(torch.device("cpu"))
     with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
         assert not can_compile(torch.device("cpu"))
