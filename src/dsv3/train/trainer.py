@@ -215,8 +215,12 @@ class Trainer:
         with torch.device("meta"):
             self.model_shape = Transformer(self.model_config)  # the full structure, for FLOP counts
             structure = Transformer(self.model_config)  # this rank's part, parallelized in place
-        tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len
-        self.flops_per_step = self.model_shape.training_flops_per_token(cfg.data.seq_len) * tokens_per_step
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len
+        self.flops_per_step = (
+            self.model_shape.training_flops_per_token(cfg.data.seq_len) * self.tokens_per_step
+        )
+        # the GEMM rate MFU is reported against: as told (logging.peak_tflops), or as measured
+        self.peak_tflops = cfg.logging.peak_tflops or self.dtype_choice.peak_tflops
         self.compile, self.compile_reason = self._compile_choice()
         if cfg.model.init_from is not None:  # the source model's weights (dequantized if FP8)
             init = weights_of(Transformer.from_pretrained(cfg.model.init_folder()))
@@ -263,9 +267,7 @@ class Trainer:
     def _compile_choice(self) -> tuple[bool, str]:
         run = self.cfg.run
         steps = self.cfg.optim.steps if run.stop_after is None else min(self.cfg.optim.steps, run.stop_after)
-        minutes = expected_minutes(
-            steps, self.flops_per_step, self.cfg.logging.peak_tflops or self.dtype_choice.peak_tflops
-        )
+        minutes = expected_minutes(steps, self.flops_per_step, self.peak_tflops)
         if run.max_minutes is not None:
             minutes = min(minutes, run.max_minutes)
         return choose_compile(
@@ -452,9 +454,6 @@ class Trainer:
             if self.is_main
             else None
         )
-        tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len
-        flops_per_step = self.flops_per_step
-        peak = 1e12 * (cfg.logging.peak_tflops or self.dtype_choice.peak_tflops)
         progress = Progress(cfg.optim.steps, self.step, live=None if self.is_main else False)
         summary: dict[str, Any] = {"start_step": self.step, "unigram_loss": self.unigram_loss}
         window_seconds, window_steps = 0.0, 0  # training time only: evaluation and saving excluded
@@ -480,8 +479,10 @@ class Trainer:
                     record["unigram_loss"] = self.unigram_loss
                 logged = self.step % cfg.logging.log_every == 0 or evaluate or self.step == 1
                 if logged:
-                    record["tokens_per_s"] = tokens_per_step * window_steps / window_seconds
-                    record["mfu"] = flops_per_step * window_steps / window_seconds / peak
+                    record["tokens_per_s"] = self.tokens_per_step * window_steps / window_seconds
+                    record["mfu"] = (
+                        self.flops_per_step * window_steps / window_seconds / (1e12 * self.peak_tflops)
+                    )
                     window_seconds, window_steps = 0.0, 0
                     record = self._loggable(record)
                     if log is not None:
