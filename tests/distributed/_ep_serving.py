@@ -94,7 +94,9 @@ def ep_engine(mtp: bool, redundant: int | None = None, skew: float = 0.0, **kw):
 
 
 def holds_placed_experts(engine, balancer) -> bool:
-    """Whether this rank's expert weights are those of its slots in the balancer's placement."""
+    """Whether this rank's expert weights are those of its slots in the balancer's placement, and
+    its packed copies (where the engine packed them) those weights'."""
+    from dsv3.model.packed_experts import can_pack, is_current
     from dsv3.parallel.eplb_live import moe_layers
 
     full, rank = moe_layers(model()), dist.get_rank()
@@ -104,6 +106,11 @@ def holds_placed_experts(engine, balancer) -> bool:
         if not (
             torch.equal(moe.experts.gate_up_proj, ref.experts.gate_up_proj[mine])
             and torch.equal(moe.experts.down_proj, ref.experts.down_proj[mine])
+        ):
+            return False
+        packed = moe.experts.packed
+        if can_pack(moe.experts.down_proj) and not (
+            packed >= 0 and is_current(packed, moe.experts.gate_up_proj, moe.experts.down_proj)
         ):
             return False
     return True

@@ -173,7 +173,8 @@ def test_idle_ranks_take_part_in_every_step(ranks):
 
 def test_eplb_moves_the_experts_while_serving(ranks):
     """Redundant slots re-placed every 3 steps from the measured loads (outputs unchanged, above):
-    every rank ends up holding exactly the weights of its slots, experts did move."""
+    every rank ends up holding exactly the weights of its slots (and its packed copies those
+    weights'), experts did move."""
     world, results = ranks
     history = results[0]["eplb_mtp"]["rebalances"]
     assert len(history) >= 3 and all(r["eplb_mtp"]["rebalances"] == history for r in results)

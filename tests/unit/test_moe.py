@@ -160,6 +160,28 @@ def test_packed_experts_follow_weight_changes_and_free_with_their_module():
     assert handle not in packed_experts._packs
 
 
+@needs_packing
+def test_packed_experts_are_not_fooled_by_new_weights_where_the_packed_ones_were():
+    """New weight tensors swapped in (as EPLB's re-placement does) may sit at the packed ones' address
+    with the same version (0, fresh tensors): the stamp names the storage object, so the experts run
+    the new weights unpacked. Two numpy-backed tensors over one buffer stand for the allocator
+    handing the freed block back."""
+    experts, counts = _experts(), [0, 2, 0, 1, 0, 0, 3, 0]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 32)
+    buffer = experts.down_proj.detach().numpy().copy()
+    with torch.no_grad():
+        experts.down_proj = torch.nn.Parameter(torch.from_numpy(buffer), requires_grad=False)
+        assert experts.pack()
+        buffer *= 2.0  # behind torch's back: no version bump
+        experts.down_proj = torch.nn.Parameter(torch.from_numpy(buffer), requires_grad=False)
+        assert experts.down_proj._version == 0
+        torch.testing.assert_close(
+            experts(x, offs), experts.forward_reference(x, offs), rtol=1e-5, atol=1e-5
+        )
+        assert not is_current(experts.packed, experts.gate_up_proj, experts.down_proj)
+
+
 def test_moe_equals_dense_per_token_reference():
     """Dispatch -> grouped experts -> combine equals computing every token's experts directly."""
     cfg = _cfg()

@@ -19,9 +19,11 @@ the router's choice instead (`panel_gemm.routed_experts`, moe.py), with no dispa
 
 The packed copies sit beside the weights (the state dict and training use those) and are freed
 with the module that owns them. They are a snapshot: `is_current` tells whether the weights are
-still the ones packed (same storage, no in-place change since: an optimizer step or
+still the ones packed (the same storage object, no in-place change since: an optimizer step or
 load_state_dict bumps a tensor's version), and `expert_mlp` takes the unpacked path when not, so
-a model trained after packing computes right, if slower, until packed again. They are held here,
+a model trained after packing computes right, if slower, until packed again. The weights packed
+are kept alive with their copies: new weights swapped in (EPLB's re-placement) can then never be
+allocated where the packed ones were and pass for them; pack again after swapping. They are held here,
 under an integer handle: a compiled decode step passes `expert_mlp` the handle (an int the graph
 carries) and `run_packed` finds them.
 """
@@ -57,9 +59,11 @@ ROWS_HINT = 16  # the row count oneDNN chooses its packed layout for (1 to 16 ro
 # per expert 3.7 vs 6.1, 24: 8.3 vs 7.7, 96: 21.8 vs 16.6)
 PANEL_MAX_ROWS_PER_EXPERT = 16
 
-# handle -> (what was packed: (data_ptr, version) of gate_up_proj and down_proj, the packed
-# experts, the most rows they run)
-_packs: dict[int, tuple[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], float]] = {}
+# handle -> (the weights packed, held alive; their stamp at packing; the packed experts; the most
+# rows they run)
+_packs: dict[
+    int, tuple[tuple[torch.Tensor, ...], tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], float]
+] = {}
 _handles = itertools.count()
 
 
@@ -95,7 +99,7 @@ def pack_experts(
     else:
         run, most_rows = _onednn_experts(gate_up_proj, down_proj), math.inf
     handle = next(_handles)
-    _packs[handle] = (_stamp(gate_up_proj, down_proj), run, most_rows)
+    _packs[handle] = ((gate_up_proj, down_proj), _stamp(gate_up_proj, down_proj), run, most_rows)
     weakref.finalize(owner, _packs.pop, handle, None)
     return handle
 
@@ -135,22 +139,24 @@ def expert_loop(
 
 def is_current(handle: int, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
     """Whether `handle` holds packed copies of these very weights, unchanged since packing."""
-    return handle in _packs and _packs[handle][0] == _stamp(gate_up_proj, down_proj)
+    return handle in _packs and _packs[handle][1] == _stamp(gate_up_proj, down_proj)
 
 
 def runs_packed(handle: int, rows: int) -> bool:
     """Whether the packed experts `handle` holds are the faster way for `rows` rows (is_current first)."""
-    return rows <= _packs[handle][2]
+    return rows <= _packs[handle][3]
 
 
 def _stamp(*weights: torch.Tensor) -> tuple:
-    return tuple((w.data_ptr(), w._version) for w in weights)
+    """Each weight's storage object (its address: unique while the packed weights are held), place
+    in it and version."""
+    return tuple((w.untyped_storage()._cdata, w.data_ptr(), w._version) for w in weights)
 
 
 def run_packed(handle: int, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Every expert's SwiGLU on its rows of x [M, H] (sorted by expert, offs [E] int32 cumulative
     ends) on the packed copies `handle` holds -> [M, H]."""
-    return _packs[handle][1](x, offs)
+    return _packs[handle][2](x, offs)
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -263,4 +263,6 @@ class LiveBalancer:
         experts.down_proj = nn.Parameter(
             new_packed[:, n_gate_up:].reshape(down.shape).clone(), requires_grad=False
         )
+        if experts.packed >= 0:  # the copies packed for inference: of the new slots' weights
+            experts.pack()
         return len(recv), send_rows.numel() * send_rows.element_size()
