@@ -176,9 +176,7 @@ def test_packed_experts_are_not_fooled_by_new_weights_where_the_packed_ones_were
         buffer *= 2.0  # behind torch's back: no version bump
         experts.down_proj = torch.nn.Parameter(torch.from_numpy(buffer), requires_grad=False)
         assert experts.down_proj._version == 0
-        torch.testing.assert_close(
-            experts(x, offs), experts.forward_reference(x, offs), rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(experts(x, offs), experts.forward_reference(x, offs), rtol=1e-5, atol=1e-5)
         assert not is_current(experts.packed, experts.gate_up_proj, experts.down_proj)
 
 
