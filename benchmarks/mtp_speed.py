@@ -5,16 +5,16 @@ on the trained tiny model, the same prompts, interleaved, with identical outputs
                                    [--repeats 5] [--draft-vocab K] [--name mtp_speed]
 
 Each repeat decodes every prompt once without and once with MTP (alternating which goes first) in
-one process per variant-pair, after a warm-up; wall-clock tokens/s of the whole generation (prefill
-included, as a user sees it). Prints the CPU, the acceptance rate, tokens per forward and the
-median ratio MTP / plain. The V3 report's figure is 1.8x at 85-90% acceptance of the second token;
-a model trained for minutes accepts fewer drafts.
+one process per variant-pair, after a warm-up. Two rates, both wall clock: end to end (prefill
+included, as a user sees it) and decode (the tokens after the first over the time after the first
+token, as llama-bench's tg and a server's time per output token count it). Prints the CPU, the
+acceptance rate, tokens per forward and the median ratios MTP / plain. The V3 report's figure is
+1.8x at 85-90% acceptance of the second token; a model trained for minutes accepts fewer drafts.
 
-Two diagnostics come with it. The cost of a decode forward of each variant: each repeat also
-times every prompt's prefill and first token alone (`max_tokens=1`), and (generation - that) /
-decode forwards is what a step costs in the engine, so the ratio MTP / plain says how many plain
-steps an MTP step (two-token verify, MTP block, draft head) costs; 1.25x at t tokens per forward
-needs it at t / 1.25 or less, before the prefill dilutes the gain. And how often greedy MTP would be
+Two diagnostics come with it. The cost of a decode forward of each variant: the time after the
+first token over the decode forwards, so the ratio MTP / plain says how many plain steps an MTP
+step (two-token verify, MTP block, draft head) costs; 1.25x at t tokens per forward needs it at
+t / 1.25 or less, before the prefill dilutes the gain. And how often greedy MTP would be
 accepted on real text: over the first 256 tokens of other stdlib modules (mostly training text),
 teacher-forced, the share of positions where MTP's draft for t_{i+2} (from h_i and the true t_{i+1})
 is the main model's own greedy choice at i+1. Greedy generation of a small model soon repeats
@@ -59,6 +59,23 @@ def text_acceptance(model, sequences: list[list[int]]) -> float:
         return (drafts == out.logits[:, 1:].float().argmax(-1)).float().mean().item()
 
 
+def timed_generation(engine, prompt: list[int], params) -> tuple[list[int], float, float, int]:
+    """Generate one request alone, step by step -> (its tokens, seconds in all, seconds after its
+    first token, decode forwards after the first token)."""
+    request = engine.add_request(prompt, params)
+    start, first, tokens = time.perf_counter(), None, None
+    while tokens is None:
+        for out in engine.step():
+            if out.request_id != request:
+                continue
+            if first is None and out.token_ids:
+                first, forwards = time.perf_counter(), engine.stats()["forward_passes"]
+            if out.finished:
+                tokens = out.token_ids
+    end = time.perf_counter()
+    return tokens, end - start, end - first, engine.stats()["forward_passes"] - forwards
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(TRAINED_RUN))
@@ -84,33 +101,33 @@ def main() -> None:
     tok = engines["plain"][1]
     work = prompts(tok, args.prompts, 64)
     greedy = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
-    first_only = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    outputs, rates, step_ms = {}, {"plain": [], "mtp": []}, {"plain": [], "mtp": []}
+    outputs = {}
+    rates = {k: {"plain": [], "mtp": []} for k in ("end_to_end", "decode")}
+    step_ms = {"plain": [], "mtp": []}
     for engine, _ in engines.values():
         engine.generate(work[:1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
     for r in range(args.repeats):
         order = ("plain", "mtp") if r % 2 == 0 else ("mtp", "plain")
         for name in order:
             engine = engines[name][0]
-            start = time.perf_counter()
-            for w in work:
-                engine.generate([w], first_only)
-            prefills = time.perf_counter() - start
-            forwards = engine.stats()["forward_passes"]
-            start = time.perf_counter()
-            outs = [engine.generate([w], greedy)[0].token_ids for w in work]
-            elapsed = time.perf_counter() - start
-            decode_forwards = engine.stats()["forward_passes"] - forwards - len(work)  # less the prefills
-            rates[name].append(len(work) * args.tokens / elapsed)
-            step_ms[name].append((elapsed - prefills) / decode_forwards * 1e3)
-            outputs[name] = outs
+            runs = [timed_generation(engine, w, greedy) for w in work]
+            total, after_first = sum(run[1] for run in runs), sum(run[2] for run in runs)
+            rates["end_to_end"][name].append(len(work) * args.tokens / total)
+            rates["decode"][name].append(len(work) * (args.tokens - 1) / after_first)
+            step_ms[name].append(after_first / sum(run[3] for run in runs) * 1e3)
+            outputs[name] = [run[0] for run in runs]
         print(
-            f"[{r + 1}/{args.repeats}] plain {rates['plain'][-1]:.1f} tok/s, mtp {rates['mtp'][-1]:.1f} tok/s; "
-            f"decode forward {step_ms['plain'][-1]:.3f} vs {step_ms['mtp'][-1]:.3f} ms"
+            f"[{r + 1}/{args.repeats}] end to end: plain {rates['end_to_end']['plain'][-1]:.1f}, "
+            f"mtp {rates['end_to_end']['mtp'][-1]:.1f} tok/s; decode: plain {rates['decode']['plain'][-1]:.1f}, "
+            f"mtp {rates['decode']['mtp'][-1]:.1f} tok/s; decode forward {step_ms['plain'][-1]:.3f} vs "
+            f"{step_ms['mtp'][-1]:.3f} ms"
         )
     identical = outputs["plain"] == outputs["mtp"]
     stats = engines["mtp"][0].stats()
-    ratio = statistics.median(m / p for m, p in zip(rates["mtp"], rates["plain"]))
+    ratio, decode_ratio = (
+        statistics.median(m / p for m, p in zip(rates[k]["mtp"], rates[k]["plain"]))
+        for k in ("end_to_end", "decode")
+    )
     step_ratio = statistics.median(m / p for m, p in zip(step_ms["mtp"], step_ms["plain"]))
     on_files = [t for t in (tok.encode(w) for w in texts(4 * args.prompts, offset=5)) if len(t) >= 257]
     on_text = text_acceptance(engines["mtp"][0].model, [t[:257] for t in on_files])
@@ -122,9 +139,12 @@ def main() -> None:
         "draft_vocab": args.draft_vocab or "engine default",
         "tokens_per_prompt": args.tokens,
         "prompts": len(work),
-        "plain_tokens_per_s": round(statistics.median(rates["plain"]), 1),
-        "mtp_tokens_per_s": round(statistics.median(rates["mtp"]), 1),
+        "plain_tokens_per_s": round(statistics.median(rates["end_to_end"]["plain"]), 1),
+        "mtp_tokens_per_s": round(statistics.median(rates["end_to_end"]["mtp"]), 1),
         "ratio_mtp_over_plain": round(ratio, 3),
+        "decode_plain_tokens_per_s": round(statistics.median(rates["decode"]["plain"]), 1),
+        "decode_mtp_tokens_per_s": round(statistics.median(rates["decode"]["mtp"]), 1),
+        "decode_ratio_mtp_over_plain": round(decode_ratio, 3),
         "mtp_acceptance_rate": round(stats["mtp_acceptance_rate"], 3),
         "tokens_per_forward": round(stats["tokens_per_forward"], 3),
         "identical_output": identical,
@@ -136,8 +156,10 @@ def main() -> None:
         "decode_forward_ms_samples": step_ms,
     }
     print(
-        f"\n{machine()['cpu']}: MTP {result['mtp_tokens_per_s']} vs plain {result['plain_tokens_per_s']} tok/s "
-        f"= {ratio:.2f}x; acceptance {result['mtp_acceptance_rate']:.0%}, "
+        f"\n{machine()['cpu']}, {args.threads} thread(s): end to end MTP {result['mtp_tokens_per_s']} vs plain "
+        f"{result['plain_tokens_per_s']} tok/s = {ratio:.2f}x; decode (after the first token) "
+        f"{result['decode_mtp_tokens_per_s']} vs {result['decode_plain_tokens_per_s']} tok/s = "
+        f"{decode_ratio:.2f}x; acceptance {result['mtp_acceptance_rate']:.0%}, "
         f"{result['tokens_per_forward']:.2f} tokens/forward; identical output: {identical}\n"
         f"a decode forward costs {step_ratio:.2f} plain ones (1.25x needs <= "
         f"{result['tokens_per_forward'] / 1.25:.2f}); teacher-forced acceptance on text: "
