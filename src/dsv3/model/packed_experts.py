@@ -99,7 +99,8 @@ def pack_experts(
     else:
         run, most_rows = _onednn_experts(gate_up_proj, down_proj), math.inf
     handle = next(_handles)
-    _packs[handle] = ((gate_up_proj, down_proj), _stamp(gate_up_proj, down_proj), run, most_rows)
+    held = (gate_up_proj.detach(), down_proj.detach())  # their memory, even if a Parameter's .data is swapped
+    _packs[handle] = (held, _stamp(gate_up_proj, down_proj), run, most_rows)
     weakref.finalize(owner, _packs.pop, handle, None)
     return handle
 
