@@ -361,6 +361,28 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
     assert got == expected and got_full == expected_full
 
 
+@pytest.mark.parametrize("mtp", [False, True])
+def test_an_unfrozen_engine_follows_weights_updated_in_place(mtp):
+    """Engine(freeze=False) is the engine for a model updated in place (evaluation or rollouts
+    between optimizer steps): after an in-place update of every weight its tokens are those of a
+    new engine on the updated model; no copy made at construction (the absorbed path's W_UK and
+    W_UV, packed experts or Linears) outlives the update."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_dict(ENGINE)).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # large weights: greedy paths differ between the updates
+            p.copy_(torch.randn_like(p) * 0.15 if p.dim() > 1 else 1 + 0.2 * torch.randn_like(p))
+    prompts = _prompts(5, 9)
+    engine = Engine(m, block_size=4, mtp=mtp, freeze=False)
+    before = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+    with torch.no_grad():  # as an optimizer step does
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    after = [o.token_ids for o in engine.generate(prompts, GREEDY)]
+    fresh = [o.token_ids for o in Engine(m, block_size=4, mtp=mtp, freeze=False).generate(prompts, GREEDY)]
+    assert after == fresh and after != before
+
+
 def test_frozen_inductor_decode_equals_eager_for_two_models_in_one_process():
     """The real compiled decode step (Inductor, weights frozen into the graph and packed) gives the
     eager engine's greedy tokens; and two engines of different weights in one process, used in

@@ -199,7 +199,7 @@ class Engine:
             restrict_drafts(model, draft_vocab or math.ceil(DRAFT_VOCAB_SHARE * cfg.vocab_size))
         for m in model.modules():
             if isinstance(m, MLA):
-                m.prepare_absorbed(self.dtype, panels=freeze and compile)
+                m.prepare_absorbed(self.dtype, panels=freeze and compile, enabled=freeze)
             elif isinstance(m, GroupedExperts):
                 m.pack(freeze)
         self._panels = pack_linears(model, freeze and compile) > 0  # the Linears of few-row compiled steps

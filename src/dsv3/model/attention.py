@@ -174,12 +174,18 @@ class MLA(nn.Module):
         )
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
-    def prepare_absorbed(self, dtype: torch.dtype | None = None, panels: bool = False) -> None:
+    def prepare_absorbed(
+        self, dtype: torch.dtype | None = None, panels: bool = False, enabled: bool = True
+    ) -> None:
         """Keep contiguous copies of W_UK and W_UV (in `dtype`) for the absorbed path, made once
         by the inference engine instead of slicing and casting kv_b_proj on every call, and with
         `panels` (where the panel kernel runs them) their per-head panels for the few-row
         compiled steps that run the model's Linears on the kernel (`panel_rows`). They are a
-        snapshot: call again after the weights change."""
+        snapshot: call again after the weights change. enabled=False drops them: the absorbed
+        path then slices kv_b_proj's weight as it is at each call (a model updated in place)."""
+        if not enabled:
+            self.w_uk = self.w_uv = self.w_uk_panels = self.w_uv_panels = None
+            return
         w_uk, w_uv = self.absorbed_weights()
         dtype = dtype or w_uk.dtype
         self.w_uk, self.w_uv = w_uk.to(dtype).contiguous(), w_uv.to(dtype).contiguous()
