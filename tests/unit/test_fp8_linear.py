@@ -176,6 +176,24 @@ def test_weight_is_quantized_once_per_step(monkeypatch) -> None:
     assert not torch.equal(fp8._wcache.q.values, w_before)
 
 
+def test_weight_fp8_copy_is_remade_for_a_new_weight_where_the_old_one_was() -> None:
+    """A new weight tensor swapped in may sit at the old one's address with the same version (0):
+    the cache names the storage object, so the FP8 copy is of the new weight. Two numpy-backed
+    tensors over one buffer stand for the allocator handing a freed block back."""
+    fp8 = Fp8Linear.from_linear(nn.Linear(256, 128, bias=False))
+    buffer = fp8.weight.detach().numpy().copy()
+    fp8.weight = nn.Parameter(torch.from_numpy(buffer))
+    x = torch.randn(4, 256)
+    fp8(x)
+    buffer *= 2.0  # behind torch's back: no version bump
+    fp8.weight = nn.Parameter(torch.from_numpy(buffer))
+    assert fp8.weight._version == 0
+    fp8(x)
+    assert torch.equal(
+        fp8._wcache.q.values.float(), quantize(fp8.weight.detach(), (128, 128), "pow2").dequantize()
+    )
+
+
 def test_fp8_forward_loss_within_0_1_percent_of_bf16_on_trained_weights() -> None:
     """End-to-end criterion (a) in miniature: a small model trained in the test (so that its
     predictions are sharp, unlike random weights where any noise leaves the loss at ln V) is

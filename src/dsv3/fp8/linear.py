@@ -105,18 +105,21 @@ class _Fp8GroupedMatmul(torch.autograd.Function):
 class _WeightCache:
     """A weight's FP8 copy, made once per optimizer step (the paper quantizes W once per step):
     re-made when the weight changes in place (its version counter moves: optimizer step,
-    ``load_state_dict``) or is replaced, or when the recipe changes."""
+    ``load_state_dict``) or is replaced (another storage), or when the recipe changes. The weight
+    quantized is held (a detached alias), so a replacement can never sit at its freed address and
+    pass for it."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.q: Fp8Tensor | None = None
+        self.source: Tensor | None = None
 
     def get(self, weight: Tensor, fmt: ScaleFormat, values: torch.dtype | None) -> Fp8Tensor:
-        key = (weight._version, weight.data_ptr(), weight.shape, fmt, values)
+        key = (weight.untyped_storage()._cdata, weight.data_ptr(), weight._version, weight.shape, fmt, values)
         if key != self.key or self.q is None:
             with torch.no_grad():
                 self.q = quantize(weight.detach(), WEIGHT, fmt, values)
-            self.key = key
+            self.key, self.source = key, weight.detach()
         return self.q
 
 
