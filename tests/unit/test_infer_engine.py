@@ -271,7 +271,7 @@ def test_bad_sampling_params_name_the_field(model, field, value):
         engine.add_request([1, 2], SamplingParams(**{field: value}))
 
 
-def test_bad_requests_and_engine_arguments(model):
+def test_bad_requests_and_engine_arguments(model, monkeypatch):
     engine = Engine(model, max_seq_len=32)
     for prompt, match in (
         ([], "prompt_token_ids"),
@@ -295,6 +295,9 @@ def test_bad_requests_and_engine_arguments(model):
     ):
         with pytest.raises(ValueError, match=match):
             Engine(model, **kwargs)
+    monkeypatch.setattr("dsv3.infer.engine.can_compile", lambda device: False)  # no C++ compiler
+    with pytest.raises(ValueError, match="compile=True: torch.compile cannot build code for cpu"):
+        Engine(model, compile=True)
 
 
 def test_streamed_text_only_grows_when_a_stop_string_spans_tokens(model):

@@ -178,6 +178,9 @@ def test_compile_is_chosen_by_the_runs_expected_length():
     assert not choose_compile(None, 1e6, parallel_or_fp8=False, compilable=False)[0]
     assert choose_compile(True, 0.0, parallel_or_fp8=True) == (True, "on (asked)")
     assert choose_compile(False, 1e6, parallel_or_fp8=False) == (False, "off (asked)")
+    assert choose_compile(False, 1e6, parallel_or_fp8=False, compilable=False) == (False, "off (asked)")
+    with pytest.raises(ConfigError, match="run.compile=True: torch.compile cannot build code"):
+        choose_compile(True, 0.0, parallel_or_fp8=False, compilable=False)
 
 
 def test_a_compiled_run_trains_as_the_eager_one(corpus, tmp_path, monkeypatch):
@@ -188,6 +191,7 @@ def test_a_compiled_run_trains_as_the_eager_one(corpus, tmp_path, monkeypatch):
     data, cache = corpus
     compile_block = Block.compile
     monkeypatch.setattr(Block, "compile", lambda self: compile_block(self, backend="aot_eager"))
+    monkeypatch.setattr("dsv3.train.trainer.can_compile", lambda device: True)  # aot_eager builds no code
     eager = Trainer(micro_config(tmp_path / "a", data, cache, steps=3))
     assert not eager.compile and eager.compile_reason.startswith("off (automatic")
     compiled = Trainer(micro_config(tmp_path / "b", data, cache, steps=3, compile=True))

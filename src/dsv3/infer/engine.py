@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx.experimental import _config as shape_config
 
+from dsv3.device import can_compile
 from dsv3.infer.autotune import GEMM_TEMPLATES, cold_cache_timing
 from dsv3.infer.cache import PagedLatentCache, int64_tensor
 from dsv3.infer.chat import IncrementalText
@@ -185,6 +186,12 @@ class Engine:
         self._warm = False
         emb = model.embed_tokens.weight
         self.device, self.dtype = emb.device, emb.dtype
+        if compile and not can_compile(self.device):
+            raise ValueError(
+                f"compile=True: torch.compile cannot build code for {self.device.type} here (it needs a "
+                "working C++ compiler on a CPU: install g++ or point CXX at one; Triton on a GPU); "
+                "run without --compile"
+            )
         cache_torch_dtype = torch.bfloat16 if cache_dtype == "bf16" else self.dtype
         self.cache = PagedLatentCache(
             cfg,

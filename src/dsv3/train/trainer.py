@@ -80,9 +80,15 @@ def expected_minutes(steps: int, flops_per_step: float, peak_tflops: float) -> f
 def choose_compile(
     asked: bool | None, minutes: float, parallel_or_fp8: bool, compilable: bool = True
 ) -> tuple[bool, str]:
-    """Whether to torch.compile each block, and why: as asked (`run.compile`); unset, where
-    torch.compile can build code (`compilable`), in one process without FP8, for a run expected
-    to take `minutes` >= COMPILE_AFTER_MINUTES."""
+    """Whether to torch.compile each block, and why: as asked (`run.compile`; asked where
+    torch.compile cannot build code, a ConfigError); unset, where it can (`compilable`), in one
+    process without FP8, for a run expected to take `minutes` >= COMPILE_AFTER_MINUTES."""
+    if asked and not compilable:
+        raise ConfigError(
+            "run.compile=True: torch.compile cannot build code on this machine (it needs a working "
+            "C++ compiler on a CPU: install g++ or point CXX at one; Triton on a GPU); drop "
+            "--run.compile (unset, training compiles only where it can)"
+        )
     if asked is not None:
         return asked, "on (asked)" if asked else "off (asked)"
     if not compilable:
@@ -274,7 +280,7 @@ class Trainer:
             run.compile,
             minutes,
             parallel_or_fp8=self.dims.world_size > 1 or run.fp8,
-            compilable=run.compile is not None or can_compile(self.device),
+            compilable=run.compile is False or can_compile(self.device),
         )
 
     # ---------------------------------------------------------------------------------- training
