@@ -36,7 +36,7 @@ def _serve(
 ):
     import torch.distributed as dist
 
-    from dsv3.infer.distributed import ClusterFront, least_loaded, run_worker
+    from dsv3.infer.distributed import ClusterFront, Orders, least_loaded, run_worker
 
     engine, balancer = ep_engine(
         mtp, redundant, skew, max_batch_size=batch, prefill_chunk=chunk, overlap=overlap
@@ -50,6 +50,7 @@ def _serve(
         result["tokens"] = drive(front, reqs, per_join=per_join, rebalance_every=rebalance_every)
         result["cluster"] = front.stats()
         front.close()
+        result["heartbeat_after_close"] = front._exchange(Orders())  # no collective: the others stopped
     dist.barrier()
     result["engine"] = engine.stats()
     if balancer is not None:
@@ -154,6 +155,7 @@ def test_outputs_equal_single_process_engine(ranks, ref, name, mtp):
 
 def test_requests_spread_over_ranks(ranks):
     world, results = ranks
+    assert results[0]["spread"]["heartbeat_after_close"] == []
     served = [r["spread"]["engine"]["prompt_tokens_total"] for r in results]
     assert all(served) and sum(served) == sum(len(p) for p, _ in REQUESTS)
     cluster = results[0]["spread"]["cluster"]

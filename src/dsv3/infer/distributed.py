@@ -271,6 +271,13 @@ class ClusterFront:
         with self._lock:
             if self.lost is not None:
                 raise self.lost
+            if self._closed.is_set() and not orders.stop:
+                # a heartbeat that checked `_closed` just before close() took the lock: the other
+                # ranks have stopped, so a collective now would never complete (and the process
+                # would exit with this thread inside gloo)
+                if orders.run:
+                    raise RuntimeError("ClusterFront.step() after close()")
+                return []
             try:
                 _collective("sending orders", 0, dist.broadcast_object_list, [orders], 0, self.group)
                 if not reply:
