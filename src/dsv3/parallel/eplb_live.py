@@ -208,8 +208,10 @@ class LiveBalancer:
         after = _mean_balance(gpu_loads(loads, new.physical_to_logical, new.replica_counts, self.ep))
         moved = sent = 0
         for layer, moe in enumerate(self.moes):
-            n, b = self._move(moe, old.physical_to_logical[layer], new.physical_to_logical[layer])
-            moved, sent = moved + n, sent + b
+            if not torch.equal(old.physical_to_logical[layer], new.physical_to_logical[layer]):
+                # every rank computed the same placement, so every rank skips the same layers
+                n, b = self._move(moe, old.physical_to_logical[layer], new.physical_to_logical[layer])
+                moved, sent = moved + n, sent + b
             moe.dispatcher.set_placement(new.physical_to_logical[layer])
             moe.dispatcher.expert_load.zero_()
             moe.dispatcher.slot_load.zero_()
