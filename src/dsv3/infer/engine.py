@@ -16,6 +16,10 @@ Each `step()` is one scheduler iteration:
      each sequence's latents by its block table (index tensors built once per step and used
      by every layer), and attention runs through the absorbed path (W_UK folded into the query,
      W_UV after; copies made once at construction), reading only the latent cache.
+The copies an engine makes of the weights at construction (W_UK/W_UV, the routed experts and,
+compiled, the Linears packed for the CPU kernels, and a frozen graph's constants) are what
+serving wants; for a model that changes in place afterwards (evaluation or rollouts between
+optimizer steps) use Engine(freeze=False), which makes none and reads the weights as they are.
 Requests join and leave between steps. When the cache runs out of blocks, the most recently
 admitted request is preempted: its blocks are freed and it waits at the head of the queue; on
 readmission its prompt and the tokens it generated are prefilled again (recompute), and it
