@@ -49,6 +49,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# what torch.compile needs where `can_compile` is False, for the errors that refuse to compile
+COMPILE_NEEDS = "it needs a working C++ compiler on a CPU: install g++ or point CXX at one; Triton on a GPU"
+
+
+def tensor_stamp(t: torch.Tensor) -> tuple:
+    """What tells that t is still the tensor a copy was made from, unchanged: its storage object,
+    its place in it and its version (an optimizer step or load_state_dict bumps it). The storage
+    object's address is unique only while it lives: whoever keeps the stamp keeps a detached alias
+    of t too, or a new tensor allocated where t was could pass for it."""
+    return t.untyped_storage()._cdata, t.data_ptr(), t._version
+
+
 def can_compile(device: torch.device) -> bool:
     """Whether torch.compile's default backend (Inductor) can build code for `device`: it needs a
     C++ compiler for a CPU and Triton for a GPU."""

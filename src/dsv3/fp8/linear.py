@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsv3.device import compute_dtype
+from dsv3.device import compute_dtype, tensor_stamp
 from dsv3.fp8.gemm import emulation_dtype, fp8_gemm, resolve_backend
 from dsv3.fp8.quant import ACT, ACT_T, WEIGHT, Fp8Tensor, ScaleFormat, fake_quantize_segments, quantize
 from dsv3.model.linear import Linear
@@ -115,7 +115,7 @@ class _WeightCache:
         self.source: Tensor | None = None
 
     def get(self, weight: Tensor, fmt: ScaleFormat, values: torch.dtype | None) -> Fp8Tensor:
-        key = (weight.untyped_storage()._cdata, weight.data_ptr(), weight._version, weight.shape, fmt, values)
+        key = (tensor_stamp(weight), weight.shape, fmt, values)
         if key != self.key or self.q is None:
             with torch.no_grad():
                 self.q = quantize(weight.detach(), WEIGHT, fmt, values)

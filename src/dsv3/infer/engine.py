@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx.experimental import _config as shape_config
 
-from dsv3.device import can_compile
+from dsv3.device import COMPILE_NEEDS, can_compile
 from dsv3.infer.autotune import GEMM_TEMPLATES, cold_cache_timing
 from dsv3.infer.cache import PagedLatentCache, int64_tensor
 from dsv3.infer.chat import IncrementalText
@@ -192,9 +192,8 @@ class Engine:
         self.device, self.dtype = emb.device, emb.dtype
         if compile and not can_compile(self.device):
             raise ValueError(
-                f"compile=True: torch.compile cannot build code for {self.device.type} here (it needs a "
-                "working C++ compiler on a CPU: install g++ or point CXX at one; Triton on a GPU); "
-                "run without --compile"
+                f"compile=True: torch.compile cannot build code for {self.device.type} here "
+                f"({COMPILE_NEEDS}); run without --compile"
             )
         cache_torch_dtype = torch.bfloat16 if cache_dtype == "bf16" else self.dtype
         self.cache = PagedLatentCache(

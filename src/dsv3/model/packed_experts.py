@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from dsv3.device import tensor_stamp
 from dsv3.model import panel_gemm
 
 __all__ = [
@@ -149,9 +150,7 @@ def runs_packed(handle: int, rows: int) -> bool:
 
 
 def _stamp(*weights: torch.Tensor) -> tuple:
-    """Each weight's storage object (its address: unique while the packed weights are held), place
-    in it and version."""
-    return tuple((w.untyped_storage()._cdata, w.data_ptr(), w._version) for w in weights)
+    return tuple(tensor_stamp(w) for w in weights)
 
 
 def run_packed(handle: int, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

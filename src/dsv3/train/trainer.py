@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from dsv3 import checkpoint as ckpt
-from dsv3.device import can_compile, choose_dtype, format_mfu, gemm_shapes, resolve_device
+from dsv3.device import COMPILE_NEEDS, can_compile, choose_dtype, format_mfu, gemm_shapes, resolve_device
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.model.moe import update_router_bias
 from dsv3.parallel.mesh import build_mesh
@@ -85,9 +85,8 @@ def choose_compile(
     process without FP8, for a run expected to take `minutes` >= COMPILE_AFTER_MINUTES."""
     if asked and not compilable:
         raise ConfigError(
-            "run.compile=True: torch.compile cannot build code on this machine (it needs a working "
-            "C++ compiler on a CPU: install g++ or point CXX at one; Triton on a GPU); drop "
-            "--run.compile (unset, training compiles only where it can)"
+            f"run.compile=True: torch.compile cannot build code on this machine ({COMPILE_NEEDS}); "
+            "drop --run.compile (unset, training compiles only where it can)"
         )
     if asked is not None:
         return asked, "on (asked)" if asked else "off (asked)"
