@@ -265,6 +265,11 @@ class ClusterFront:
         self._closed.set()
         if self.lost is None:
             self._exchange(Orders(stop=True), reply=False)
+        if threading.current_thread() is not self._heartbeat:
+            # no thread of ours may be left when the process exits: with the heartbeat still
+            # alive, rank 0 aborted at exit now and then ("terminate called without an active
+            # exception"). It ends within a quarter period (a collective of a broken group: its timeout)
+            self._heartbeat.join(timeout=float(os.environ.get("DSV3_COLLECTIVE_TIMEOUT_S", "600")))
 
     # ------------------------------------------------------------------ the wire
     def _exchange(self, orders: Orders, reply: bool = True) -> list[Report]:
