@@ -365,6 +365,41 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
 
 
 @pytest.mark.parametrize("mtp", [False, True])
+def test_compiled_prefill_is_one_graph_for_every_prompt_length(monkeypatch, mtp):
+    """A compiled engine compiles its prefill too, traced as eager code runs
+    (linear.compiled_prefill), so no size of the prompt picks a path: one graph serves one prompt
+    of any length (with MTP, one more its pass over the prompt), one more several prompts at once,
+    and a 1-token prompt runs eagerly. Counted with a counting backend, whose graphs run the
+    traced ops eagerly: the prompt log-probabilities are the eager engine's, bit for bit."""
+    import functools
+
+    import torch._dynamo
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs, options=None):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict({**SMALL, "num_nextn_predict_layers": 1})).eval()
+    prefill_only = SamplingParams(max_tokens=0, prompt_logprobs=1)
+    eager = Engine(model, block_size=4, mtp=mtp)
+    engine = Engine(model, block_size=4, mtp=mtp, compile=True)
+    alone = [_prompts(n, seed=n) for n in (2, 7, 19, 33)]
+    together = [_prompts(9, 4), _prompts(12, 3, 20), [[5]]]
+    counts = []
+    for prompts in alone + together:
+        got = [o.prompt_logprobs for o in engine.generate(prompts, prefill_only)]
+        assert got == [o.prompt_logprobs for o in eager.generate(prompts, prefill_only)]
+        counts.append(len(graphs))
+    per_prefill = 2 if mtp else 1
+    assert counts == [per_prefill] * len(alone) + [2 * per_prefill] * len(together)
+
+
+@pytest.mark.parametrize("mtp", [False, True])
 def test_an_unfrozen_engine_follows_weights_updated_in_place(mtp):
     """Engine(freeze=False) is the engine for a model updated in place (evaluation or rollouts
     between optimizer steps): after an in-place update of every weight its tokens are those of a

@@ -130,7 +130,7 @@ def load(
         **engine_kwargs,
     )
     if engine.compiled:
-        print("compiling the decode step ...", file=sys.stderr, flush=True)
+        print("compiling the decode and prefill steps ...", file=sys.stderr, flush=True)
         engine.warmup()
     return engine, tok
 

@@ -8,9 +8,10 @@ optional MTP self-speculative decoding.
 
 Each `step()` is one scheduler iteration:
   1. admit waiting requests (first come, first served) while the batch has room and the cache
-     has blocks for them beyond what the running ones need this step; each is prefilled alone
-     through the naive MLA path (per-head K/V, compute-friendly: the prompt's queries and keys
-     are the same tokens) and samples its first token;
+     has blocks for them beyond what the running ones need this step; their prompts are
+     prefilled together, a padded batch, in chunks of up to prefill_chunk tokens, through the
+     naive MLA path (per-head K/V, compute-friendly: the prompt's queries and keys are the same
+     tokens), and each samples its first token once its whole prompt is in;
   2. one decode forward for every request that was already running, batched whatever their
      lengths: the new token of each sequence sits at its own position, the cache view gathers
      each sequence's latents by its block table (index tensors built once per step and used
@@ -59,7 +60,7 @@ from dsv3.infer.chat import IncrementalText
 from dsv3.infer.sampling import SamplingBatch, SamplingParams, TokenLogprob, greedy_tokens, token_logprobs
 from dsv3.infer.speculative import greedy_step, mtp_logits, restrict_drafts, verify
 from dsv3.model.attention import MLA
-from dsv3.model.linear import INLINE_MAX_ROWS, PANEL_ROWS, pack_linears
+from dsv3.model.linear import INLINE_MAX_ROWS, PANEL_ROWS, compiled_prefill, pack_linears
 from dsv3.model.moe import GroupedExperts, max_fused_tokens
 
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
@@ -180,11 +181,12 @@ class Engine:
             eos_token_id,
         )
         self.max_batch_size, self.max_seq_len, self.prefill_chunk = max_batch_size, max_seq_len, prefill_chunk
-        # decode runs the same model compiled (dynamic shapes: one graph for every batch and context
-        # size); prefill stays eager (few, large forwards of varying shapes)
+        # compiled: decode and prefill run the same model compiled, with dynamic shapes (a graph
+        # per regime, not per batch, context or prompt size: `warmup`, `_prompt_forward`)
         self.compiled, self.freeze = compile, freeze  # freeze (pack the weights): see _fast
         self._decode_forward = model  # what a decode step calls (lockstep.py may wrap the model)
         self._decode_step = torch.compile(decode_step, dynamic=True) if compile else decode_step
+        self._prefill_step = torch.compile(prefill_step, dynamic=True) if compile else prefill_step
         self._draft_logits = torch.compile(mtp_logits, dynamic=True) if compile else mtp_logits
         self._greedy_step = torch.compile(greedy_step, dynamic=True) if compile else greedy_step
         self._warm = False
@@ -258,7 +260,8 @@ class Engine:
         batches whose Linears start or stop running as fused loops or on the panel kernel
         (model/linear.py) and whose experts no longer run without dispatch (`MoE`), counting the
         rows of the verify (sequences x 2 with MTP) and of the draft (one per sequence), if the
-        engine takes them."""
+        engine takes them. Their prefills compile the prefill's graphs on the way (one and
+        several prompts; with prefill_chunk, also a chunk after the first, which reads the cache)."""
         if not self.compiled or self._warm:
             return
         new = min(3, self.max_seq_len - 1)  # tokens per warm-up request: a few decode steps
@@ -277,20 +280,24 @@ class Engine:
         )
         # sequences; MTP's draft runs the MTP block's FFN on one row per sequence (Block's `rows`)
         past = {rows // T + 1 for rows in limits for T in {self.steps_per_decode, 1}}
+        contexts = {min(2, longest), min(self.cache.block_size + 2, longest)}
+        if self.prefill_chunk and self.prefill_chunk + 2 <= longest:  # a second chunk of 2 tokens
+            contexts.add(self.prefill_chunk + 2)
         for batch in sorted({1, 2} | {b for b in past if b <= self.max_batch_size}):
-            for context in sorted({min(2, longest), min(self.cache.block_size + 2, longest)}):
+            for context in sorted(contexts):
                 for params in kinds:
                     self.generate([[0] + [1] * (context - 1)] * batch, params)
         self._warm = True
 
-    def _fast(self, fn, *args, **kwargs):
-        """Call a compiled step. Guard evaluation costs ~1 ms per call on a CPU: once warmed up,
-        only the guards that pick among its graphs run; a call that needs a new graph (a shape the
-        warm-up did not cover) is compiled with the full guards instead.
+    def _fast(self, fn, *args, prefill: bool = False):
+        """Call a compiled step (a decode step, or with prefill=True a prefill's). Guard evaluation
+        costs ~1 ms per call on a CPU: once warmed up, only the guards that pick among its graphs
+        run; a call that needs a new graph (a shape the warm-up did not cover) is compiled with
+        the full guards instead.
 
-        Unless Engine(freeze=False), every compile freezes the weights (Inductor's `freezing`;
-        torch.compile's `options` do not reach it in torch 2.13, so it is set around the calls
-        that may compile): they become constants of the graph, so on a CPU each nn.Linear weight
+        Unless Engine(freeze=False), every decode step's compile freezes the weights (Inductor's
+        `freezing`; torch.compile's `options` do not reach it in torch 2.13, so it is set around
+        the calls that may compile): they become constants of the graph, so on a CPU each nn.Linear weight
         is packed once into oneDNN's (or MKL's) blocked GEMM layout, whose small-M kernels stream
         it faster than aten's GEMV/GEMM on the row-major weight (an uncached 8192 x 256 F32 head
         on a 2-core EPYC: 16 rows 0.61 vs 1.56 ms, 1 row 0.40-0.44 vs 0.75 ms; the decode rates
@@ -308,10 +315,15 @@ class Engine:
         FP8-resident weights stay as they are. Dynamo keys graphs by the module they were traced
         from, so engines of different models in one process each get their own.
 
-        Compiles also let Inductor time its own C++ GEMM template (max-autotune, CPP backend)
-        against the library call for each GEMM of the graph and keep the faster, timed with the
-        weights out of cache as a decode step reads them (infer/autotune.py); the choices are
-        cached on disk with the compiled graphs. They also turn off Dynamo's duck shaping, which
+        Compiles of decode steps also let Inductor time its own C++ GEMM template (max-autotune,
+        CPP backend) against the library call for each GEMM of the graph and keep the faster,
+        timed with the weights out of cache as a decode step reads them (infer/autotune.py); the
+        choices are cached on disk with the compiled graphs. A prefill's compile does neither: its
+        GEMMs have many rows, of any count, where the library's are the fast ones (with the
+        template Inductor kept, a 64-token prefill of tiny took 6.3 ms, against 3.3), and
+        frozen, a graph holds oneDNN-packed weights that Inductor cannot cache on disk, so each
+        process would compile it afresh (~12 s on a CPU, for 0.3 of 4.5 ms per 64-token prefill).
+        Compiles also turn off Dynamo's duck shaping, which
         gives sizes equal at trace time one symbol: a cache read of 2 blocks in a 2-token step would
         then be fixed at 2 blocks by the step's own size checks (a fresh compile mid-request when
         the sequence grows). And they make the model's float constants (norm epsilons, the
@@ -333,17 +345,20 @@ class Engine:
         same compiled call, up to RECOMPILE_LIMIT of them; past Dynamo's default limit (8) the
         step would run uncompiled (small, 16 sequences, one core: 36-37 vs 20-21 ms per step)."""
         if not self.compiled:
-            return fn(*args, **kwargs)
+            return fn(*args)
         if self._warm:
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return fn(*args, **kwargs)
+                    return fn(*args)
             except RuntimeError as e:
                 if "Recompilation triggered" not in str(e):
                     raise
         with (
             torch._inductor.config.patch(
-                freezing=self.freeze, cpp_wrapper=True, emulate_precision_casts=True, **GEMM_TEMPLATES
+                freezing=self.freeze and not prefill,
+                cpp_wrapper=True,
+                emulate_precision_casts=True,
+                **({} if prefill else GEMM_TEMPLATES),
             ),
             shape_config.patch(use_duck_shape=False),
             torch._dynamo.config.patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT),
@@ -351,7 +366,7 @@ class Engine:
             warnings.catch_warnings(),
         ):
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's autotuner
-            return fn(*args, **kwargs)
+            return fn(*args)
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -500,7 +515,7 @@ class Engine:
         ).view(len(reqs), T)
         view = self.cache.view([r.id for r in reqs], starts, T, read=any(starts), lengths=ns)
         last = torch.tensor(ns, device=self.device) - 1  # each row's last real position
-        out = self.model(ids, cache=view, start_pos=view.start_pos, absorb=False, logits_to_keep=last)
+        out = self._prompt_forward(prefill_step, self._prefill_step, ids, view, view.start_pos, last)
         self._counters["forward_passes"] += 1
         for b, (r, s, n) in enumerate(zip(reqs, starts, ns)):
             if r.prompt_logprobs is not None and not r.output:
@@ -525,12 +540,25 @@ class Engine:
                 [(r.tokens[s + 1 : s + n + 1] + [0] * T)[:T] for r, s, n in zip(reqs, starts, ns)],
                 device=self.device,
             )
-            logits = mtp_logits(self.model, out.hidden, next_ids, view, view.start_pos, False, last)
+            logits = self._prompt_forward(
+                mtp_logits, self._draft_logits, out.hidden, next_ids, view, view.start_pos, False, last
+            )
             ready = [
                 i for i, r in enumerate(reqs) if r.num_cached == r.prefill_to and r.finish_reason is None
             ]
             if ready:
                 self._draft([reqs[i] for i in ready], logits[ready])
+
+    def _prompt_forward(self, eager, compiled, prompt: torch.Tensor, *args):
+        """A prefill's call of a function of the model (`eager`; `compiled`: the engine's) on
+        prompt [B, T, ...] and args. Compiled, it is traced as eager code runs
+        (linear.compiled_prefill), so one graph serves every prompt length of at least 2; a
+        1-token chunk (a 1-token prompt) runs eagerly, as a size of 1 would be a graph of its
+        own, compiled mid-serving for no gain."""
+        if compiled is eager or prompt.shape[1] == 1:
+            return eager(self.model, prompt, *args)
+        with compiled_prefill():
+            return self._fast(compiled, self.model, prompt, *args, prefill=True)
 
     def _decode(self, reqs: list[_Request], outputs: list[RequestOutput]) -> None:
         """One batched forward: each sequence's pending token (and its draft) at its own position.
@@ -736,6 +764,12 @@ def decode_step(forward, fed: torch.Tensor, cache, start_pos) -> tuple:
     after it (torch's argmax over [16, 8192] logits took ~75 us on a CPU core)."""
     out = forward(fed, cache=cache, start_pos=start_pos, absorb=True)
     return out, greedy_tokens(out.logits)
+
+
+def prefill_step(forward, ids: torch.Tensor, cache, start_pos, last: torch.Tensor):
+    """A prefill forward of ids [B, T] over the cache (naive MLA: the prompt's queries and keys
+    are the same tokens), with the logits of each row's last real position last [B]."""
+    return forward(ids, cache=cache, start_pos=start_pos, absorb=False, logits_to_keep=last)
 
 
 def _need(ok: bool, name: str, value, rule: str) -> None:

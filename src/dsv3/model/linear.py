@@ -43,7 +43,9 @@ GEMM's would be.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +60,29 @@ INLINE_MAX_ROWS = 2
 PANEL_ROWS = (1, 16)
 
 
+_tracing_prefill = False  # set by `compiled_prefill`
+
+
 def compiled_inference() -> bool:
-    """True while torch.compile traces code that runs without autograd (a decode step)."""
-    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
+    """True while torch.compile traces code that runs without autograd (a decode step), outside
+    `compiled_prefill`."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and not _tracing_prefill
+
+
+@contextlib.contextmanager
+def compiled_prefill() -> Iterator[None]:
+    """Around a compiled prefill's calls: it is traced as eager code runs (GEMMs, the experts
+    dispatched), not with the few-row paths above. Those branch on the row count, so a step
+    compiled for any prompt length would be a graph per regime (up to 2, 16, 64 tokens, more),
+    each ~15-25 s of compile on a CPU; a prompt's rows are many, where the library paths are the
+    fast ones anyway. The flag is part of the compiled graphs' guards, so prefill and decode
+    graphs of one function never mix."""
+    global _tracing_prefill
+    _tracing_prefill, before = True, _tracing_prefill
+    try:
+        yield
+    finally:
+        _tracing_prefill = before
 
 
 def inline_rows(rows: int) -> bool:
