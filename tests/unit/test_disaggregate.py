@@ -126,6 +126,40 @@ def _check_handoff(model, kw):
     assert stats["handoff_wire_bytes"] > stats["handed_off_latent_bytes"]
 
 
+def test_a_compiled_prefill_engine_warms_up_and_hands_off_what_an_eager_one_does(model, monkeypatch):
+    """PrefillEngine(compile=True).warmup() returns (it used to wait forever for outputs a prefill
+    engine never finishes) and keeps no handoff of its own; the engine then hands off what the
+    eager one does: first tokens, MTP drafts, latents. A counting backend: the compiled prefill's
+    graphs run the traced ops eagerly, so the latents are equal bit for bit."""
+    import functools
+
+    import torch._dynamo
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs, options=None):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    torch._dynamo.reset()
+    prompts = [[5, 9, 2, 7, 7, 1, 3], [4, 4, 8], [11, 3, 6, 2, 9, 9, 10, 1, 2, 5, 7]]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, seed=0)  # seed: equal generators
+    kw = dict(block_size=4, mtp=True, max_seq_len=32)
+    eager = PrefillEngine(model, **kw)
+    compiled = PrefillEngine(model, compile=True, **kw)
+    compiled.warmup()
+    assert graphs and not compiled.handoffs and compiled.handed_off["requests"] == 0
+    want, got = eager.generate(prompts, params), compiled.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert all(len(o.token_ids) == 1 for o in got)  # the first token; the rest is the decode worker's
+    assert len(compiled.handoffs) == len(prompts) and compiled.handed_off == eager.handed_off
+    for a, b in zip(eager.handoffs, compiled.handoffs):
+        assert {**a.state, "id": None} == {**b.state, "id": None}
+        assert a.tensors.keys() == b.tensors.keys()
+        assert [k for k in a.tensors if not torch.equal(a.tensors[k], b.tensors[k])] == []
+
+
 def test_wire_carries_json_and_tensors_only():
     a, b = socket.socketpair()
     t = {"x": torch.arange(6, dtype=torch.bfloat16).view(2, 3), "y": torch.tensor([1], dtype=torch.uint8)}

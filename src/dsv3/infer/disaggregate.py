@@ -69,7 +69,8 @@ class Handoff:
 # ------------------------------------------------------------------------------ the two engines
 class PrefillEngine(Engine):
     """An Engine that only prefills: a request whose prompt is in the cache and whose first
-    token is sampled leaves the engine as a Handoff (in `handoffs`), its blocks freed."""
+    token is sampled leaves the engine as a Handoff (in `handoffs`), its blocks freed. With
+    compile=True its prefill runs compiled, warmed up by `warmup()` as the Engine's."""
 
     def __init__(self, model, **engine_kwargs):
         super().__init__(model, **engine_kwargs)
@@ -91,6 +92,27 @@ class PrefillEngine(Engine):
             self.handed_off["latent_bytes"] += handoff.latent_bytes
             self._finish(r)
         return outputs
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Prefill the prompts (batched with anything already queued) until each is handed off
+        (its Handoff in `handoffs`) or finished: the last output of each, in order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        last: dict[str, RequestOutput] = {}
+        while any(i in self._requests for i in ids) or self._outbox:
+            last.update((out.request_id, out) for out in self.step())
+        return [last[i] for i in ids]
+
+    def warmup(self) -> None:
+        """Engine.warmup (the compiled prefill's graphs), its requests' handoffs dropped."""
+        handoffs, handed_off = len(self.handoffs), dict(self.handed_off)
+        super().warmup()
+        del self.handoffs[handoffs:]
+        self.handed_off = handed_off
 
 
 class DecodeEngine(Engine):
