@@ -12,7 +12,8 @@ conftest.py, and spawned distributed workers inherit it).
     FP8_BLOCKS  shapes on purpose not multiples of 128, so 128x128 FP8 blocks have partial edges
                 (mlp.up_proj [272, 160] is a 3x2 block grid): checkpoint FP8 import/export/convert
 
-and `dsv3_serve(...)`: `dsv3 serve` as a user starts it, a subprocess on a free local port.
+and `dsv3_serve(...)`: `dsv3 serve` as a user starts it, a subprocess on a free local port;
+`count_compiled_graphs(monkeypatch)`: torch.compile with a backend that only records graphs.
 """
 
 from __future__ import annotations
@@ -201,3 +202,23 @@ def dsv3_serve(*args: str, cwd: Path | None = None, timeout_s: float = 120) -> I
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def count_compiled_graphs(monkeypatch) -> list:
+    """Make torch.compile (for the rest of the test) use a backend that records each graph Dynamo
+    traces and runs its ops eagerly: Dynamo's guards decide what compiles, in seconds instead of
+    Inductor's minutes. Resets Dynamo's caches; returns the list the graphs are appended to."""
+    import functools
+
+    import torch
+    import torch._dynamo
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs, options=None):  # options: the Engine's Inductor settings
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    torch._dynamo.reset()
+    return graphs

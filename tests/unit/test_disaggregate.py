@@ -22,7 +22,7 @@ from dsv3.infer.disaggregate import (
     send_message,
 )
 from dsv3.infer.engine import Engine, SamplingParams
-from fixtures import ENGINE
+from fixtures import ENGINE, count_compiled_graphs
 
 CFG = ENGINE
 
@@ -131,18 +131,7 @@ def test_a_compiled_prefill_engine_warms_up_and_hands_off_what_an_eager_one_does
     engine never finishes) and keeps no handoff of its own; the engine then hands off what the
     eager one does: first tokens, MTP drafts, latents. A counting backend: the compiled prefill's
     graphs run the traced ops eagerly, so the latents are equal bit for bit."""
-    import functools
-
-    import torch._dynamo
-
-    graphs = []
-
-    def counting_backend(gm, example_inputs, options=None):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
-    torch._dynamo.reset()
+    graphs = count_compiled_graphs(monkeypatch)
     prompts = [[5, 9, 2, 7, 7, 1, 3], [4, 4, 8], [11, 3, 6, 2, 9, 9, 10, 1, 2, 5, 7]]
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, seed=0)  # seed: equal generators
     kw = dict(block_size=4, mtp=True, max_seq_len=32)

@@ -10,7 +10,7 @@ from dsv3.infer.engine import Engine, SamplingParams
 from dsv3.infer.sampling import SamplingBatch
 from dsv3.model.linear import PANEL_ROWS
 from dsv3.model.packed_experts import can_pack
-from fixtures import ENGINE
+from fixtures import ENGINE, count_compiled_graphs
 
 SMALL = {
     **ENGINE,
@@ -321,8 +321,6 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
     here (a counting backend instead of Inductor: seconds instead of minutes). The warm-up's
     graphs outnumber Dynamo's default recompile limit, past which a call would silently run
     uncompiled (and the counting backend see nothing): hitting the limit fails here."""
-    import functools
-
     import torch._dynamo
 
     torch.manual_seed(0)
@@ -337,14 +335,7 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
     ]
     expected_full = [o.token_ids for o in eager.generate(full, params)]
 
-    graphs = []
-
-    def counting_backend(gm, example_inputs, options=None):  # options: the Engine's freezing (Inductor's)
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
-    torch._dynamo.reset()
+    graphs = count_compiled_graphs(monkeypatch)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         engine = Engine(fp32, block_size=4, mtp=mtp, compile=True, max_batch_size=len(full))
         engine.warmup()
@@ -371,18 +362,7 @@ def test_compiled_prefill_is_one_graph_for_every_prompt_length(monkeypatch, mtp)
     of any length (with MTP, one more its pass over the prompt), one more several prompts at once,
     and a 1-token prompt runs eagerly. Counted with a counting backend, whose graphs run the
     traced ops eagerly: the prompt log-probabilities are the eager engine's, bit for bit."""
-    import functools
-
-    import torch._dynamo
-
-    graphs = []
-
-    def counting_backend(gm, example_inputs, options=None):
-        graphs.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
-    torch._dynamo.reset()
+    graphs = count_compiled_graphs(monkeypatch)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_dict({**SMALL, "num_nextn_predict_layers": 1})).eval()
     prefill_only = SamplingParams(max_tokens=0, prompt_logprobs=1)
