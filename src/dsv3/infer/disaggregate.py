@@ -93,20 +93,6 @@ class PrefillEngine(Engine):
             self._finish(r)
         return outputs
 
-    def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
-    ) -> list[RequestOutput]:
-        """Prefill the prompts (batched with anything already queued) until each is handed off
-        (its Handoff in `handoffs`) or finished: the last output of each, in order."""
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        last: dict[str, RequestOutput] = {}
-        while any(i in self._requests for i in ids) or self._outbox:
-            last.update((out.request_id, out) for out in self.step())
-        return [last[i] for i in ids]
-
     def warmup(self) -> None:
         """Engine.warmup (the compiled prefill's graphs), its requests' handoffs dropped."""
         handoffs, handed_off = len(self.handoffs), dict(self.handed_off)

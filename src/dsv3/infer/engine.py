@@ -297,9 +297,9 @@ class Engine:
 
         Unless Engine(freeze=False), every decode step's compile freezes the weights (Inductor's
         `freezing`; torch.compile's `options` do not reach it in torch 2.13, so it is set around
-        the calls that may compile): they become constants of the graph, so on a CPU each nn.Linear weight
-        is packed once into oneDNN's (or MKL's) blocked GEMM layout, whose small-M kernels stream
-        it faster than aten's GEMV/GEMM on the row-major weight (an uncached 8192 x 256 F32 head
+        the calls that may compile): they become constants of the graph, so on a CPU each
+        nn.Linear weight is packed once into oneDNN's (or MKL's) blocked GEMM layout, whose small-M
+        kernels stream it faster than aten's GEMV/GEMM on the row-major weight (an uncached 8192 x 256 F32 head
         on a 2-core EPYC: 16 rows 0.61 vs 1.56 ms, 1 row 0.40-0.44 vs 0.75 ms; the decode rates
         are in benchmarks/README.md), and constant expressions of weights fold away. The packed
         copies are made at compile time, so the weights must not change afterwards (serving
@@ -323,10 +323,9 @@ class Engine:
         template Inductor kept, a 64-token prefill of tiny took 6.3 ms, against 3.3), and
         frozen, a graph holds oneDNN-packed weights that Inductor cannot cache on disk, so each
         process would compile it afresh (~12 s on a CPU, for 0.3 of 4.5 ms per 64-token prefill).
-        Compiles also turn off Dynamo's duck shaping, which
-        gives sizes equal at trace time one symbol: a cache read of 2 blocks in a 2-token step would
-        then be fixed at 2 blocks by the step's own size checks (a fresh compile mid-request when
-        the sequence grows). And they make the model's float constants (norm epsilons, the
+        Compiles also turn off Dynamo's duck shaping, which gives sizes equal at trace time one
+        symbol: a cache read of 2 blocks in a 2-token step would then be fixed at 2 blocks by the
+        step's own size checks (a fresh compile mid-request when the sequence grows). And they make the model's float constants (norm epsilons, the
         softmax scale, the routed scaling factor) constants of the graph: left symbolic, each is
         an input wrapped in a tensor on every call (25 per step on the tiny preset; its forward
         0.77 -> 0.65 ms on one core). The code that calls a graph's kernels is C++ (Inductor's
@@ -429,17 +428,17 @@ class Engine:
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[RequestOutput]:
-        """Run the prompts to completion (batched with anything already queued); final outputs in order."""
+        """Run the prompts (batched with anything already queued) until each has left the engine:
+        finished, or, from an engine that hands requests on (disaggregate.PrefillEngine), handed
+        off. The last output of each, in order: the final one where it finished."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        final: dict[str, RequestOutput] = {}
-        while any(i not in final for i in ids):
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+        last: dict[str, RequestOutput] = {}
+        while any(i in self._requests for i in ids) or self._outbox:
+            last.update((out.request_id, out) for out in self.step())
+        return [last[i] for i in ids]
 
     def stats(self) -> dict:
         c, cache = self._counters, self.cache
