@@ -2,7 +2,7 @@
 on the trained tiny model, the same prompts, interleaved, with identical outputs required.
 
     python benchmarks/mtp_speed.py [--checkpoint runs/demo] [--compile] [--dtype float32] [--tokens 128]
-                                   [--repeats 5] [--draft-vocab K] [--name mtp_speed]
+                                   [--repeats 5] [--draft-vocab K] [--mtp-drafts k] [--name mtp_speed]
 
 Each repeat decodes every prompt once without and once with MTP (alternating which goes first) in
 one process per variant-pair, after a warm-up. Two rates, both wall clock: end to end (prefill
@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument(
         "--draft-vocab", type=int, default=None, help="tokens MTP drafts among (default: the engine's)"
     )
+    p.add_argument("--mtp-drafts", type=int, default=1, help="MTP drafts per step (chained after the first)")
     p.add_argument("--name", default="mtp_speed", help="results/<name>.json")
     args = p.parse_args()
     from dsv3.infer.cli import load
@@ -96,7 +97,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     engines = {
         name: load(args.checkpoint, dtype=args.dtype, compile=args.compile, max_batch_size=1, **mtp)
-        for name, mtp in (("plain", {}), ("mtp", {"mtp": True, "draft_vocab": args.draft_vocab}))
+        for name, mtp in (
+            ("plain", {}),
+            ("mtp", {"mtp": True, "mtp_drafts": args.mtp_drafts, "draft_vocab": args.draft_vocab}),
+        )
     }
     tok = engines["plain"][1]
     work = prompts(tok, args.prompts, 64)
@@ -137,6 +141,7 @@ def main() -> None:
         "dtype": str(engines["plain"][0].dtype).removeprefix("torch."),
         "threads": args.threads,
         "draft_vocab": args.draft_vocab or "engine default",
+        "mtp_drafts": args.mtp_drafts,
         "tokens_per_prompt": args.tokens,
         "prompts": len(work),
         "plain_tokens_per_s": round(statistics.median(rates["end_to_end"]["plain"]), 1),

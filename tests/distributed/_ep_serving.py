@@ -42,9 +42,11 @@ def requests(n: int = 10, seed: int = 1) -> list[tuple[list[int], SamplingParams
     return out
 
 
-def reference(reqs, mtp: bool) -> list[list[int]]:
-    """The single-process Engine, all requests at once."""
-    engine = Engine(model(), max_batch_size=len(reqs), block_size=4, mtp=mtp)
+def reference(reqs, drafts: int) -> list[list[int]]:
+    """The single-process Engine, all requests at once; drafts: MTP drafts per step (0: no MTP)."""
+    engine = Engine(
+        model(), max_batch_size=len(reqs), block_size=4, mtp=drafts > 0, mtp_drafts=max(drafts, 1)
+    )
     return [o.token_ids for o in engine.generate([p for p, _ in reqs], [sp for _, sp in reqs])]
 
 
@@ -68,9 +70,9 @@ def drive(
     return [final[i] for i in ids]
 
 
-def ep_engine(mtp: bool, redundant: int | None = None, skew: float = 0.0, **kw):
+def ep_engine(drafts: int, redundant: int | None = None, skew: float = 0.0, **kw):
     """(this rank's LockstepEngine over the test model with its experts split over the world, the
-    LiveBalancer or None). redundant: place E + redundant slots with EPLB (else the training
+    LiveBalancer or None). drafts: MTP drafts per step (0: no MTP); redundant: place E + redundant slots with EPLB (else the training
     layout); skew: add this to the selection bias of the last expert of every router."""
     from dsv3.infer.lockstep import LockstepEngine
     from dsv3.model.moe import named_routers
@@ -89,7 +91,14 @@ def ep_engine(mtp: bool, redundant: int | None = None, skew: float = 0.0, **kw):
         placement = initial_placement(len(moe_layers(m)), E, redundant, CFG["n_group"], ep)
         apply_expert_placement(m, dist.group.WORLD, placement)
         balancer = LiveBalancer(m, dist.group.WORLD, placement)
-    engine = LockstepEngine(m, max_batch_size=kw.pop("max_batch_size", 4), block_size=4, mtp=mtp, **kw)
+    engine = LockstepEngine(
+        m,
+        max_batch_size=kw.pop("max_batch_size", 4),
+        block_size=4,
+        mtp=drafts > 0,
+        mtp_drafts=max(drafts, 1),
+        **kw,
+    )
     return engine, balancer
 
 

@@ -2,7 +2,8 @@
 
 Every rank holds 1/ep of the routed experts and decodes its own sequences; rank 0 places the
 requests (joining between steps, ending at different steps) and collects the outputs. Greedy
-and seeded sampled outputs must equal the single-process Engine's, with and without MTP, when
+and seeded sampled outputs must equal the single-process Engine's, with and without MTP (one
+draft per step, or two chained), when
 the requests are spread over the ranks and when one rank gets all of them (the others idle in
 every step's collectives), with chunked prefill and a batch limit that makes requests wait.
 """
@@ -22,7 +23,7 @@ REQUESTS = requests()
 def _serve(
     rank,
     world_size,
-    mtp,
+    drafts,
     *,
     assign_to=None,
     batch=4,
@@ -39,7 +40,7 @@ def _serve(
     from dsv3.infer.distributed import ClusterFront, Orders, least_loaded, run_worker
 
     engine, balancer = ep_engine(
-        mtp, redundant, skew, max_batch_size=batch, prefill_chunk=chunk, overlap=overlap
+        drafts, redundant, skew, max_batch_size=batch, prefill_chunk=chunk, overlap=overlap
     )
     result = {}
     if rank:
@@ -66,23 +67,25 @@ def _scenarios(rank, world_size):
         for p, _ in requests(2 * world_size)
     ]
     runs = {
-        "spread": (False, {}),
-        "spread_mtp": (True, dict(chunk=5)),
-        "one_rank_busy_mtp": (True, dict(assign_to=world_size - 1, batch=3)),
+        "spread": (0, {}),
+        "spread_mtp": (1, dict(chunk=5)),
+        "one_rank_busy_mtp": (1, dict(assign_to=world_size - 1, batch=3)),
+        # chained drafts: the MTP layer's MoE runs twice in every prefill and decode, idle or not
+        "one_rank_busy_mtp2": (2, dict(assign_to=world_size - 1, batch=3, chunk=5)),
         # E + ep slots, re-placed every 3 steps while requests come and go
-        "eplb_mtp": (True, dict(redundant=world_size, rebalance_every=3)),
+        "eplb_mtp": (1, dict(redundant=world_size, rebalance_every=3)),
         # two micro-batches per decode forward (uneven and empty halves, idle ranks), with EPLB
         "overlap_eplb_mtp": (
-            True,
+            1,
             dict(overlap=True, assign_to=world_size - 1, batch=3, redundant=world_size, rebalance_every=4),
         ),
         # the last expert in every top-k; the same requests all along (2 per rank), windows of 6 steps
         "eplb_skewed": (
-            False,
+            0,
             dict(redundant=world_size, rebalance_every=6, skew=4.0, reqs=steady, per_join=len(steady)),
         ),
     }
-    results = {name: _serve(rank, world_size, mtp, **kw) for name, (mtp, kw) in runs.items()}
+    results = {name: _serve(rank, world_size, drafts, **kw) for name, (drafts, kw) in runs.items()}
     results["fp8_dispatch"] = _fp8_dispatch(rank)
     return results
 
@@ -129,7 +132,7 @@ def _fp8_dispatch(rank):
 
 @pytest.fixture(scope="module")
 def ref():
-    return {mtp: reference(REQUESTS, mtp) for mtp in (False, True)}
+    return {drafts: reference(REQUESTS, drafts) for drafts in (0, 1, 2)}
 
 
 @pytest.fixture(scope="module", params=[2, 4])
@@ -138,19 +141,20 @@ def ranks(request):
 
 
 @pytest.mark.parametrize(
-    "name,mtp",
+    "name,drafts",
     [
-        ("spread", False),
-        ("spread_mtp", True),
-        ("one_rank_busy_mtp", True),
-        ("eplb_mtp", True),
-        ("overlap_eplb_mtp", True),
+        ("spread", 0),
+        ("spread_mtp", 1),
+        ("one_rank_busy_mtp", 1),
+        ("one_rank_busy_mtp2", 2),
+        ("eplb_mtp", 1),
+        ("overlap_eplb_mtp", 1),
     ],
 )
-def test_outputs_equal_single_process_engine(ranks, ref, name, mtp):
+def test_outputs_equal_single_process_engine(ranks, ref, name, drafts):
     world, results = ranks
-    assert results[0][name]["tokens"] == ref[mtp]
-    assert len({tuple(t) for t in ref[mtp]}) > len(REQUESTS) // 2  # not a degenerate constant output
+    assert results[0][name]["tokens"] == ref[drafts]
+    assert len({tuple(t) for t in ref[drafts]}) > len(REQUESTS) // 2  # not a degenerate constant output
 
 
 def test_requests_spread_over_ranks(ranks):

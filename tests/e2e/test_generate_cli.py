@@ -59,10 +59,11 @@ def test_one_shot_prints_the_engines_greedy_answer_with_and_without_mtp(folder, 
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout == want
     assert "tokens/s" in plain.stderr and "MTP" not in plain.stderr
-    assert main([*args, "--mtp"]) == 0
-    mtp = capsys.readouterr()
-    assert mtp.out == want  # MTP speculation is lossless for greedy decoding
-    assert "MTP acceptance" in mtp.err and "tokens/forward" in mtp.err
+    for mtp_args in (["--mtp"], ["--mtp", "--mtp-drafts", "3"]):
+        assert main([*args, *mtp_args]) == 0
+        mtp = capsys.readouterr()
+        assert mtp.out == want  # MTP speculation is lossless for greedy decoding, chained drafts too
+        assert "MTP acceptance" in mtp.err and "tokens/forward" in mtp.err
 
 
 class Recorder(io.StringIO):
@@ -138,6 +139,8 @@ def test_chat_reset_and_exit(folder, engine, monkeypatch, capsys):
         (["--tokenizer", "/no/such/tokenizer.json"], "does not exist"),
         (["--draft-vocab", "64"], "--draft-vocab 64 is for --mtp's drafts"),
         (["--mtp", "--draft-vocab", "0"], "draft_vocab=0: must be between 1 and vocab_size"),
+        (["--mtp-drafts", "2"], "--mtp-drafts 2 is for --mtp's drafts"),
+        (["--mtp", "--mtp-drafts", "0"], "mtp_drafts=0: must be an integer between 1 and 8"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(folder, capsys, extra, message):

@@ -101,7 +101,14 @@ def _disaggregated(model, reqs, **kw):
     return [final[i] for i in ids], [streamed[i] for i in ids], stats, prefill.cache.bytes_per_token
 
 
-@pytest.mark.parametrize("kw", [dict(mtp=True), dict(mtp=False, cache_dtype="fp8", prefill_chunk=4)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(mtp=True),
+        dict(mtp=True, mtp_drafts=2, prefill_chunk=4),
+        dict(mtp=False, cache_dtype="fp8", prefill_chunk=4),
+    ],
+)
 def test_handed_off_requests_decode_exactly_as_one_engine(model, kw):
     with eager():  # the FP8 cache's quantizer uncompiled: seconds instead of a compile
         _check_handoff(model, kw)

@@ -312,16 +312,19 @@ def test_streamed_text_only_grows_when_a_stop_string_spans_tokens(model):
     assert texts == [f"<{full[0]}", f"<{full[0]}><{full[1]}", f"<{full[0]}><{full[1]}"]  # '>' held back
 
 
-@pytest.mark.parametrize("mtp", [False, True])
-def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatch, mtp):
+@pytest.mark.parametrize("drafts", [0, 1, 2])
+def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatch, drafts):
     """After warmup() no request compiles the decode step again (a compile costs seconds in the
     middle of a request): batch 1, batch > 1 and the largest batch, contexts within the first
     cache block and past it, requests finishing at different steps. The compiled engine's greedy
     tokens are the eager engine's. Dynamo's guards decide what compiles; the graphs run eagerly
     here (a counting backend instead of Inductor: seconds instead of minutes). The warm-up's
     graphs outnumber Dynamo's default recompile limit, past which a call would silently run
-    uncompiled (and the counting backend see nothing): hitting the limit fails here."""
+    uncompiled (and the counting backend see nothing): hitting the limit fails here. drafts: MTP
+    drafts per step (0: no MTP)."""
     import torch._dynamo
+
+    mtp = {"mtp": drafts > 0, "mtp_drafts": max(drafts, 1)}
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict({**SMALL, "num_nextn_predict_layers": 1})
@@ -329,7 +332,7 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
     prompts = _prompts(3, 9, 2, 14)  # with block_size 4: one block and several
     full = _prompts(*range(3, 3 + PANEL_ROWS[1]), seed=2)  # the largest batch, past every regime's bounds
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    eager = Engine(fp32, block_size=4, mtp=mtp, max_batch_size=len(full))
+    eager = Engine(fp32, block_size=4, **mtp, max_batch_size=len(full))
     expected = [
         o.token_ids for o in eager.generate(prompts[:1], params) + eager.generate(prompts[1:], params)
     ]
@@ -337,7 +340,7 @@ def test_compiled_decode_is_warmed_up_for_every_step_and_equals_eager(monkeypatc
 
     graphs = count_compiled_graphs(monkeypatch)
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        engine = Engine(fp32, block_size=4, mtp=mtp, compile=True, max_batch_size=len(full))
+        engine = Engine(fp32, block_size=4, **mtp, compile=True, max_batch_size=len(full))
         engine.warmup()
         compiled_in_warmup = len(graphs)
         got = [o.token_ids for o in engine.generate(prompts[:1], params)]  # batch 1

@@ -180,29 +180,34 @@ class PagedLatentCache:
         num_new: int,
         read: bool = True,
         lengths: list[int] | None = None,
+        reach: int | None = None,
     ) -> CacheView:
         """The view for a forward over `num_new` new tokens of each sequence, sitting at
         start_pos[b].. . read=False (a prefill from position 0) attends to the new tokens only.
         lengths[b] <= num_new: how many of row b's tokens are real (a padded batch of prompt
-        chunks); the padding's latents go to a scratch block no sequence owns."""
+        chunks); the padding's latents go to a scratch block no sequence owns. reach >= num_new:
+        the positions from start_pos[b] that later forwards over the same view may write, one
+        token per sequence each (`CacheView.at`: MTP's chained drafts); default num_new."""
         device, bs = self.kv[0].device, self.block_size
         tables = [self.block_tables[s] for s in seq_ids]
+        reach = num_new if reach is None else reach
         # the slots in Python: a few integers per step, cheaper than a dozen small tensor ops
-        write_idx = [
+        slots = [
             (self.num_blocks if lengths is not None and j >= lengths[b] else table[p // bs]) * bs + p % bs
             for b, (table, start) in enumerate(zip(tables, start_pos))
-            for j, p in enumerate(range(start, start + num_new))
-        ]  # [B * T]
+            for j, p in enumerate(range(start, start + reach))
+        ]  # [B * reach]
+        slots_tensor = int64_tensor(slots, device).view(len(tables), reach)
         read_blocks = None
         if read:  # reads go by whole blocks (contiguous chunks); positions past a sequence's end are masked
-            width = -(-(max(start_pos) + num_new) // bs)  # blocks read per sequence
+            width = -(-(max(start_pos) + reach) // bs)  # blocks read per sequence
             flat: list[int] = []
             for t in tables:
                 flat += t[:width]
                 flat += [0] * (width - len(t))
             read_blocks = int64_tensor(flat, device).view(len(tables), width)
         start = int64_tensor(start_pos, device)  # [B]
-        return CacheView(self, int64_tensor(write_idx, device), read_blocks, start)
+        return CacheView(self, slots_tensor[:, :num_new].flatten(), read_blocks, start, slots_tensor)
 
 
 def int64_tensor(values: list[int], device: torch.device) -> torch.Tensor:
@@ -222,9 +227,17 @@ class CacheView(AttentionCache):
     prefill). `start_pos` [B] is the tensor to pass the model as start_pos; the view was built
     for those positions, so `update` does not read its own start_pos argument."""
 
-    def __init__(self, cache: PagedLatentCache, write_idx, read_blocks, start_pos):
+    def __init__(self, cache: PagedLatentCache, write_idx, read_blocks, start_pos, slots=None):
         self.cache, self.write_idx = cache, write_idx  # [B*T] slots of the new tokens
         self.read_blocks, self.start_pos = read_blocks, start_pos  # [B, S / block_size] or None; [B]
+        self.slots = slots  # [B, reach] the slots of positions start_pos.. this view may write
+
+    def at(self, offset: torch.Tensor) -> CacheView:
+        """The view for one more token per sequence at position start_pos[b] + offset[b]
+        (offset [B] < reach), reading the same blocks: a tensor expression, so a compiled step
+        can place a token where its own results say."""
+        rows = torch.arange(offset.shape[0], device=offset.device)
+        return CacheView(self.cache, self.slots[rows, offset], self.read_blocks, self.start_pos + offset)
 
     def update(
         self,

@@ -63,6 +63,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding")
     parser.add_argument(
+        "--mtp-drafts",
+        type=int,
+        default=1,
+        help="with --mtp: tokens drafted per step, the MTP module run again on its own output for "
+        "each after the first (V3's one module; default 1; the output is the same either way)",
+    )
+    parser.add_argument(
         "--draft-vocab",
         type=int,
         default=None,
@@ -84,10 +91,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace) -> dict:
     """`load`'s keyword arguments from the options of `add_engine_arguments`."""
-    names = ("dtype", "weights", "mtp", "draft_vocab", "compile", "prefill_chunk")
+    names = ("dtype", "weights", "mtp", "mtp_drafts", "draft_vocab", "compile", "prefill_chunk")
     if args.draft_vocab is not None and not args.mtp:
         raise ValueError(
             f"--draft-vocab {args.draft_vocab} is for --mtp's drafts: add --mtp or drop --draft-vocab"
+        )
+    if args.mtp_drafts != 1 and not args.mtp:
+        raise ValueError(
+            f"--mtp-drafts {args.mtp_drafts} is for --mtp's drafts: add --mtp or drop --mtp-drafts"
         )
     return {name: getattr(args, name) for name in names}
 

@@ -147,7 +147,7 @@ class DecodeEngine(Engine):
             n = (
                 len(h.state["prompt"]) + len(h.state["output"]) - 1
             )  # cached positions: all but the pending token
-            if not self.cache.ensure(h.state["id"], n + self.steps_per_decode):
+            if not self.cache.ensure(h.state["id"], n + self.positions_per_decode):
                 break
             self.arriving.pop(0)
             self.running.append(import_request(self, h, n))

@@ -469,7 +469,13 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         limits, api_key = server.check_args(args)
-        setup = start(args, mtp=args.mtp, prefill_chunk=args.prefill_chunk, **server.serving_options(args))
+        setup = start(
+            args,
+            mtp=args.mtp,
+            mtp_drafts=args.mtp_drafts,
+            prefill_chunk=args.prefill_chunk,
+            **server.serving_options(args),
+        )
     except (UserError, ChatError, ValueError) as e:
         return _user_error(e)
     if dist.get_rank() > 0:
@@ -494,7 +500,9 @@ def generate(args: argparse.Namespace) -> int:
     params = cli.sampling_params(args)
     try:
         params.validate()
-        setup = start(args, mtp=args.mtp, max_batch_size=1, prefill_chunk=args.prefill_chunk)
+        setup = start(
+            args, mtp=args.mtp, mtp_drafts=args.mtp_drafts, max_batch_size=1, prefill_chunk=args.prefill_chunk
+        )
     except (UserError, ChatError, ValueError) as e:
         return _user_error(e)
     if dist.get_rank() > 0:

@@ -27,9 +27,10 @@ readmission its prompt and the tokens it generated are prefilled again (recomput
 continues where it stopped (same tokens for greedy decoding, and seeded sampling continues
 its own generator).
 
-With mtp=True every decode forward verifies one MTP draft per sequence (speculative.py), so a
-step emits one or two tokens per sequence; stats() reports the acceptance rate. A compiled
-engine verifies and drafts a batch of greedy requests in one call (speculative.greedy_step).
+With mtp=True every decode forward verifies MTP's drafts for each sequence (speculative.py): one
+per step, or with mtp_drafts=k a chain of k, so a step emits 1 to k + 1 tokens per sequence;
+stats() reports the share of drafts accepted. A compiled engine verifies and drafts a batch of
+greedy requests in one call (speculative.greedy_step).
 Drafts are chosen among the `draft_vocab` most frequent tokens (default DRAFT_VOCAB_SHARE of the
 vocabulary; speculative.py says why); the output does not depend on it.
 
@@ -66,6 +67,7 @@ from dsv3.model.moe import GroupedExperts, max_fused_tokens
 __all__ = ["Engine", "RequestOutput", "SamplingParams"]
 
 CACHE_DTYPES = ("auto", "bf16", "fp8")
+MAX_MTP_DRAFTS = 8  # chained drafts per step (Engine(mtp_drafts=...))
 DRAFT_VOCAB_SHARE = 0.125  # of the vocabulary MTP drafts among by default (speculative.restrict_drafts)
 HEAD_ROWS = 512  # prompt positions whose logits are computed at a time (bounds [rows, vocab] memory)
 # graphs Dynamo may keep per compiled call of one model (its default, 8, is fewer than warmup()
@@ -99,8 +101,8 @@ class _Request:
     num_cached: int = 0  # tokens whose latents are in the cache; tokens[num_cached] is pending
     prefill_to: int = 0  # the prompt (or re-prefill after preemption) is in the cache once num_cached is here
     seen: torch.Tensor | None = None  # [V] bool, for the repetition penalty
-    draft: int | None = None  # MTP draft for the token after the pending one
-    draft_q: torch.Tensor | None = None  # [V] its distribution (sampled requests)
+    draft: list[int] | None = None  # MTP's drafts for the tokens after the pending one
+    draft_q: torch.Tensor | None = None  # [k, V] their distributions (sampled requests)
     text: IncrementalText | None = None  # with Engine(decode=...), once a token is out
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
@@ -122,6 +124,7 @@ class Engine:
         num_blocks: int | None = None,
         cache_dtype: str = "auto",
         mtp: bool = False,
+        mtp_drafts: int = 1,
         draft_vocab: int | None = None,
         decode=None,
         eos_token_id: int | None = None,
@@ -163,8 +166,19 @@ class Engine:
             f"between 1 and vocab_size={cfg.vocab_size} (default: {DRAFT_VOCAB_SHARE:.1%} of the vocabulary)",
         )
         _need(mtp or draft_vocab is None, "draft_vocab", draft_vocab, "None without mtp=True (MTP drafts)")
-        self.steps_per_decode = 2 if mtp else 1  # tokens fed per sequence per decode forward
-        blocks_per_seq = math.ceil((max_seq_len + self.steps_per_decode - 1) / block_size)
+        _need(
+            isinstance(mtp_drafts, int) and 1 <= mtp_drafts <= MAX_MTP_DRAFTS,
+            "mtp_drafts",
+            mtp_drafts,
+            f"an integer between 1 and {MAX_MTP_DRAFTS}",
+        )
+        _need(mtp or mtp_drafts == 1, "mtp_drafts", mtp_drafts, "1 without mtp=True (MTP drafts)")
+        self.mtp_drafts = mtp_drafts if mtp else 0
+        self.steps_per_decode = 1 + self.mtp_drafts  # tokens fed per sequence per decode forward
+        # cache positions a decode step may write per sequence: the tokens it feeds and, past an
+        # all-accepted verify, the MTP layer's positions of the chained drafts (`_draft`)
+        self.positions_per_decode = max(self.steps_per_decode, 2 * self.mtp_drafts)
+        blocks_per_seq = math.ceil((max_seq_len + self.positions_per_decode - 1) / block_size)
         num_blocks = max_batch_size * blocks_per_seq if num_blocks is None else num_blocks
         _need(
             isinstance(num_blocks, int) and num_blocks >= blocks_per_seq,
@@ -259,8 +273,8 @@ class Engine:
         of one cache block and of two (and, with MTP, greedy and sampled steps), and the smallest
         batches whose Linears start or stop running as fused loops or on the panel kernel
         (model/linear.py) and whose experts no longer run without dispatch (`MoE`), counting the
-        rows of the verify (sequences x 2 with MTP) and of the draft (one per sequence), if the
-        engine takes them. Their prefills compile the prefill's graphs on the way (one and
+        rows of the verify (sequences x (1 + drafts) with MTP) and of a draft (one per sequence),
+        if the engine takes them. Their prefills compile the prefill's graphs on the way (one and
         several prompts; with prefill_chunk, also a chunk after the first, which reads the cache)."""
         if not self.compiled or self._warm:
             return
@@ -487,16 +501,18 @@ class Engine:
         whole prompt beyond what the decoding ones need this step (first come, first served)."""
         if not self.waiting or len(self.running) >= self.max_batch_size:
             return
-        reserve = sum(self.cache.blocks_needed(r.id, r.num_cached + self.steps_per_decode) for r in decoding)
+        reserve = sum(
+            self.cache.blocks_needed(r.id, r.num_cached + self.positions_per_decode) for r in decoding
+        )
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             # a fresh request feeds its prompt; a preempted one all its tokens but the pending one
             n = len(req.tokens) - (1 if req.output else 0)
-            need = self.cache.blocks_needed(req.id, n + self.steps_per_decode)
+            need = self.cache.blocks_needed(req.id, n + self.positions_per_decode)
             if not self.cache.can_allocate(need + reserve):
                 break
             self.waiting.popleft()
-            self.cache.ensure(req.id, n + self.steps_per_decode)
+            self.cache.ensure(req.id, n + self.positions_per_decode)
             req.num_cached, req.prefill_to = 0, n
             self.running.append(req)
 
@@ -514,6 +530,12 @@ class Engine:
         ).view(len(reqs), T)
         view = self.cache.view([r.id for r in reqs], starts, T, read=any(starts), lengths=ns)
         last = torch.tensor(ns, device=self.device) - 1  # each row's last real position
+        chain = None  # with chained drafts: their positions, from each row's last one on (`_draft`)
+        if self.mtp_drafts > 1:  # every row drafts (an expert-parallel rank runs the same MTP calls
+            # whatever its requests); a row still prefilling writes a position its next chunk overwrites
+            chain = self.cache.view(
+                [r.id for r in reqs], [s + n - 1 for s, n in zip(starts, ns)], 1, reach=self.mtp_drafts
+            )
         out = self._prompt_forward(prefill_step, self._prefill_step, ids, view, view.start_pos, last)
         self._counters["forward_passes"] += 1
         for b, (r, s, n) in enumerate(zip(reqs, starts, ns)):
@@ -539,14 +561,13 @@ class Engine:
                 [(r.tokens[s + 1 : s + n + 1] + [0] * T)[:T] for r, s, n in zip(reqs, starts, ns)],
                 device=self.device,
             )
-            logits = self._prompt_forward(
+            logits, h = self._prompt_forward(
                 mtp_logits, self._draft_logits, out.hidden, next_ids, view, view.start_pos, False, last
             )
             ready = [
                 i for i, r in enumerate(reqs) if r.num_cached == r.prefill_to and r.finish_reason is None
             ]
-            if ready:
-                self._draft([reqs[i] for i in ready], logits[ready])
+            self._draft(reqs, ready, logits, h, chain, torch.zeros_like(last))
 
     def _prompt_forward(self, eager, compiled, prompt: torch.Tensor, *args):
         """A prefill's call of a function of the model (`eager`; `compiled`: the engine's) on
@@ -564,9 +585,11 @@ class Engine:
         A compiled MTP engine runs a batch of greedy requests without repetition penalty as one
         call that also drafts (speculative.greedy_step)."""
         T = self.steps_per_decode
-        view = self.cache.view([r.id for r in reqs], [r.num_cached for r in reqs], T)
+        view = self.cache.view(
+            [r.id for r in reqs], [r.num_cached for r in reqs], T, reach=self.positions_per_decode
+        )
         fed = int64_tensor(
-            [t for r in reqs for t in ([r.tokens[-1], r.draft] if self.mtp else [r.tokens[-1]])], self.device
+            [t for r in reqs for t in ([r.tokens[-1], *r.draft] if self.mtp else [r.tokens[-1]])], self.device
         ).view(len(reqs), T)
         batch = self._sampling(reqs)
         c = self._counters
@@ -574,10 +597,10 @@ class Engine:
         c["decode_forward_passes"] += 1
         c["decode_sequence_forwards"] += len(reqs)
         if self.mtp and self.compiled and batch.all_greedy and batch.seen is None:
-            logits, first, bonus, accepted, drafts = self._fast(
+            logits, tokens, accepted, drafts = self._fast(
                 self._greedy_step, self.model, fed, view, view.start_pos
             )
-            self._verified(reqs, logits, first, bonus, accepted, outputs)
+            self._verified(reqs, logits, tokens, accepted, outputs)
             for r, d in zip(reqs, drafts.tolist()):
                 r.draft, r.draft_q = d, None
             return
@@ -591,53 +614,61 @@ class Engine:
                 c["decode_tokens"] += 1
                 outputs.append(self._emit(r, [t], [lp]))
             return
-        draft = fed[:, 1]
+        drafts = fed[:, 1:]  # [B, k]
         q = None
         if not batch.all_greedy:
             q = torch.stack(
                 [
                     r.draft_q
                     if r.draft_q is not None
-                    else torch.nn.functional.one_hot(draft[i], self.cfg.vocab_size).float()
+                    else torch.nn.functional.one_hot(drafts[i], self.cfg.vocab_size).float()
                     for i, r in enumerate(reqs)
                 ]
-            )
-        first, bonus, accepted = verify(batch, out.logits, draft, q)
-        self._verified(reqs, out.logits, first, bonus, accepted, outputs)
+            )  # [B, k, V]
+        tokens, accepted = verify(batch, out.logits, drafts, q)
+        self._verified(reqs, out.logits, tokens, accepted, outputs)
         live = [i for i, r in enumerate(reqs) if r.finish_reason is None]
-        if live:  # MTP over positions n, n+1 (the second is padding where the draft was rejected)
-            next_ids = torch.stack((first, torch.where(accepted, bonus, first)), dim=1)
-            logits = self._fast(
-                self._draft_logits,
-                self.model,
-                out.hidden,
-                next_ids,
-                view,
-                view.start_pos,
-                True,
-                accepted.long(),
+        if live:  # MTP over positions n..n+k (those past the accepted drafts are padding)
+            logits, h = self._fast(
+                self._draft_logits, self.model, out.hidden, tokens, view, view.start_pos, True, accepted
             )
-            self._draft([reqs[i] for i in live], logits[live])
+            self._draft(reqs, live, logits, h, view, accepted)
 
-    def _verified(self, reqs, logits, first, bonus, accepted, outputs) -> None:
-        """Emit each sequence's verified tokens: t_{n+1}, and t_{n+2} where its draft was accepted."""
+    def _verified(self, reqs, logits, tokens, accepted, outputs) -> None:
+        """Emit each sequence's verified tokens: tokens[b, :accepted[b] + 1] of the verify's
+        tokens [B, 1 + k] (its logits [B, 1 + k, V])."""
         c = self._counters
         accepted = accepted.tolist()
-        c["mtp_drafted"] += len(reqs)
+        c["mtp_drafted"] += len(reqs) * self.mtp_drafts
         c["mtp_accepted"] += sum(accepted)
-        lp1 = self._logprobs(reqs, logits[:, 0], first)
-        lp2 = self._logprobs(reqs, logits[:, 1], bonus)  # used where the draft was accepted
-        for r, t1, t2, acc, l1, l2 in zip(reqs, first.tolist(), bonus.tolist(), accepted, lp1, lp2):
-            r.num_cached += 1 + acc  # a rejected draft's slot is rolled back by the length alone
-            c["decode_tokens"] += 1 + acc
-            outputs.append(self._emit(r, [t1, t2] if acc else [t1], [l1, l2]))
+        lps = [self._logprobs(reqs, logits[:, j], tokens[:, j]) for j in range(tokens.shape[1])]
+        for i, (r, row, a) in enumerate(zip(reqs, tokens.tolist(), accepted)):
+            r.num_cached += 1 + a  # a rejected draft's slot is rolled back by the length alone
+            c["decode_tokens"] += 1 + a
+            outputs.append(self._emit(r, row[: a + 1], [lp[i] for lp in lps[: a + 1]]))
 
-    def _draft(self, reqs: list[_Request], logits: torch.Tensor) -> None:
-        """Sample each request's next draft from the MTP logits [B, V] with its own parameters."""
-        batch = self._sampling(reqs)
-        q = batch.probs(logits)
-        for r, d, q_row in zip(reqs, batch.sample(q).tolist(), q):
-            r.draft, r.draft_q = d, (None if r.params.greedy else q_row)
+    def _draft(self, reqs, keep: list[int], logits, h, view, offset: torch.Tensor) -> None:
+        """The next drafts of the requests at rows `keep`, each sampled with its own parameters:
+        the first from MTP's logits [B, V] (h [B, 1, H]: the MTP block's output they came from),
+        each further one from the MTP module run again, one position on, on its own output and
+        the draft before (the c-th at the position of view.at(offset + c)). Rows not kept go on
+        with their argmax, drawing nothing from their generators."""
+        batch = self._sampling([reqs[i] for i in keep])
+        drafts, qs = [], []
+        for c in range(self.mtp_drafts):
+            if c:
+                at = view.at(offset + c)
+                logits, h = self._fast(
+                    self._draft_logits, self.model, h, drafts[-1][:, None], at, at.start_pos, True
+                )
+            d = greedy_tokens(logits)  # [B]
+            if keep:
+                qs.append(batch.probs(logits[keep]))  # [len(keep), V]
+                d[keep] = batch.sample(qs[-1])
+            drafts.append(d)
+        for j, (i, row) in enumerate(zip(keep, torch.stack(drafts, dim=1)[keep].tolist())):
+            r = reqs[i]
+            r.draft, r.draft_q = row, (None if r.params.greedy else torch.stack([q[j] for q in qs]))
 
     # ------------------------------------------------------------------ log-probabilities
     def _logprobs(
@@ -675,11 +706,11 @@ class Engine:
     def _make_room(self, reqs: list[_Request]) -> list[_Request]:
         """Blocks for this step's new tokens; preempt the latest arrivals while they are short."""
         reqs = sorted(reqs, key=lambda r: r.order)
-        if self.cache.hold([(r.id, r.num_cached + self.steps_per_decode) for r in reqs]):
+        if self.cache.hold([(r.id, r.num_cached + self.positions_per_decode) for r in reqs]):
             return reqs  # most steps: every sequence's last block has room
         i = 0
         while i < len(reqs):
-            if self.cache.ensure(reqs[i].id, reqs[i].num_cached + self.steps_per_decode):
+            if self.cache.ensure(reqs[i].id, reqs[i].num_cached + self.positions_per_decode):
                 i += 1
                 continue
             victim = max(self.running, key=lambda r: r.order)

@@ -57,7 +57,8 @@ class LockstepEngine(Engine):
         super().__init__(model, **engine_kwargs)
         self.group = group
         self.main_moes = [b.mlp for b in model.layers.values() if isinstance(b.mlp, MoE)]
-        self.mtp_moes = [m.mlp for m in model.mtp if isinstance(m.mlp, MoE)] if self.mtp else []
+        # the MTP layer's MoE calls of a phase: one per draft (chained drafts run the layer again)
+        self.mtp_moes = [m.mlp for m in model.mtp if isinstance(m.mlp, MoE)] * self.mtp_drafts
         self.idle_passes = 0  # MoE sequences run with zero tokens of this rank's own
         self.overlap = overlap
         if overlap:  # two micro-batches per decode forward, one's all-to-alls behind the other's compute

@@ -228,7 +228,7 @@ async def metrics(ctx: Ctx) -> PlainTextResponse:
         ("dsv3_cache_bytes_used", "gauge", "Latent-cache bytes in use.", s["cache_bytes_used"]),
         ("dsv3_cache_bytes_total", "gauge", "Latent-cache bytes allocated.", s["cache_bytes_total"]),
         ("dsv3_forward_passes_total", "counter", "Model forward passes.", s["forward_passes"]),
-        ("dsv3_mtp_drafted_total", "counter", "MTP draft tokens verified.", s["mtp_drafted"]),
+        ("dsv3_mtp_drafted_total", "counter", "MTP draft tokens proposed.", s["mtp_drafted"]),
         ("dsv3_mtp_accepted_total", "counter", "MTP draft tokens accepted.", s["mtp_accepted"]),
     ]
     text = "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {v}\n" for n, t, h, v in rows)

@@ -220,7 +220,7 @@ class SamplingBatch:
 
     def probs(self, logits: torch.Tensor, also_seen: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] -> the distribution each row samples from [B, V] (float32 or wider).
-        also_seen [B]: one more token per row to count as seen (a draft being verified)."""
+        also_seen [B] or [B, j]: more tokens per row to count as seen (drafts being verified)."""
         logits = self._penalized(logits, also_seen)
         one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
         if self.all_greedy:
@@ -252,7 +252,7 @@ class SamplingBatch:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         seen = self.seen
         if seen is not None and also_seen is not None:
-            seen = seen.clone().scatter_(1, also_seen[:, None], True)
+            seen = seen.clone().scatter_(1, also_seen.view(also_seen.shape[0], -1), True)
         return logits if seen is None else apply_repetition_penalty(logits, seen, self.penalty)
 
 

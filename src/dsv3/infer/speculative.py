@@ -25,8 +25,22 @@ is pending (sampled, not fed yet), and d is a draft for t_{n+1}. One step:
      goes on past the cache write (Block's `rows`): its queries, attention, FFN and head.
 As in training, the MTP block's RoPE position is that of the embedded token (i + 1).
 
-A greedy step needs nothing from outside between the verify and the draft, so `greedy_step` runs
-both in one function, which a compiled engine compiles as one graph: the MTP input at position
+Chained drafts (`Engine(mtp_drafts=k)`, as SGLang and vLLM serve V3's one MTP module with more
+speculative steps). The module's output at position i stands in for the main model's hidden
+state there: run again on it and the embedding of its own draft d_1, one position on, it drafts
+d_2, and so on (V3's training would give depth 2 a module of its own; with one, the module is
+reused). A step then verifies [t_n, d_1..d_k] at positions n..n+k and takes the leading run of
+accepted drafts, then one more token: the resampled one at the first rejection, or the bonus
+after all k. For sampled rows each draft j is accepted with probability min(1, p_j(d_j) /
+q_j(d_j)) in order, p_j conditioned on the drafts before it (they are the tokens there once
+accepted), which keeps the output distribution that of plain sampling as for one draft. After
+the verify, the MTP pass over n..n+k drafts d'_1 from the last accepted position n + a, and each
+chained draft writes its latent to the MTP layer's cache one position further (n + a + c, up to
+n + 2k - 1 after an all-accepted verify: the engine holds that many positions per step); those
+positions are the next step's verify positions or beyond, written over before they are read.
+
+A greedy step needs nothing from outside between the verify and the drafts, so `greedy_step` runs
+them in one function, which a compiled engine compiles as one graph: the MTP input at position
 n is (h_n, t_{n+1}) whether or not d was accepted (accepted means d == t_{n+1}), so both positions
 enter the MTP block at once and the accepted one, picked inside the graph, is drafted from. On a
 CPU each compiled call has a fixed cost (Dynamo's and AOTAutograd's wrappers, ~50 us) that is a
@@ -60,13 +74,15 @@ def mtp_logits(
     absorb: bool,
     pick: torch.Tensor | None = None,
     padded: bool = True,
-) -> torch.Tensor:
-    """Draft logits [B, V] from MTP module 1.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draft logits from MTP module 1, and its block's output they came from.
 
-    hidden [B, T, H]: the main model's last hidden states at cache positions start_pos..;
-    next_ids [B, T]: the tokens that follow each of them; pick [B]: which of the T positions
-    to take the logits of (default: the last). padded=False: only the draft vocabulary's logits
-    [B, K] (ids 0..K-1), for an argmax that need not read the -inf of the others."""
+    hidden [B, T, H]: the main model's last hidden states at cache positions start_pos.. (or,
+    for a chained draft, T=1: the module's own output at the position before); next_ids [B, T]:
+    the tokens that follow each of them; pick [B]: which of the T positions to take the logits
+    of (default: the last). Returns (logits [B, V], h [B, 1, H] at the picked positions, before
+    shared_head.norm); padded=False: only the draft vocabulary's logits [B, K] (ids 0..K-1), for
+    an argmax that need not read the -inf of the others."""
     module = model.mtp[0]
     B, T = next_ids.shape
     cos, sin = model.rope(start_pos + 1, T)
@@ -82,13 +98,13 @@ def mtp_logits(
         absorb=absorb,
         rows=pick,
     )
-    h = module.shared_head.norm(h[:, 0])  # [B, H]
+    x = module.shared_head.norm(h[:, 0])  # [B, H]
     if module.draft_vocab is None:
-        return model.lm_head(h)
-    logits = model.lm_head.first_outputs(h, module.draft_vocab)  # [B, K]: the draft vocabulary, ids 0..K-1
+        return model.lm_head(x), h
+    logits = model.lm_head.first_outputs(x, module.draft_vocab)  # [B, K]: the draft vocabulary, ids 0..K-1
     if not padded:
-        return logits
-    return F.pad(logits, (0, model.lm_head.weight.shape[0] - logits.shape[-1]), value=float("-inf"))  # [B, V]
+        return logits, h
+    return F.pad(logits, (0, model.lm_head.weight.shape[0] - logits.shape[-1]), value=float("-inf")), h
 
 
 def restrict_drafts(model, size: int) -> None:
@@ -96,39 +112,57 @@ def restrict_drafts(model, size: int) -> None:
     model.mtp[0].draft_vocab = None if size >= model.lm_head.out_features else size
 
 
+def accepted_drafts(matches: torch.Tensor) -> torch.Tensor:
+    """matches [B, k] bool (draft j is the token verified at its position) -> [B] how many drafts
+    are accepted: the leading run of matches (a draft after a rejected one is never taken)."""
+    return matches.long().cumprod(dim=1).sum(dim=1)
+
+
 def greedy_step(model, fed: torch.Tensor, cache, start_pos) -> tuple[torch.Tensor, ...]:
     """One MTP decode step of greedy rows without a repetition penalty: verify and draft.
 
-    fed [B, 2]: each row's [t_n, d]. Returns (logits [B, 2, V] of the verify, t_{n+1} [B],
-    t_{n+2} [B] (meaningful where accepted), accepted [B] bool, the next draft [B]): the tokens of
-    `verify` and of greedy drafting from `mtp_logits`."""
+    fed [B, 1 + k]: each row's [t_n, d_1..d_k]. Returns (logits [B, 1 + k, V] of the verify,
+    its greedy tokens [B, 1 + k] (a row's new tokens are the first accepted + 1), accepted [B],
+    the next drafts [B, k]): the tokens of `verify` and of greedy drafting from `mtp_logits`,
+    chained as `Engine._draft` chains them (`cache`: the step's CacheView)."""
     out = model(fed, cache=cache, start_pos=start_pos, absorb=True)
-    best = greedy_tokens(out.logits)  # [B, 2]
-    first, bonus = best[:, 0], best[:, 1]
-    accepted = first == fed[:, 1]
-    next_ids = torch.stack((first, torch.where(accepted, bonus, first)), dim=1)  # [B, 2]
-    draft = greedy_tokens(
-        mtp_logits(model, out.hidden, next_ids, cache, start_pos, True, accepted.long(), padded=False)
-    )
-    return out.logits, first, bonus, accepted, draft
+    tokens = greedy_tokens(out.logits)  # [B, 1 + k]
+    accepted = accepted_drafts(tokens[:, :-1] == fed[:, 1:])  # [B]
+    logits, h = mtp_logits(model, out.hidden, tokens, cache, start_pos, True, accepted, padded=False)
+    drafts = [greedy_tokens(logits)]
+    for c in range(1, fed.shape[1] - 1):  # chained drafts, one position further each
+        at = cache.at(accepted + c)
+        logits, h = mtp_logits(model, h, drafts[-1][:, None], at, at.start_pos, True, padded=False)
+        drafts.append(greedy_tokens(logits))
+    return out.logits, tokens, accepted, torch.stack(drafts, dim=1)
 
 
-def verify(batch: SamplingBatch, logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None):
-    """Speculative acceptance of one draft token per row.
+def verify(batch: SamplingBatch, logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None):
+    """Speculative acceptance of k draft tokens per row, in order.
 
-    logits [B, 2, V]: the main model's outputs at [t_n, d]; draft [B]; q [B, V] the draft's
-    distribution (one-hot for greedy rows; None if every row is greedy). Returns (t_{n+1} [B],
-    t_{n+2} [B], accepted [B] bool); t_{n+2} is meaningful only where accepted. An all-greedy
-    batch takes two argmaxes, the same tokens without the one-hot rows and the residual."""
+    logits [B, 1 + k, V]: the main model's outputs at [t_n, d_1..d_k]; drafts [B, k]; q [B, k, V]
+    the drafts' distributions (one-hot for greedy rows; None if every row is greedy). Returns
+    (tokens [B, 1 + k], accepted [B]): a row's new tokens are tokens[b, :accepted[b] + 1], the
+    accepted drafts, then a token resampled where the first was rejected (or the bonus token
+    after all k). Position j is sampled with d_1..d_j counted as seen (repetition penalty). An
+    all-greedy batch takes one argmax per position, the same tokens without the one-hot rows
+    and the residuals."""
+    k = drafts.shape[1]
     if batch.all_greedy:
-        first = batch.next_tokens(logits[:, 0])
-        return first, batch.next_tokens(logits[:, 1], also_seen=draft), first == draft
-    rows = torch.arange(draft.shape[0], device=draft.device)
-    p0 = batch.probs(logits[:, 0])  # [B, V]
-    ratio = p0[rows, draft] / q[rows, draft]  # q(d) > 0: d was drawn from q
-    accepted = batch.uniform().to(ratio.dtype) < ratio  # greedy rows draw 0: accept iff p0(d) > 0
-    residual = (p0 - q.to(p0.dtype)).clamp(min=0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)  # p0 == q: never rejected
-    resampled = sample_from(residual, batch.uniform())
-    bonus = batch.sample(batch.probs(logits[:, 1], also_seen=draft))
-    return torch.where(accepted, draft, resampled), bonus, accepted
+        tokens = torch.stack(
+            [batch.next_tokens(logits[:, j], also_seen=drafts[:, :j] if j else None) for j in range(k + 1)],
+            dim=1,
+        )
+        return tokens, accepted_drafts(tokens[:, :-1] == drafts)
+    rows = torch.arange(drafts.shape[0], device=drafts.device)
+    tokens, taken = [], []  # per position: the token, whether its draft was accepted
+    for j in range(k):
+        d = drafts[:, j]
+        p = batch.probs(logits[:, j], also_seen=drafts[:, :j] if j else None)  # [B, V]
+        ratio = p[rows, d] / q[rows, j, d]  # q(d) > 0: d was drawn from q
+        taken.append(batch.uniform().to(ratio.dtype) < ratio)  # greedy rows draw 0: accept iff p(d) > 0
+        residual = (p - q[:, j].to(p.dtype)).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: never rejected
+        tokens.append(torch.where(taken[-1], d, sample_from(residual, batch.uniform())))
+    tokens.append(batch.sample(batch.probs(logits[:, k], also_seen=drafts)))
+    return torch.stack(tokens, dim=1), accepted_drafts(torch.stack(taken, dim=1))
