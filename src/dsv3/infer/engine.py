@@ -651,8 +651,9 @@ class Engine:
         """The next drafts of the requests at rows `keep`, each sampled with its own parameters:
         the first from MTP's logits [B, V] (h [B, 1, H]: the MTP block's output they came from),
         each further one from the MTP module run again, one position on, on its own output and
-        the draft before (the c-th at the position of view.at(offset + c)). Rows not kept go on
-        with their argmax, drawing nothing from their generators."""
+        the draft before (the c-th at the position of view.at(offset + c)). Rows not kept (done,
+        or still prefilling) go on with token 0, their drafts unused, drawing nothing from their
+        generators."""
         batch = self._sampling([reqs[i] for i in keep])
         drafts, qs = [], []
         for c in range(self.mtp_drafts):
@@ -661,7 +662,7 @@ class Engine:
                 logits, h = self._fast(
                     self._draft_logits, self.model, h, drafts[-1][:, None], at, at.start_pos, True
                 )
-            d = greedy_tokens(logits)  # [B]
+            d = torch.zeros(len(reqs), dtype=torch.int64, device=self.device)  # [B]
             if keep:
                 qs.append(batch.probs(logits[keep]))  # [len(keep), V]
                 d[keep] = batch.sample(qs[-1])
