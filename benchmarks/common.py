@@ -40,7 +40,15 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        **{f"{level}_cache": cache_size(index) for level, index in (("l2", 2), ("l3", 3))},
     }
+
+
+def cache_size(index: int) -> str | None:
+    """CPU 0's cache at sysfs index (2: L2, 3: L3), as the kernel says it ("32768K"), or None. A
+    model whose weights fit in the L3 decodes from it; a VM's L3 is shared with its neighbours."""
+    path = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size")
+    return path.read_text().strip() if path.exists() else None
 
 
 def save_result(name: str, payload: dict) -> Path:

@@ -2,7 +2,8 @@
 on the trained tiny model, the same prompts, interleaved, with identical outputs required.
 
     python benchmarks/mtp_speed.py [--checkpoint runs/demo] [--compile] [--dtype float32] [--tokens 128]
-                                   [--repeats 5] [--draft-vocab K] [--mtp-drafts k] [--name mtp_speed]
+                                   [--repeats 5] [--draft-vocab K] [--mtp-drafts k] [--evict-mb N]
+                                   [--name mtp_speed]
 
 Each repeat decodes every prompt once without and once with MTP (alternating which goes first) in
 one process per variant-pair, after a warm-up. Two rates, both wall clock: end to end (prefill
@@ -19,6 +20,12 @@ accepted on real text: over the first 256 tokens of other stdlib modules (mostly
 teacher-forced, the share of positions where MTP's draft for t_{i+2} (from h_i and the true t_{i+1})
 is the main model's own greedy choice at i+1. Greedy generation of a small model soon repeats
 itself, where drafts are easier than on text, so the two acceptance rates can differ a lot.
+
+Whether the weights stay in the cache decides much. Tiny's (~22 MB in BF16, 10 MB read per
+token) fit in a server CPU's L3, so plain decoding reads them from the cache, while an MTP step
+reads more (the verify's second token's experts, the MTP module) and may spill; a real model
+reads every step from memory. `--evict-mb N` writes N MB between steps (untimed, in both
+variants) to measure that case on a small model. The run prints the weights' sizes and the L3's.
 """
 
 from __future__ import annotations
@@ -59,21 +66,44 @@ def text_acceptance(model, sequences: list[list[int]]) -> float:
         return (drafts == out.logits[:, 1:].float().argmax(-1)).float().mean().item()
 
 
-def timed_generation(engine, prompt: list[int], params) -> tuple[list[int], float, float, int]:
+def weight_megabytes(engine) -> dict:
+    """The model's weights in the engine's dtype, MB, input embedding left out (a token reads one
+    row): all of them, those one token reads (its routed experts only), those an MTP pass reads
+    besides the head. Where `all` fits in the L3 cache, plain decoding reads its weights from the
+    cache, and a step that reads more (a verify's extra experts, the MTP module) may not."""
+    counts = engine.model.num_params()
+    size = torch.finfo(engine.dtype).bits // 8
+    embed = engine.model.embed_tokens.weight.numel()
+    mb = {
+        "all": counts["total_params"] + counts["mtp_params"] - embed,
+        "per_token": counts["activated_params_without_embedding"],
+        "mtp_per_pass": counts["mtp_activated_params"],
+    }
+    return {k: round(v * size / 1e6, 1) for k, v in mb.items()}
+
+
+def timed_generation(
+    engine, prompt: list[int], params, evict: torch.Tensor | None = None
+) -> tuple[list[int], float, float, int]:
     """Generate one request alone, step by step -> (its tokens, seconds in all, seconds after its
-    first token, decode forwards after the first token)."""
+    first token, decode forwards after the first token). With `evict`, a buffer written between
+    steps, outside the timed ones."""
     request = engine.add_request(prompt, params)
-    start, first, tokens = time.perf_counter(), None, None
+    elapsed, first, tokens = 0.0, None, None
     while tokens is None:
-        for out in engine.step():
+        if evict is not None:
+            evict.add_(1)
+        start = time.perf_counter()
+        outputs = engine.step()
+        elapsed += time.perf_counter() - start
+        for out in outputs:
             if out.request_id != request:
                 continue
             if first is None and out.token_ids:
-                first, forwards = time.perf_counter(), engine.stats()["forward_passes"]
+                first, forwards = elapsed, engine.stats()["forward_passes"]
             if out.finished:
                 tokens = out.token_ids
-    end = time.perf_counter()
-    return tokens, end - start, end - first, engine.stats()["forward_passes"] - forwards
+    return tokens, elapsed, elapsed - first, engine.stats()["forward_passes"] - forwards
 
 
 def main() -> None:
@@ -89,6 +119,13 @@ def main() -> None:
         "--draft-vocab", type=int, default=None, help="tokens MTP drafts among (default: the engine's)"
     )
     p.add_argument("--mtp-drafts", type=int, default=1, help="MTP drafts per step (chained after the first)")
+    p.add_argument(
+        "--evict-mb",
+        type=int,
+        default=0,
+        help="write this many MB between decode steps, untimed, so that every step reads the weights "
+        "from memory, not from the cache (as a model larger than the cache does)",
+    )
     p.add_argument("--name", default="mtp_speed", help="results/<name>.json")
     args = p.parse_args()
     from dsv3.infer.cli import load
@@ -105,6 +142,7 @@ def main() -> None:
     tok = engines["plain"][1]
     work = prompts(tok, args.prompts, 64)
     greedy = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
+    evict = torch.ones(args.evict_mb * 2**18) if args.evict_mb else None  # 4-byte floats
     outputs = {}
     rates = {k: {"plain": [], "mtp": []} for k in ("end_to_end", "decode")}
     step_ms = {"plain": [], "mtp": []}
@@ -114,7 +152,7 @@ def main() -> None:
         order = ("plain", "mtp") if r % 2 == 0 else ("mtp", "plain")
         for name in order:
             engine = engines[name][0]
-            runs = [timed_generation(engine, w, greedy) for w in work]
+            runs = [timed_generation(engine, w, greedy, evict) for w in work]
             total, after_first = sum(run[1] for run in runs), sum(run[2] for run in runs)
             rates["end_to_end"][name].append(len(work) * args.tokens / total)
             rates["decode"][name].append(len(work) * (args.tokens - 1) / after_first)
@@ -127,6 +165,7 @@ def main() -> None:
             f"{step_ms['mtp'][-1]:.3f} ms"
         )
     identical = outputs["plain"] == outputs["mtp"]
+    weights = weight_megabytes(engines["plain"][0])
     stats = engines["mtp"][0].stats()
     ratio, decode_ratio = (
         statistics.median(m / p for m, p in zip(rates[k]["mtp"], rates[k]["plain"]))
@@ -142,6 +181,7 @@ def main() -> None:
         "threads": args.threads,
         "draft_vocab": args.draft_vocab or "engine default",
         "mtp_drafts": args.mtp_drafts,
+        "evict_mb": args.evict_mb,
         "tokens_per_prompt": args.tokens,
         "prompts": len(work),
         "plain_tokens_per_s": round(statistics.median(rates["end_to_end"]["plain"]), 1),
@@ -157,6 +197,7 @@ def main() -> None:
         "decode_forward_ratio_mtp_over_plain": round(step_ratio, 3),
         "text_acceptance": round(on_text, 3),
         "text_acceptance_sequences": len(on_files),
+        "weights_mb": weights,
         "samples": rates,
         "decode_forward_ms_samples": step_ms,
     }
@@ -168,7 +209,9 @@ def main() -> None:
         f"{result['tokens_per_forward']:.2f} tokens/forward; identical output: {identical}\n"
         f"a decode forward costs {step_ratio:.2f} plain ones (1.25x needs <= "
         f"{result['tokens_per_forward'] / 1.25:.2f}); teacher-forced acceptance on text: "
-        f"{on_text:.0%} ({len(on_files)} x 256 tokens of other stdlib modules)"
+        f"{on_text:.0%} ({len(on_files)} x 256 tokens of other stdlib modules)\n"
+        f"weights: {weights['all']} MB, {weights['per_token']} MB read per plain token, MTP module "
+        f"{weights['mtp_per_pass']} MB per pass; L3 cache {machine()['l3_cache']}"
     )
     print(f"results: {save_result(args.name, result)}")
     if not identical:
