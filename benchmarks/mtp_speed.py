@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import TRAINED_RUN, machine, save_result  # noqa: E402
+from common import TRAINED_RUN, cache_size, machine, save_result  # noqa: E402
 
 
 def texts(n: int, offset: int = 0) -> list[str]:
@@ -128,6 +128,8 @@ def main() -> None:
     )
     p.add_argument("--name", default="mtp_speed", help="results/<name>.json")
     args = p.parse_args()
+    if args.evict_mb < 0:
+        p.error(f"--evict-mb must be 0 (no eviction) or a positive number of MB, not {args.evict_mb}")
     from dsv3.infer.cli import load
     from dsv3.infer.sampling import SamplingParams
 
@@ -211,7 +213,7 @@ def main() -> None:
         f"{result['tokens_per_forward'] / 1.25:.2f}); teacher-forced acceptance on text: "
         f"{on_text:.0%} ({len(on_files)} x 256 tokens of other stdlib modules)\n"
         f"weights: {weights['all']} MB, {weights['per_token']} MB read per plain token, MTP module "
-        f"{weights['mtp_per_pass']} MB per pass; L3 cache {machine()['l3_cache']}"
+        f"{weights['mtp_per_pass']} MB per pass; L3 cache {cache_size(3)}"
     )
     print(f"results: {save_result(args.name, result)}")
     if not identical:
