@@ -21,6 +21,11 @@ teacher-forced, the share of positions where MTP's draft for t_{i+2} (from h_i a
 is the main model's own greedy choice at i+1. Greedy generation of a small model soon repeats
 itself, where drafts are easier than on text, so the two acceptance rates can differ a lot.
 
+Where an MTP step's time goes: the run then replays the compiled calls of real decode steps of
+the MTP engine, interleaved (`step_costs`): a plain one-token step, the verify alone and the whole
+MTP step, so it prints what the verify's extra tokens and the MTP module each cost in plain steps
+(on a 4-block model the module is a fifth of the blocks; on V3 one in 62).
+
 Whether the weights stay in the cache decides much. Tiny's (~22 MB in BF16, 10 MB read per
 token) fit in a server CPU's L3, so plain decoding reads them from the cache, while an MTP step
 reads more (the verify's second token's experts, the MTP module) and may spill; a real model
@@ -106,6 +111,54 @@ def timed_generation(
     return tokens, elapsed, elapsed - first, engine.stats()["forward_passes"] - forwards
 
 
+@torch.no_grad()
+def step_costs(engine, prompt: list[int], steps: int = 48, rounds: int = 8) -> dict:
+    """Where a compiled greedy MTP step's time goes: the engine's compiled calls on the inputs of
+    `steps` real decode steps, replayed in interleaved rounds (medians, us): a plain one-token
+    step, the verify alone (the 1 + k tokens through the main model, no MTP module) and the whole
+    MTP step (verify, then the MTP module drafting). Their differences are the cost of the
+    verify's extra tokens and of the MTP module, in plain steps."""
+    from dsv3.infer.cache import int64_tensor
+    from dsv3.infer.sampling import SamplingParams
+
+    drafts = engine.mtp_drafts
+    request = engine.add_request(
+        prompt, SamplingParams(max_tokens=(steps + 2) * (1 + drafts), temperature=0, ignore_eos=True)
+    )
+    engine.step()  # the prefill
+    req, recorded = engine.running[0], []
+    for _ in range(steps):  # its cache now holds every position a replayed step writes
+        recorded.append((req.num_cached, [req.last_token, *req.draft]))
+        engine.step()
+
+    def call(kind: str, start: int, fed: list[int]):
+        if kind == "one token":
+            fed = fed[:1]
+        view = engine.cache.view([request], [start], len(fed), reach=engine.positions_per_decode)
+        ids = int64_tensor(fed, engine.device).view(1, -1)
+        if kind == "MTP step":
+            return engine._fast(engine._greedy_step, engine.model, ids, view, view.start_pos)
+        return engine._fast(engine._decode_step, engine.model, ids, view, view.start_pos)
+
+    kinds = ("one token", "verify only", "MTP step")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(rounds + 1):  # round 0 compiles and warms up
+        for kind in kinds if r % 2 else kinds[::-1]:
+            start = time.perf_counter()
+            for step in recorded:
+                call(kind, *step)
+            if r:
+                times[kind].append((time.perf_counter() - start) / len(recorded) * 1e6)
+    engine.abort(request)
+    engine.step()
+    us = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "us": {k: round(v, 1) for k, v in us.items()},
+        "verify_extra_tokens_in_plain_steps": round(us["verify only"] / us["one token"] - 1, 3),
+        "mtp_module_in_plain_steps": round((us["MTP step"] - us["verify only"]) / us["one token"], 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(TRAINED_RUN))
@@ -174,6 +227,7 @@ def main() -> None:
         for k in ("end_to_end", "decode")
     )
     step_ratio = statistics.median(m / p for m, p in zip(step_ms["mtp"], step_ms["plain"]))
+    costs = step_costs(engines["mtp"][0], work[0])
     on_files = [t for t in (tok.encode(w) for w in texts(4 * args.prompts, offset=5)) if len(t) >= 257]
     on_text = text_acceptance(engines["mtp"][0].model, [t[:257] for t in on_files])
     result = {
@@ -200,6 +254,7 @@ def main() -> None:
         "text_acceptance": round(on_text, 3),
         "text_acceptance_sequences": len(on_files),
         "weights_mb": weights,
+        "step_costs": costs,
         "samples": rates,
         "decode_forward_ms_samples": step_ms,
     }
@@ -213,7 +268,11 @@ def main() -> None:
         f"{result['tokens_per_forward'] / 1.25:.2f}); teacher-forced acceptance on text: "
         f"{on_text:.0%} ({len(on_files)} x 256 tokens of other stdlib modules)\n"
         f"weights: {weights['all']} MB, {weights['per_token']} MB read per plain token, MTP module "
-        f"{weights['mtp_per_pass']} MB per pass; L3 cache {cache_size(3)}"
+        f"{weights['mtp_per_pass']} MB per pass; L3 cache {cache_size(3)}\n"
+        f"an MTP step, its calls replayed: 1 plain step + {costs['verify_extra_tokens_in_plain_steps']:.2f} "
+        f"(the verify's {args.mtp_drafts} more token(s)) + {costs['mtp_module_in_plain_steps']:.2f} (the MTP "
+        f"module drafting) = {costs['us']['MTP step'] / costs['us']['one token']:.2f} plain steps "
+        f"({', '.join(f'{k} {v:.0f} us' for k, v in costs['us'].items())})"
     )
     print(f"results: {save_result(args.name, result)}")
     if not identical:

@@ -112,6 +112,12 @@ class _Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    @property
+    def last_token(self) -> int:
+        """tokens[-1] (the one a decode step feeds) without building `tokens`, whose copy grows
+        with the sequence."""
+        return self.output[-1] if self.output else self.prompt[-1]
+
 
 class Engine:
     def __init__(
@@ -507,7 +513,7 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             # a fresh request feeds its prompt; a preempted one all its tokens but the pending one
-            n = len(req.tokens) - (1 if req.output else 0)
+            n = len(req.prompt) + len(req.output) - (1 if req.output else 0)
             need = self.cache.blocks_needed(req.id, n + self.positions_per_decode)
             if not self.cache.can_allocate(need + reserve):
                 break
@@ -589,7 +595,7 @@ class Engine:
             [r.id for r in reqs], [r.num_cached for r in reqs], T, reach=self.positions_per_decode
         )
         fed = int64_tensor(
-            [t for r in reqs for t in ([r.tokens[-1], *r.draft] if self.mtp else [r.tokens[-1]])], self.device
+            [t for r in reqs for t in ([r.last_token, *r.draft] if self.mtp else [r.last_token])], self.device
         ).view(len(reqs), T)
         batch = self._sampling(reqs)
         c = self._counters
@@ -641,7 +647,7 @@ class Engine:
         accepted = accepted.tolist()
         c["mtp_drafted"] += len(reqs) * self.mtp_drafts
         c["mtp_accepted"] += sum(accepted)
-        lps = [self._logprobs(reqs, logits[:, j], tokens[:, j]) for j in range(tokens.shape[1])]
+        lps = [self._logprobs(reqs, logits, tokens, j) for j in range(tokens.shape[1])]
         for i, (r, row, a) in enumerate(zip(reqs, tokens.tolist(), accepted)):
             r.num_cached += 1 + a  # a rejected draft's slot is rolled back by the length alone
             c["decode_tokens"] += 1 + a
@@ -673,13 +679,17 @@ class Engine:
 
     # ------------------------------------------------------------------ log-probabilities
     def _logprobs(
-        self, reqs: list[_Request], logits: torch.Tensor, tokens: torch.Tensor
+        self, reqs: list[_Request], logits: torch.Tensor, tokens: torch.Tensor, position: int | None = None
     ) -> list[TokenLogprob | None]:
         """logits [B, V] the tokens [B] were sampled from -> per request that asks, the token's
-        log-probability and its `logprobs` most likely tokens; None for the others."""
+        log-probability and its `logprobs` most likely tokens; None for the others. With
+        `position`, logits [B, T, V] and tokens [B, T], of which that position's (selected only
+        where a request asks: an MTP step would index each position's logits for nothing)."""
         rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         found: list[TokenLogprob | None] = [None] * len(reqs)
         if rows:
+            if position is not None:
+                logits, tokens = logits[:, position], tokens[:, position]
             top = max(reqs[i].params.logprobs for i in rows)
             for i, lp in zip(rows, token_logprobs(logits[rows], tokens[rows], top)):
                 found[i] = TokenLogprob(lp.token_id, lp.logprob, lp.top[: reqs[i].params.logprobs])
