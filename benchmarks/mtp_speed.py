@@ -113,8 +113,8 @@ def timed_generation(
 
 @torch.no_grad()
 def step_costs(engine, prompt: list[int], steps: int = 48, rounds: int = 8) -> dict:
-    """Where a compiled greedy MTP step's time goes: the engine's compiled calls on the inputs of
-    `steps` real decode steps, replayed in interleaved rounds (medians, us): a plain one-token
+    """Where a greedy MTP step's time goes: the engine's step calls (compiled with --compile) on
+    the inputs of `steps` real decode steps, replayed in interleaved rounds (medians, us): a plain one-token
     step, the verify alone (the 1 + k tokens through the main model, no MTP module) and the whole
     MTP step (verify, then the MTP module drafting). Their differences are the cost of the
     verify's extra tokens and of the MTP module, in plain steps."""
