@@ -431,6 +431,24 @@ def test_a_compiled_inference_step_routes_as_eager_without_topk_calls(method):
     assert indices.tolist() == [[1, 2, 4, 0]] and values.tolist() == [[3.0, 3.0, 3.0, 1.0]]
 
 
+def test_a_compiled_router_weighs_a_token_alike_beside_other_tokens():
+    """MTP's verify routes a token with another beside it where plain decoding routes it alone;
+    greedy MTP equals greedy decoding only if the token gets the very same gate weights in both
+    compiled graphs. Inductor orders a reduction per graph, so the weights' normalizing sum is a
+    chain of adds (summed by a reduction, 12 of these 50 tokens came out an ulp apart here)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    cfg = ModelConfig.from_preset("small")  # 6 of 32 experts: a sum whose order shows
+    router = _router(cfg).eval()
+    compiled = torch.compile(lambda x: router(x).weights, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(50):
+            x = torch.randn(2, cfg.hidden_size, generator=g)
+            assert torch.equal(compiled(x[:1])[0], compiled(x)[0])
+
+
 def test_sequence_balance_loss_matches_formula():
     torch.manual_seed(0)
     B, T, E, K = 2, 6, 8, 2

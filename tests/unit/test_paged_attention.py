@@ -73,6 +73,22 @@ def test_decode_equals_attention_over_the_gathered_blocks(B, T, H, r, half_dr, b
         assert (got == want).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [1, 3, 4, 8, 12])  # either layout, one token's heads filling a group or not
+def test_a_token_attends_alike_whatever_the_tokens_beside_it(H, dtype):
+    """MTP's verify runs a sequence's token with 1 + k others where plain decoding runs it alone;
+    greedy MTP equals greedy decoding only if the token's attention has the very same bits in
+    both steps (and a BF16 tie in the logits is common enough to matter)."""
+    q, q_pe, latents, _ = _case(3, 4, H, 256, 32, 16, 8, dtype, H)  # the small preset's widths
+    start = torch.tensor([5, 40, 120])
+    together = paged_attention.decode(q, q_pe, latents, start, 0.3)
+    for t in range(4):
+        alone = paged_attention.decode(q[:, t : t + 1], q_pe[:, t : t + 1], latents, start + t, 0.3)
+        assert torch.equal(alone[:, 0], together[:, t]), f"token {t} of 4"
+        two = paged_attention.decode(q[:, t : t + 2], q_pe[:, t : t + 2], latents, start + t, 0.3)
+        assert torch.equal(two[:, 0], together[:, t]), f"token {t} of 2"
+
+
 def test_a_query_sees_its_own_position_and_those_before_only():
     """The first query of a sequence at position 0 sees one key: its output is that key's latent.
     Keys past a query's position weigh nothing, whatever they hold."""

@@ -102,7 +102,7 @@ class Router(nn.Module):
         indices = self.method.select(choice, self.top_k)  # [N, K]
         weights = scores.gather(1, indices)
         if self.norm_topk_prob and self.top_k > 1:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (_sum_in_order(weights) + 1e-20)
         weights = weights * self.routed_scaling_factor
         if self.training:
             with torch.no_grad():
@@ -116,6 +116,19 @@ class Router(nn.Module):
         if self.method.selection_bias:
             self.e_score_correction_bias.zero_()
         self.tokens_per_expert.zero_()
+
+
+def _sum_in_order(x: torch.Tensor) -> torch.Tensor:
+    """x [N, K] -> [N, 1]: ((x[:, 0] + x[:, 1]) + x[:, 2]) + ..., in that order whatever runs it.
+    A reduction's order is the compiler's choice, and Inductor picks it per graph: MTP's 2-token
+    verify and the 1-token step summed a token's gate weights in different orders, an FP32 ulp
+    apart, enough to round an expert's output to another BF16 value now and then, so greedy MTP
+    on the trained small preset drifted from greedy decoding. Adds in a chain are elementwise
+    ops, which no compiler reorders."""
+    total = x[:, :1]
+    for k in range(1, x.shape[1]):
+        total = total + x[:, k : k + 1]
+    return total
 
 
 @dataclass

@@ -32,6 +32,7 @@ namespace {
 constexpr int64_t LANES = 16;  // queries of a group, columns of an output chunk
 constexpr int ROWS = 16;       // most cache rows scored together (independent accumulator chains)
 constexpr int QUERIES = 8;     // queries accumulated together in the weighted sum
+constexpr int64_t FEW_HEADS = 8;  // heads up to which BF16 queries take `attend_few`'s layout
 
 using namespace dsv3_cpu;
 
@@ -170,12 +171,17 @@ void weighted(int qn, const T* kv, const int64_t* blocks, int64_t bs, int64_t r,
 }
 
 #if defined(__AVX512BF16__)
-// A sequence with few queries (at most 8: a few heads, one or two tokens) would leave most of the
-// 16 query lanes of `attend` empty, so it takes another layout: each cache row is scored against
-// one query at a time along the row's r + dr values (32 BF16 per dot-product instruction, 16 rows
-// summed across lanes at once by a transpose tree), and the weighted sum takes two rows at a
-// time, their values interleaved as BF16 pairs (row s, row s + 1) against each query's pair of
-// probabilities. Same products and FP32 sums, about a third of the instructions per row.
+// A model with few heads (at most 8) would leave most of the 16 query lanes of `attend` empty at
+// one token per sequence, so it takes another layout, in groups of at most 8 queries: each cache
+// row is scored against one query at a time along the row's r + dr values (32 BF16 per
+// dot-product instruction, 16 rows summed across lanes at once by a transpose tree), and the
+// weighted sum takes two rows at a time, their values interleaved as BF16 pairs (row s, row s + 1)
+// against each query's pair of probabilities. Same products, FP32 sums in another order, about a
+// third of the instructions per row. The layout follows the heads, never the tokens of a step:
+// each layout gives a query the same bits whatever the other queries of its group, so a token's
+// attention is the same in a one-token step and in MTP's verify of 2 (or 1 + k) tokens, and greedy
+// MTP stays identical to greedy decoding (with the layout picked by the step's T x H queries, the
+// small preset's 8 heads took one layout at one token and the other at two).
 
 // 32 BF16 values from p, zeros past the first `len` (<= 32)
 inline __m512i load32(const uint16_t* p, int64_t len) {
@@ -316,14 +322,25 @@ void attend_few(const c10::BFloat16* q16, const c10::BFloat16* q_pe16, int64_t r
 }
 #endif
 
-// One sequence's queries [jn of a group of 16 starting at query j_first] over its cache.
+// Whether queries of this dtype, with this many heads, take `attend_few`'s layout (groups of 8).
+template <typename T>
+constexpr bool takes_few(int64_t heads) {
+#if defined(__AVX512BF16__)
+  return std::is_same_v<T, c10::BFloat16> && heads <= FEW_HEADS;
+#else
+  return false;
+#endif
+}
+
+// One sequence's queries [jn of a group starting at query j_first] over its cache.
 template <typename T>
 void attend(const T* q, const T* q_pe, int64_t r, int64_t dr, int64_t heads, int64_t j_first, int jn,
             const T* kv, const T* pe, int64_t bs, const int64_t* blocks, int64_t start, int64_t positions, float scale,
             T* out) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>)
-    if (jn <= 8) return attend_few(q, q_pe, r, dr, heads, j_first, jn, kv, pe, bs, blocks, start, positions, scale, out);
+    if (takes_few<T>(heads))
+      return attend_few(q, q_pe, r, dr, heads, j_first, jn, kv, pe, bs, blocks, start, positions, scale, out);
 #endif
   // the group's queries packed as a panel: [K/2][16][2] (BF16) or [K][16] (FP32), K = r + dr
   const int64_t K = r + dr;
@@ -407,7 +424,7 @@ void run(const at::Tensor& q, const at::Tensor& q_pe, const at::Tensor& kv, cons
          const at::Tensor& table, const at::Tensor& start_pos, double scale, at::Tensor& out) {
   const int64_t B = q.size(0), T_ = q.size(1), H = q.size(2), r = q.size(3), dr = q_pe.size(3);
   const int64_t bs = kv.size(1), width = table.size(1), queries = T_ * H;
-  const int64_t groups = (queries + LANES - 1) / LANES;
+  const int64_t group = takes_few<T>(H) ? FEW_HEADS : LANES, groups = (queries + group - 1) / group;
   const T* qp = q.const_data_ptr<T>();
   const T* qpe = q_pe.const_data_ptr<T>();
   const T* kvp = kv.const_data_ptr<T>();
@@ -418,8 +435,8 @@ void run(const at::Tensor& q, const at::Tensor& q_pe, const at::Tensor& kv, cons
   at::parallel_for(0, B * groups, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / groups, g = t % groups;
-      const int jn = (int)std::min(LANES, queries - g * LANES);
-      attend<T>(qp + b * queries * r, qpe + b * queries * dr, r, dr, H, g * LANES, jn, kvp, pep, bs,
+      const int jn = (int)std::min(group, queries - g * group);
+      attend<T>(qp + b * queries * r, qpe + b * queries * dr, r, dr, H, g * group, jn, kvp, pep, bs,
                 tab + b * width, starts[b], width * bs, (float)scale, o + b * queries * r);
     }
   });

@@ -17,12 +17,17 @@ Sequences (and groups of 16 queries) run in parallel on torch's threads. One cor
 with AVX512-BF16, 16 sequences x 528 positions, r = 256 + 32, 8 heads, BF16: ~1.3 ms per layer
 against the compiled loops' 5 ms.
 
-A sequence with at most 8 queries in BF16 (a model with few heads, as dsv3's presets have) would
-leave most of those 16 lanes empty; with AVX512-BF16 it takes another layout instead: each
-cache row is scored along its r + dr values against one query at a time (32 values per
-dot-product instruction, 16 rows summed across lanes at once by a transpose tree), and the
-weighted sum reads two rows at a time, interleaved as BF16 pairs, against each query's pair of
-probabilities. Same products, FP32 sums in another order. One core of the same EPYC, 528
+A model with at most 8 heads in BF16 (as dsv3's presets have) would leave most of those 16 lanes
+empty at one token per sequence; with AVX512-BF16 it takes another layout instead, in groups of
+up to 8 queries: each cache row is scored along its r + dr values against one query at a time
+(32 values per dot-product instruction, 16 rows summed across lanes at once by a transpose
+tree), and the weighted sum reads two rows at a time, interleaved as BF16 pairs, against each
+query's pair of probabilities. Same products, FP32 sums in another order. Which layout runs
+follows the model's heads, never the step's tokens: each gives a query the same bits whatever
+else its group holds, so a token attends alike in a one-token step and in MTP's verify of
+1 + k tokens, as greedy MTP's identical output needs. (Picked by the step's T x H queries, it
+once took the small preset's 8 heads one way at one token and the other at two, and greedy MTP
+on the trained small model drifted from greedy decoding after a few hundred tokens.) One core of the same EPYC, 528
 positions, us per layer, query lanes vs this layout (`decode` on a random cache, median of 5 x 200 calls):
 tiny preset (4 heads, r = 128 + 32) 16 sequences 273 vs 128, two tokens each (MTP) 308 vs 221,
 one sequence 18.9 vs 9.5; small preset (8 heads, r = 256 + 32) 16 sequences 522 vs 372, one 33.2
