@@ -177,11 +177,8 @@ void weighted(int qn, const T* kv, const int64_t* blocks, int64_t bs, int64_t r,
 // dot-product instruction, 16 rows summed across lanes at once by a transpose tree), and the
 // weighted sum takes two rows at a time, their values interleaved as BF16 pairs (row s, row s + 1)
 // against each query's pair of probabilities. Same products, FP32 sums in another order, about a
-// third of the instructions per row. The layout follows the heads, never the tokens of a step:
-// each layout gives a query the same bits whatever the other queries of its group, so a token's
-// attention is the same in a one-token step and in MTP's verify of 2 (or 1 + k) tokens, and greedy
-// MTP stays identical to greedy decoding (with the layout picked by the step's T x H queries, the
-// small preset's 8 heads took one layout at one token and the other at two).
+// third of the instructions per row. The layout follows the heads, never the step's tokens, so a
+// token gets the same bits alone and in MTP's verify (paged_attention.py says why that matters).
 
 // 32 BF16 values from p, zeros past the first `len` (<= 32)
 inline __m512i load32(const uint16_t* p, int64_t len) {

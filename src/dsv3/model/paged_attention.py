@@ -27,8 +27,8 @@ follows the model's heads, never the step's tokens: each gives a query the same 
 else its group holds, so a token attends alike in a one-token step and in MTP's verify of
 1 + k tokens, as greedy MTP's identical output needs. (Picked by the step's T x H queries, it
 once took the small preset's 8 heads one way at one token and the other at two, and greedy MTP
-on the trained small model drifted from greedy decoding after a few hundred tokens.) One core of the same EPYC, 528
-positions, us per layer, query lanes vs this layout (`decode` on a random cache, median of 5 x 200 calls):
+on the trained small model drifted from greedy decoding after a few hundred tokens.) One core
+of the same EPYC, 528 positions, us per layer, query lanes vs this layout (`decode` on a random cache, median of 5 x 200 calls):
 tiny preset (4 heads, r = 128 + 32) 16 sequences 273 vs 128, two tokens each (MTP) 308 vs 221,
 one sequence 18.9 vs 9.5; small preset (8 heads, r = 256 + 32) 16 sequences 522 vs 372, one 33.2
 vs 23.2.
